@@ -1,0 +1,106 @@
+/*
+ * deformux.h: the C ABI of the deformux engine (libDeformUXC.so).
+ *
+ * Hand-written; the Swift @_cdecl exports in Sources/DeformUXC must match it exactly
+ * (Tests/capi/test_capi.c is compiled against this header and catches drift).
+ *
+ * Conventions
+ *   - Every function returns a dfx_status; 0 (DFX_OK) is success.
+ *   - On failure, dfx_last_error() returns a message for the calling thread naming the operation,
+ *     what was expected and what came. The pointer stays valid until the next failing call on the
+ *     same thread. Nothing traps or unwinds across this boundary.
+ *   - Tensors are float32, C-contiguous, layout N x C x D x H x W (W fastest), like PyTorch.
+ *     Sizes are int64_t. The caller owns every buffer; outputs are allocated by the caller and
+ *     overwritten in full (never accumulated into).
+ *   - Calls may be made from any thread; they may run concurrently with each other.
+ */
+#ifndef DEFORMUX_H
+#define DEFORMUX_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef int32_t dfx_status;
+
+enum {
+    DFX_OK = 0,
+    DFX_ERR_INVALID_ARGUMENT = 1, /* a null pointer, a bad size or a bad option */
+    DFX_ERR_SHAPE = 2,            /* sizes that do not fit together */
+    DFX_ERR_OUT_OF_MEMORY = 3,
+    DFX_ERR_IO = 4,
+    DFX_ERR_CANCELLED = 5,
+    DFX_ERR_INTERNAL = 6
+};
+
+/* Offset modes of the DDC layer (ARCHITECTURE.md section 3). */
+enum {
+    DFX_OFFSET_ALIGNED = 0,  /* the 1x1x1 offset conv has padding 0: voxel o uses the offsets computed at o */
+    DFX_OFFSET_OFFICIAL = 1  /* the released code: padding 1, first N*81*D*H*W values of the padded output */
+};
+
+/* The message of the last failing call on this thread ("" if none). Never NULL. */
+const char *dfx_last_error(void);
+
+/* The engine's version, e.g. "0.1.0". Never NULL. */
+const char *dfx_version(void);
+
+/* Worker threads used by every kernel (default: the number of online CPUs). n >= 1. */
+dfx_status dfx_set_num_threads(int32_t n);
+int32_t dfx_get_num_threads(void);
+
+/*
+ * Depthwise deformable 3x3x3 convolution with one offset field shared by all channels.
+ *   x        N x C x D x H x W
+ *   offsets  N x 81 x D x H x W   channel 3*t + a: tap t = i*9 + j*3 + k, axis a (0 D, 1 H, 2 W), in voxels
+ *   weight   C x 1 x 3 x 3 x 3
+ *   bias     C, or NULL for none
+ *   y        N x C x D x H x W    (output)
+ */
+dfx_status dfx_deform_conv3d_forward(const float *x, const float *offsets, const float *weight,
+                                     const float *bias, float *y,
+                                     int64_t n, int64_t c, int64_t d, int64_t h, int64_t w);
+
+/*
+ * Gradients of dfx_deform_conv3d_forward. Any output pointer may be NULL to skip that gradient.
+ *   grad_y        N x C x D x H x W
+ *   grad_x        N x C x D x H x W    (output)
+ *   grad_offsets  N x 81 x D x H x W   (output)
+ *   grad_weight   C x 1 x 3 x 3 x 3    (output)
+ *   grad_bias     C                    (output)
+ */
+dfx_status dfx_deform_conv3d_backward(const float *x, const float *offsets, const float *weight,
+                                      const float *grad_y,
+                                      float *grad_x, float *grad_offsets, float *grad_weight,
+                                      float *grad_bias,
+                                      int64_t n, int64_t c, int64_t d, int64_t h, int64_t w);
+
+/*
+ * The DDC layer: offsets = conv_offset(x) (1x1x1 conv C -> 81 with bias, padding per offset_mode),
+ * then y = deform_conv3d(x, offsets, weight, bias).
+ *   offset_weight  81 x C x 1 x 1 x 1,  offset_bias 81
+ *   offsets_out    N x 81 x D x H x W, or NULL: receives the offsets the kernel used
+ */
+dfx_status dfx_ddc_layer_forward(const float *x, const float *weight, const float *bias,
+                                 const float *offset_weight, const float *offset_bias,
+                                 int32_t offset_mode, float *y, float *offsets_out,
+                                 int64_t n, int64_t c, int64_t d, int64_t h, int64_t w);
+
+/*
+ * Gradients of dfx_ddc_layer_forward with respect to x and all four parameters
+ * (the offset path included). Any output pointer may be NULL to skip it.
+ */
+dfx_status dfx_ddc_layer_backward(const float *x, const float *weight, const float *offset_weight,
+                                  const float *offset_bias, int32_t offset_mode,
+                                  const float *grad_y,
+                                  float *grad_x, float *grad_weight, float *grad_bias,
+                                  float *grad_offset_weight, float *grad_offset_bias,
+                                  int64_t n, int64_t c, int64_t d, int64_t h, int64_t w);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DEFORMUX_H */

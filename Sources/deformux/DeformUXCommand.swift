@@ -1,0 +1,19 @@
+import ArgumentParser
+import DeformUX
+
+@main
+struct DeformUXCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "deformux",
+        abstract: "DeformUX-Net on the CPU: kernels, benchmarks (the network, training and segment come next).",
+        version: "0.1.0",
+        subcommands: [Bench.self]
+    )
+}
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Benchmarks that print their figures (build with -c release and a CPU target).",
+        subcommands: [BenchDDC.self]
+    )
+}
