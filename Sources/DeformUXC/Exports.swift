@@ -37,7 +37,7 @@ private func setLastError(_ message: String) {
 }
 
 /// Runs `body`, turning every error into a status and a message.
-private func guarded(_ body: () throws -> Void) -> Int32 {
+func guarded(_ body: () throws -> Void) -> Int32 {
     do {
         try body()
         return DFX_OK

@@ -80,7 +80,7 @@ struct BenchDDC: ParsableCommand {
         let opBwd = try timeMs {
             try DeformConv3d.backward(x: x.pointer, offsets: offsets.pointer, weight: params.value(layer.weight),
                                       gradY: gy.pointer, gradX: gx.pointer, gradOffsets: go.pointer,
-                                      gradWeight: params.gradient(layer.weight), gradBias: params.gradient(layer.bias),
+                                      gradWeight: try params.gradient(layer.weight), gradBias: try params.gradient(layer.bias),
                                       shape: s, workspace: ws)
         }
         let voxels = Double(batch * size * size * size)
@@ -88,10 +88,10 @@ struct BenchDDC: ParsableCommand {
         let macs = voxels * Double(channels) * Double(81 + 27 * 9)
         let gflops = 2 * macs / fwd / 1e6
         print("deformux bench ddc: N=\(batch) C=\(channels) \(size)^3, offset mode \(mode.rawValue), offset scale \(offsetScale), \(Threads.count) threads, median of \(repeats)")
-        print("  forward           \(fixed(fwd, 1, width: 8)) ms   (\(fixed(gflops, 1)) GFLOP/s)")
-        print("  forward+backward  \(fixed(fwdBwd, 1, width: 8)) ms")
-        print("  operator alone: forward \(fixed(opFwd, 1)) ms, backward \(fixed(opBwd, 1)) ms")
-        print("  peak RSS          \(fixed(peakRSSMegabytes(), 1, width: 8)) MB")
+        print("  forward           \(decimal(fwd, 1, width: 8)) ms   (\(decimal(gflops, 1)) GFLOP/s)")
+        print("  forward+backward  \(decimal(fwdBwd, 1, width: 8)) ms")
+        print("  operator alone: forward \(decimal(opFwd, 1)) ms, backward \(decimal(opBwd, 1)) ms")
+        print("  peak RSS          \(decimal(peakRSSMegabytes(), 1, width: 8)) MB")
     }
 }
 
@@ -107,15 +107,5 @@ func peakRSSMegabytes() -> Double {
     return Double(usage.ru_maxrss) / 1024  // kilobytes on Linux
 }
 
-/// `value` with `digits` decimals, right-aligned to `width` characters (no Foundation).
-func fixed(_ value: Double, _ digits: Int, width: Int = 0) -> String {
-    var scale = 1.0
-    for _ in 0..<digits { scale *= 10 }
-    let r = (abs(value) * scale).rounded()
-    let whole = Int(r / scale)
-    var frac = String(Int(r.truncatingRemainder(dividingBy: scale)))
-    while frac.count < digits { frac = "0" + frac }
-    var s = (value < 0 ? "-" : "") + String(whole) + (digits > 0 ? "." + frac : "")
-    while s.count < width { s = " " + s }
-    return s
-}
+/// `value` with `digits` decimals, right-aligned to `width`.
+func fixed(_ value: Double, _ digits: Int, width: Int = 0) -> String { decimal(value, digits, width: width) }

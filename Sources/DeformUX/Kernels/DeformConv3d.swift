@@ -20,6 +20,9 @@
 /// voxels; the input gradient, which scatters to 8 corners anywhere in the volume, goes to one padded
 /// buffer per thread part, summed in part order.
 public enum DeformConv3d {
+    /// Where the channels are in x, y and their gradients (offsets are always N x 81 x D x H x W).
+    public typealias Layout = DeformUX.Layout
+
     /// Voxels handled together when computing sampling indices and weights.
     @usableFromInline static let lanes = 16
 
@@ -85,7 +88,7 @@ public enum DeformConv3d {
     public static func forward(x: UnsafePointer<Float>, offsets: UnsafePointer<Float>,
                                weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
                                y: UnsafeMutablePointer<Float>, shape: DDCShape,
-                               workspace: Workspace) throws {
+                               layout: Layout = .channelsFirst, workspace: Workspace) throws {
         let g = try Geometry(shape)
         let xp = try workspace.buffer("ddc.xpad", count: g.paddedCount)
         let wt = try workspace.buffer("ddc.weightT", count: DDCShape.taps * g.cp)
@@ -97,13 +100,14 @@ public enum DeformConv3d {
         let parts = Threads.count
         let scratch = try workspace.buffer("ddc.scratch", count: parts * Scratch.floats(g))
         for n in 0..<shape.n {
-            padChannelsLast(x + n * shape.c * g.voxels, into: xp, g: g, parts: parts)
+            pad(x + n * shape.c * g.voxels, layout: layout, into: xp, g: g, parts: parts)
             let offN = offsets + n * DDCShape.offsetChannels * g.voxels
             let yN = y + n * shape.c * g.voxels
             parallelFor(parts) { part in
                 let s = Scratch(scratch + part * Scratch.floats(g), g)
                 for block in Threads.range(part, of: parts, total: g.blocks) {
-                    forwardBlock(block, xp: xp, offsets: offN, weightT: wt, biasT: bt, y: yN, g: g, s: s)
+                    forwardBlock(block, xp: xp, offsets: offN, weightT: wt, biasT: bt, y: yN, layout: layout,
+                                 g: g, s: s)
                 }
             }
         }
@@ -117,7 +121,8 @@ public enum DeformConv3d {
                                 gradOffsets: UnsafeMutablePointer<Float>?,
                                 gradWeight: UnsafeMutablePointer<Float>?,
                                 gradBias: UnsafeMutablePointer<Float>?,
-                                shape: DDCShape, workspace: Workspace) throws {
+                                shape: DDCShape, layout: Layout = .channelsFirst,
+                                workspace: Workspace) throws {
         if gradX == nil && gradOffsets == nil && gradWeight == nil && gradBias == nil { return }
         let g = try Geometry(shape)
         let parts = Threads.count
@@ -133,7 +138,7 @@ public enum DeformConv3d {
         gParams.initialize(repeating: 0, count: parts * paramStride)
 
         for n in 0..<shape.n {
-            padChannelsLast(x + n * shape.c * g.voxels, into: xp, g: g, parts: parts)
+            pad(x + n * shape.c * g.voxels, layout: layout, into: xp, g: g, parts: parts)
             let offN = offsets + n * DDCShape.offsetChannels * g.voxels
             let gyN = gradY + n * shape.c * g.voxels
             let goN = gradOffsets.map { $0 + n * DDCShape.offsetChannels * g.voxels }
@@ -143,13 +148,13 @@ public enum DeformConv3d {
                 gxp?.initialize(repeating: 0, count: g.paddedCount)
                 let gp = gParams + part * paramStride
                 for block in Threads.range(part, of: parts, total: g.blocks) {
-                    backwardBlock(block, xp: xp, offsets: offN, weightT: wt, gradY: gyN,
+                    backwardBlock(block, xp: xp, offsets: offN, weightT: wt, gradY: gyN, layout: layout,
                                   gradXPad: gxp, gradOffsets: goN, gradWeightT: gp, gradBiasT: gp + DDCShape.taps * g.cp,
                                   g: g, s: s)
                 }
             }
             if let gradX, let gxParts {
-                sumPartsUnpad(gxParts, parts: parts, into: gradX + n * shape.c * g.voxels, g: g)
+                sumPartsUnpad(gxParts, parts: parts, into: gradX + n * shape.c * g.voxels, layout: layout, g: g)
             }
         }
         // Parameter gradients: the parts summed in part order, then back to C x 27.
@@ -232,9 +237,9 @@ public enum DeformConv3d {
         }
     }
 
-    /// xp[((d+1) * hp + h+1) * wp + w+1][c] = x[c][d][h][w]; the border and the padding channels are 0.
-    static func padChannelsLast(_ x: UnsafePointer<Float>, into xp: UnsafeMutablePointer<Float>,
-                                g: Geometry, parts: Int) {
+    /// xp[((d+1) * hp + h+1) * wp + w+1][c] = x at (c, d, h, w); the border and the padding channels are 0.
+    static func pad(_ x: UnsafePointer<Float>, layout: Layout, into xp: UnsafeMutablePointer<Float>,
+                    g: Geometry, parts: Int) {
         let planes = g.d + 2
         let planeCount = g.hp * g.wp * g.cp
         parallelFor(parts) { part in
@@ -243,13 +248,26 @@ public enum DeformConv3d {
                 plane.initialize(repeating: 0, count: planeCount)
                 if dp == 0 || dp == g.d + 1 { continue }
                 let d = dp - 1
-                for c in 0..<g.c {
-                    let src = x + (c * g.d + d) * g.h * g.w
+                switch layout {
+                case .channelsFirst:
+                    for c in 0..<g.c {
+                        let src = x + (c * g.d + d) * g.h * g.w
+                        for h in 0..<g.h {
+                            let row = src + h * g.w
+                            var dst = plane + ((h + 1) * g.wp + 1) * g.cp + c
+                            for w in 0..<g.w {
+                                dst.pointee = row[w]
+                                dst += g.cp
+                            }
+                        }
+                    }
+                case .channelsLast:
                     for h in 0..<g.h {
-                        let row = src + h * g.w
-                        var dst = plane + ((h + 1) * g.wp + 1) * g.cp + c
-                        for w in 0..<g.w {
-                            dst.pointee = row[w]
+                        var src = x + (d * g.h + h) * g.w * g.c
+                        var dst = plane + ((h + 1) * g.wp + 1) * g.cp
+                        for _ in 0..<g.w {
+                            dst.update(from: src, count: g.c)
+                            src += g.c
                             dst += g.cp
                         }
                     }
@@ -258,20 +276,33 @@ public enum DeformConv3d {
         }
     }
 
-    /// gradX[c][v] += sum over parts (in order) of gxParts[part][padded(v)][c].
+    /// gradX at (c, v) += sum over parts (in order) of gxParts[part][padded(v)][c].
     static func sumPartsUnpad(_ gxParts: UnsafeMutablePointer<Float>, parts: Int,
-                              into gradX: UnsafeMutablePointer<Float>, g: Geometry) {
+                              into gradX: UnsafeMutablePointer<Float>, layout: Layout, g: Geometry) {
         parallelFor(parts) { part in
             for d in Threads.range(part, of: parts, total: g.d) {
                 for h in 0..<g.h {
                     let rowBase = (((d + 1) * g.hp + h + 1) * g.wp + 1) * g.cp
-                    for c in 0..<g.c {
-                        let dst = gradX + (c * g.d + d) * g.h * g.w + h * g.w
+                    switch layout {
+                    case .channelsFirst:
+                        for c in 0..<g.c {
+                            let dst = gradX + (c * g.d + d) * g.h * g.w + h * g.w
+                            for w in 0..<g.w {
+                                var s = dst[w]
+                                let at = rowBase + w * g.cp + c
+                                for q in 0..<parts { s += gxParts[q * g.paddedCount + at] }
+                                dst[w] = s
+                            }
+                        }
+                    case .channelsLast:
+                        let dstRow = gradX + (d * g.h + h) * g.w * g.c
                         for w in 0..<g.w {
-                            var s = dst[w]
-                            let at = rowBase + w * g.cp + c
-                            for q in 0..<parts { s += gxParts[q * g.paddedCount + at] }
-                            dst[w] = s
+                            let dst = dstRow + w * g.c
+                            let at = rowBase + w * g.cp
+                            for q in 0..<parts {
+                                let src = gxParts + q * g.paddedCount + at
+                                for c in 0..<g.c { dst[c] += src[c] }
+                            }
                         }
                     }
                 }
@@ -349,7 +380,7 @@ public enum DeformConv3d {
 
     static func forwardBlock(_ block: Int, xp: UnsafePointer<Float>, offsets: UnsafePointer<Float>,
                              weightT: UnsafePointer<Float>, biasT: UnsafePointer<Float>,
-                             y: UnsafeMutablePointer<Float>, g: Geometry, s: Scratch) {
+                             y: UnsafeMutablePointer<Float>, layout: Layout, g: Geometry, s: Scratch) {
         typealias V = SIMD16<Float>
         sampleBlock(block, offsets: offsets, g: g, s: s)
         let v0 = block * lanes
@@ -361,7 +392,9 @@ public enum DeformConv3d {
             // are broadcast once and used for every channel vector.
             let row = s.tile + l * cp
             row.update(from: biasT, count: cp)
-            for t in 0..<DDCShape.taps {
+            // Samples outside the volume are 0. Skipping them (rather than weighting corners by 0)
+            // also keeps an inf or NaN in x from leaking into them.
+            for t in 0..<DDCShape.taps where s.valid[t * 16 + l] != 0 {
                 let wts = s.weights + t * 128 + l
                 let w0 = V(repeating: wts[0]), w1 = V(repeating: wts[16]), w2 = V(repeating: wts[32])
                 let w3 = V(repeating: wts[48]), w4 = V(repeating: wts[64]), w5 = V(repeating: wts[80])
@@ -385,15 +418,19 @@ public enum DeformConv3d {
                 }
             }
         }
-        // Back to channels-first: y[c][v0 + l].
-        for c in 0..<g.c {
-            let dst = y + c * g.voxels + v0
-            for l in 0..<count { dst[l] = s.tile[l * cp + c] }
+        switch layout {
+        case .channelsFirst:
+            for c in 0..<g.c {
+                let dst = y + c * g.voxels + v0
+                for l in 0..<count { dst[l] = s.tile[l * cp + c] }
+            }
+        case .channelsLast:
+            for l in 0..<count { (y + (v0 + l) * g.c).update(from: s.tile + l * cp, count: g.c) }
         }
     }
 
     static func backwardBlock(_ block: Int, xp: UnsafePointer<Float>, offsets: UnsafePointer<Float>,
-                              weightT: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+                              weightT: UnsafePointer<Float>, gradY: UnsafePointer<Float>, layout: Layout,
                               gradXPad: UnsafeMutablePointer<Float>?,
                               gradOffsets: UnsafeMutablePointer<Float>?,
                               gradWeightT: UnsafeMutablePointer<Float>, gradBiasT: UnsafeMutablePointer<Float>,
@@ -408,9 +445,14 @@ public enum DeformConv3d {
         for l in 0..<count {
             (s.tile + l * cp).initialize(repeating: 0, count: cp)
         }
-        for c in 0..<g.c {
-            let src = gradY + c * g.voxels + v0
-            for l in 0..<count { s.tile[l * cp + c] = src[l] }
+        switch layout {
+        case .channelsFirst:
+            for c in 0..<g.c {
+                let src = gradY + c * g.voxels + v0
+                for l in 0..<count { s.tile[l * cp + c] = src[l] }
+            }
+        case .channelsLast:
+            for l in 0..<count { (s.tile + l * cp).update(from: gradY + (v0 + l) * g.c, count: g.c) }
         }
         let one = V(repeating: 1)
         for l in 0..<count {

@@ -1,15 +1,26 @@
-import COpenBLAS
-
-/// 1x1x1 convolution, the GEMM it is: per sample, y (Cout x V) = W (Cout x Cin) . x (Cin x V) + b.
-/// Used by the DDC offset branch (C -> 81) and, with the network, by the MLP and the decoder's 1x1x1
-/// convs. Threads own disjoint voxel ranges and call single-threaded sgemm on them.
+/// 1x1x1 convolution, the GEMM it is: per sample, y (Cout x V) = W (Cout x Cin) . x (Cin x V) + b,
+/// with x and y each in either layout (the DDC offset branch reads a channels-last x and writes
+/// channels-first offsets). Threads own disjoint voxel ranges and call single-threaded sgemm on them.
 ///
-///     x  N x Cin x V      weight Cout x Cin      bias Cout (optional)      y  N x Cout x V
+///     x  N x Cin x V or N x V x Cin     weight Cout x Cin (x 1 x 1 x 1)     bias Cout (optional)
+///     y  N x Cout x V or N x V x Cout
 public enum Pointwise {
     public struct Shape: Sendable {
         public var n: Int, cin: Int, cout: Int, voxels: Int
-        public init(n: Int, cin: Int, cout: Int, voxels: Int) {
+        public var xLayout: Layout, yLayout: Layout
+        public init(n: Int, cin: Int, cout: Int, voxels: Int,
+                    xLayout: Layout = .channelsFirst, yLayout: Layout = .channelsFirst) {
             self.n = n; self.cin = cin; self.cout = cout; self.voxels = voxels
+            self.xLayout = xLayout; self.yLayout = yLayout
+        }
+
+        func x(_ p: UnsafePointer<Float>, sample n: Int) -> ChannelMatrix {
+            ChannelMatrix(pointer: UnsafeMutablePointer(mutating: p) + n * cin * voxels, channels: cin,
+                          voxels: voxels, layout: xLayout)
+        }
+        func y(_ p: UnsafePointer<Float>, sample n: Int) -> ChannelMatrix {
+            ChannelMatrix(pointer: UnsafeMutablePointer(mutating: p) + n * cout * voxels, channels: cout,
+                          voxels: voxels, layout: yLayout)
         }
     }
 
@@ -18,68 +29,102 @@ public enum Pointwise {
 
     static func parts(_ voxels: Int) -> Int { max(1, min(Threads.count, voxels / minVoxelsPerPart)) }
 
+    static func weight(_ w: UnsafePointer<Float>, _ s: Shape) -> GemmOperand {
+        GemmOperand(pointer: UnsafeMutablePointer(mutating: w), ld: s.cin, transposed: false)
+    }
+
     /// y = W x + b (overwrites y).
-    public static func forward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
+    public static func forward(x: UnsafePointer<Float>, weight w: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
                                y: UnsafeMutablePointer<Float>, shape s: Shape) {
         let parts = parts(s.voxels)
         for n in 0..<s.n {
-            let xN = x + n * s.cin * s.voxels, yN = y + n * s.cout * s.voxels
+            let xN = s.x(x, sample: n), yN = s.y(y, sample: n)
             parallelFor(parts) { part in
                 let r = Threads.range(part, of: parts, total: s.voxels)
                 if r.isEmpty { return }
-                for o in 0..<s.cout {
-                    (yN + o * s.voxels + r.lowerBound).initialize(repeating: bias?[o] ?? 0, count: r.count)
-                }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans,
-                            Int32(s.cout), Int32(r.count), Int32(s.cin),
-                            1, weight, Int32(s.cin), xN + r.lowerBound, Int32(s.voxels),
-                            1, yN + r.lowerBound, Int32(s.voxels))
+                fillBias(yN, r, bias)
+                gemm(m: s.cout, n: r.count, k: s.cin, a: weight(w, s), b: xN.columns(r), beta: 1, c: yN.columns(r))
             }
         }
     }
 
     /// Adds gradX += W^T gy, gradWeight += gy x^T (summed over samples), gradBias += sum_v gy. Any may be nil.
-    /// `partials` holds Threads.count x Cout x Cin floats for the weight gradient's per-part sums.
-    public static func backward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+    public static func backward(x: UnsafePointer<Float>, weight w: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
                                 gradX: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
                                 gradBias: UnsafeMutablePointer<Float>?, shape s: Shape,
                                 workspace: Workspace) throws {
         let parts = parts(s.voxels)
         let wCount = s.cout * s.cin
-        let partials = try workspace.buffer("pointwise.gradWeightParts", count: max(parts * wCount, 1))
-        if gradWeight != nil { partials.initialize(repeating: 0, count: parts * wCount) }
+        // Per-part sums of the weight and bias gradients, added up in part order at the end.
+        let stride = wCount + s.cout
+        let partials = try workspace.buffer("pointwise.gradParts", count: parts * stride)
+        partials.initialize(repeating: 0, count: parts * stride)
         for n in 0..<s.n {
-            let xN = x + n * s.cin * s.voxels, gN = gradY + n * s.cout * s.voxels
+            let xN = s.x(x, sample: n), gN = s.y(gradY, sample: n)
+            let gxN = gradX.map { s.x($0, sample: n) }
             parallelFor(parts) { part in
                 let r = Threads.range(part, of: parts, total: s.voxels)
                 if r.isEmpty { return }
-                if let gradX {
-                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans,
-                                Int32(s.cin), Int32(r.count), Int32(s.cout),
-                                1, weight, Int32(s.cin), gN + r.lowerBound, Int32(s.voxels),
-                                1, gradX + n * s.cin * s.voxels + r.lowerBound, Int32(s.voxels))
+                if let gxN {
+                    gemm(m: s.cin, n: r.count, k: s.cout, a: weight(w, s).t, b: gN.columns(r), beta: 1,
+                         c: gxN.columns(r))
                 }
+                let p = partials + part * stride
                 if gradWeight != nil {
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans,
-                                Int32(s.cout), Int32(s.cin), Int32(r.count),
-                                1, gN + r.lowerBound, Int32(s.voxels), xN + r.lowerBound, Int32(s.voxels),
-                                1, partials + part * wCount, Int32(s.cin))
+                    gemm(m: s.cout, n: s.cin, k: r.count, a: gN.columns(r), b: xN.columns(r).t, beta: 1,
+                         c: GemmOperand(pointer: p, ld: s.cin, transposed: false))
                 }
-            }
-            if let gradBias {
-                for o in 0..<s.cout {
-                    var acc: Double = 0
-                    let row = gN + o * s.voxels
-                    for v in 0..<s.voxels { acc += Double(row[v]) }
-                    gradBias[o] += Float(acc)
-                }
+                if gradBias != nil { addRowSums(gN, r, into: p + wCount) }
             }
         }
-        if let gradWeight {
-            for part in 0..<parts {
-                let p = partials + part * wCount
-                for i in 0..<wCount { gradWeight[i] += p[i] }
+        for part in 0..<parts {
+            let p = partials + part * stride
+            if let gradWeight { for i in 0..<wCount { gradWeight[i] += p[i] } }
+            if let gradBias { for o in 0..<s.cout { gradBias[o] += p[wCount + o] } }
+        }
+    }
+
+    /// y's columns r = bias (or 0).
+    static func fillBias(_ y: ChannelMatrix, _ r: Range<Int>, _ bias: UnsafePointer<Float>?) {
+        switch y.layout {
+        case .channelsFirst:
+            for o in 0..<y.channels {
+                (y.pointer + o * y.voxels + r.lowerBound).initialize(repeating: bias?[o] ?? 0, count: r.count)
             }
+        case .channelsLast:
+            for v in r {
+                let row = y.pointer + v * y.channels
+                if let bias { row.update(from: bias, count: y.channels) } else { row.initialize(repeating: 0, count: y.channels) }
+            }
+        }
+    }
+
+    /// sums[o] += sum over v in r of g[o, v], accumulated in Double (V can be ~10^6 voxels).
+    static func addRowSums(_ g: ChannelMatrix, _ r: Range<Int>, into sums: UnsafeMutablePointer<Float>) {
+        switch g.layout {
+        case .channelsFirst:
+            for o in 0..<g.channels {
+                let row = g.pointer + o * g.voxels
+                var acc: Double = 0
+                for v in r { acc += Double(row[v]) }
+                sums[o] += Float(acc)
+            }
+        case .channelsLast:
+            // Float sums over blocks of 256 voxels, blocks added in Double.
+            var total = [Double](repeating: 0, count: g.channels)
+            var partial = [Float](repeating: 0, count: g.channels)
+            var v = r.lowerBound
+            while v < r.upperBound {
+                let end = min(v + 256, r.upperBound)
+                for o in 0..<g.channels { partial[o] = 0 }
+                while v < end {
+                    let row = g.pointer + v * g.channels
+                    for o in 0..<g.channels { partial[o] += row[o] }
+                    v += 1
+                }
+                for o in 0..<g.channels { total[o] += Double(partial[o]) }
+            }
+            for o in 0..<g.channels { sums[o] += Float(total[o]) }
         }
     }
 }

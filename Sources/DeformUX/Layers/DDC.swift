@@ -1,5 +1,5 @@
 /// How the DDC's offset branch lines its offsets up with the voxels (ARCHITECTURE.md section 3).
-public enum OffsetMode: String, Sendable, CaseIterable {
+public enum OffsetMode: String, Sendable, CaseIterable, Codable {
     /// The 1x1x1 offset conv has padding 0: voxel o uses the offsets computed at o. The default.
     case aligned
     /// The released code's offset conv kept padding 1: it outputs N x 81 x (D+2) x (H+2) x (W+2), and
@@ -11,7 +11,7 @@ public enum OffsetMode: String, Sendable, CaseIterable {
 /// The DDC layer as pure functions of buffers: offsets = conv_offset(x) (1x1x1, C -> 81, with bias),
 /// then y = DeformConv3d(x, offsets, weight, bias).
 ///
-///     x, y           N x C x D x H x W
+///     x, y           N x C x D x H x W, or N x D x H x W x C with layout .channelsLast
 ///     weight         C x 1 x 3 x 3 x 3     bias C
 ///     offsetWeight   81 x C x 1 x 1 x 1    offsetBias 81
 public enum DDCLayerOps {
@@ -20,11 +20,13 @@ public enum DDCLayerOps {
                                offsetWeight: UnsafePointer<Float>, offsetBias: UnsafePointer<Float>,
                                mode: OffsetMode, y: UnsafeMutablePointer<Float>,
                                offsetsOut: UnsafeMutablePointer<Float>?, shape: DDCShape,
+                               layout: Layout = .channelsFirst, heldAxis: Int? = nil,
                                workspace: Workspace) throws {
         let offsets = try computeOffsets(x: x, offsetWeight: offsetWeight, offsetBias: offsetBias,
-                                         mode: mode, shape: shape, workspace: workspace)
+                                         mode: mode, shape: shape, layout: layout, workspace: workspace)
+        if let heldAxis { holdAxis(heldAxis, of: offsets, shape: shape) }
         try DeformConv3d.forward(x: x, offsets: offsets, weight: weight, bias: bias, y: y,
-                                 shape: shape, workspace: workspace)
+                                 shape: shape, layout: layout, workspace: workspace)
         offsetsOut?.update(from: offsets, count: shape.offsetCount)
     }
 
@@ -37,20 +39,25 @@ public enum DDCLayerOps {
                                 gradBias: UnsafeMutablePointer<Float>?,
                                 gradOffsetWeight: UnsafeMutablePointer<Float>?,
                                 gradOffsetBias: UnsafeMutablePointer<Float>?,
-                                shape: DDCShape, workspace: Workspace) throws {
+                                shape: DDCShape, layout: Layout = .channelsFirst, heldAxis: Int? = nil,
+                                workspace: Workspace) throws {
         let offsets = try computeOffsets(x: x, offsetWeight: offsetWeight, offsetBias: offsetBias,
-                                         mode: mode, shape: shape, workspace: workspace)
+                                         mode: mode, shape: shape, layout: layout, workspace: workspace)
+        if let heldAxis { holdAxis(heldAxis, of: offsets, shape: shape) }
         let needOffsetGrad = gradX != nil || gradOffsetWeight != nil || gradOffsetBias != nil
         let gradOffsets: UnsafeMutablePointer<Float>? = needOffsetGrad
             ? try workspace.buffer("ddc.gradOffsets", count: shape.offsetCount) : nil
         gradOffsets?.initialize(repeating: 0, count: shape.offsetCount)
         try DeformConv3d.backward(x: x, offsets: offsets, weight: weight, gradY: gradY,
                                   gradX: gradX, gradOffsets: gradOffsets, gradWeight: gradWeight,
-                                  gradBias: gradBias, shape: shape, workspace: workspace)
+                                  gradBias: gradBias, shape: shape, layout: layout, workspace: workspace)
         guard let gradOffsets else { return }
+        // A held axis's offsets are constants: nothing flows back through them.
+        if let heldAxis { holdAxis(heldAxis, of: gradOffsets, shape: shape) }
 
         // Through the offset branch: grad of the 1x1x1 conv's own output (aligned: N x 81 x V).
-        let pw = Pointwise.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, voxels: shape.voxels)
+        let pw = Pointwise.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, voxels: shape.voxels,
+                                 xLayout: layout, yLayout: .channelsFirst)
         switch mode {
         case .aligned:
             try Pointwise.backward(x: x, weight: offsetWeight, gradY: gradOffsets, gradX: gradX,
@@ -83,11 +90,22 @@ public enum DDCLayerOps {
         }
     }
 
+    /// Zeroes the offset channels 3t + axis of every tap (the single-plane ablations of Table 3).
+    static func holdAxis(_ axis: Int, of field: UnsafeMutablePointer<Float>, shape: DDCShape) {
+        for n in 0..<shape.n {
+            for t in 0..<DDCShape.taps {
+                let plane = field + (n * DDCShape.offsetChannels + 3 * t + axis) * shape.voxels
+                plane.initialize(repeating: 0, count: shape.voxels)
+            }
+        }
+    }
+
     /// The offsets the kernel reads: a workspace buffer whose first N*81*V values are the field.
     static func computeOffsets(x: UnsafePointer<Float>, offsetWeight: UnsafePointer<Float>,
                                offsetBias: UnsafePointer<Float>, mode: OffsetMode, shape: DDCShape,
-                               workspace: Workspace) throws -> UnsafeMutablePointer<Float> {
-        let pw = Pointwise.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, voxels: shape.voxels)
+                               layout: Layout, workspace: Workspace) throws -> UnsafeMutablePointer<Float> {
+        let pw = Pointwise.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, voxels: shape.voxels,
+                                 xLayout: layout, yLayout: .channelsFirst)
         let aligned = try workspace.buffer("ddc.offsets", count: shape.offsetCount)
         Pointwise.forward(x: x, weight: offsetWeight, bias: offsetBias, y: aligned, shape: pw)
         if mode == .aligned { return aligned }
@@ -197,7 +215,7 @@ public final class DeformableDepthwiseConv3d {
         return y
     }
 
-    /// Adds the parameter gradients into `p.gradients` and returns the gradient with respect to x.
+    /// Adds the parameter gradients into `p.gradients()` and returns the gradient with respect to x.
     public func backward(_ x: Tensor, gradY: Tensor, parameters p: ParameterStore) throws -> Tensor {
         let s = try shape(of: x)
         guard gradY.shape == x.shape else {
@@ -207,8 +225,8 @@ public final class DeformableDepthwiseConv3d {
         let gx = try Tensor(zeros: x.shape)
         try DDCLayerOps.backward(x: x.pointer, weight: p.value(weight), offsetWeight: p.value(offsetWeight),
                                  offsetBias: p.value(offsetBias), mode: offsetMode, gradY: gradY.pointer,
-                                 gradX: gx.pointer, gradWeight: p.gradient(weight), gradBias: p.gradient(bias),
-                                 gradOffsetWeight: p.gradient(offsetWeight), gradOffsetBias: p.gradient(offsetBias),
+                                 gradX: gx.pointer, gradWeight: try p.gradient(weight), gradBias: try p.gradient(bias),
+                                 gradOffsetWeight: try p.gradient(offsetWeight), gradOffsetBias: try p.gradient(offsetBias),
                                  shape: s, workspace: workspace)
         return gx
     }

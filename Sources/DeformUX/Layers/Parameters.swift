@@ -45,12 +45,19 @@ public struct ParameterRef: Sendable, Equatable {
 public final class ParameterStore: @unchecked Sendable {
     public let layout: ParameterLayout
     public let values: TensorStorage
-    public let gradients: TensorStorage
+    private var gradientStorage: TensorStorage?
 
     public init(layout: ParameterLayout) throws {
         self.layout = layout
         values = try TensorStorage(count: layout.totalCount)
-        gradients = try TensorStorage(count: layout.totalCount)
+    }
+
+    /// The gradients, allocated (zeroed) on first use: inference never pays for them.
+    public func gradients() throws -> TensorStorage {
+        if let g = gradientStorage { return g }
+        let g = try TensorStorage(count: layout.totalCount)
+        gradientStorage = g
+        return g
     }
 
     /// The number of trainable values (alignment gaps excluded).
@@ -60,8 +67,8 @@ public final class ParameterStore: @unchecked Sendable {
         values.pointer + layout.entries[ref.index].offset
     }
 
-    public func gradient(_ ref: ParameterRef) -> UnsafeMutablePointer<Float> {
-        gradients.pointer + layout.entries[ref.index].offset
+    public func gradient(_ ref: ParameterRef) throws -> UnsafeMutablePointer<Float> {
+        try gradients().pointer + layout.entries[ref.index].offset
     }
 
     /// A view of the parameter called `name` (shares memory with the store).
@@ -77,7 +84,7 @@ public final class ParameterStore: @unchecked Sendable {
         guard let e = layout.entry(named: name) else {
             throw DeformUXError.invalidArgument("parameters: no parameter named \(name)")
         }
-        return Tensor(shape: e.shape, strides: Tensor.contiguousStrides(e.shape), storage: gradients, offset: e.offset)
+        return Tensor(shape: e.shape, strides: Tensor.contiguousStrides(e.shape), storage: try gradients(), offset: e.offset)
     }
 
     /// Copies `values` (row-major) into the parameter called `name`, checking the shape.
@@ -93,7 +100,7 @@ public final class ParameterStore: @unchecked Sendable {
 
     /// Gradients are accumulated (+=) by every backward; the training loop zeroes them once per step.
     public func zeroGradients() {
-        gradients.pointer.initialize(repeating: 0, count: gradients.count)
+        if let g = gradientStorage { g.pointer.initialize(repeating: 0, count: g.count) }
     }
 }
 

@@ -99,6 +99,54 @@ dfx_status dfx_ddc_layer_backward(const float *x, const float *weight, const flo
                                   float *grad_offset_weight, float *grad_offset_bias,
                                   int64_t n, int64_t c, int64_t d, int64_t h, int64_t w);
 
+
+/* ------------------------------------------------------------------------------------------------
+ * The network: DeformUX-Net (or 3D UX-Net) behind an opaque handle. Calls on one handle are
+ * serialised; different handles run concurrently. Every create has a matching dfx_model_free.
+ * Text outputs (buf, cap, needed): the text and its NUL are copied when cap is large enough;
+ * *needed always receives the bytes required (call with cap 0 to ask).
+ */
+typedef struct dfx_model dfx_model;
+
+/* Called between the steps of a long call with (user, steps done, total steps); return non-zero to
+ * cancel: the call then returns DFX_ERR_CANCELLED. */
+typedef int32_t (*dfx_progress_fn)(void *user, int64_t done, int64_t total);
+
+/* config_json: a JSON object with the Python names (in_channels, out_channels, feature_size, depths,
+ * hidden_size, block, mlp, offset_mode, kernel_size, offset_kernel, offset_planes, deformable);
+ * absent keys take their defaults, unknown keys are an error. Weights: PyTorch's default init from seed. */
+dfx_status dfx_model_create(const char *config_json, uint64_t seed, dfx_model **out);
+void dfx_model_free(dfx_model *model);
+dfx_status dfx_model_config_json(const dfx_model *model, char *buf, int64_t cap, int64_t *needed);
+dfx_status dfx_model_num_parameters(const dfx_model *model, int64_t *out);
+
+/* Parameters by index 0 ..< num_tensors, in the state-dict order; name stays valid while the model lives. */
+dfx_status dfx_model_num_tensors(const dfx_model *model, int64_t *out);
+dfx_status dfx_model_tensor_info(const dfx_model *model, int64_t index, const char **name, int32_t *rank,
+                                 int64_t shape[8]);
+dfx_status dfx_model_get_tensor(const dfx_model *model, int64_t index, float *out, int64_t count);
+
+/* Loads count float32 tensors: names[i], data[i] (C-contiguous), ranks[i], shapes[8*i .. 8*i+rank).
+ * Names may carry a "module." prefix or the prototype names ("convxnet.", ".dcn."). strict != 0: every
+ * missing, unexpected or mis-shaped name is listed in the error and nothing is loaded. */
+dfx_status dfx_model_load_tensors(dfx_model *model, int64_t count, const char *const *names,
+                                  const float *const *data, const int32_t *ranks, const int64_t *shapes,
+                                  int32_t strict);
+/* Safetensors files (F32, F16, BF16 or F64 in; F32 out, written atomically, config in the metadata). */
+dfx_status dfx_model_load(dfx_model *model, const char *path, int32_t strict);
+dfx_status dfx_model_save(const dfx_model *model, const char *path);
+/* What the last load matched: counts, then every missing, unexpected and mis-shaped name. */
+dfx_status dfx_model_last_report(const dfx_model *model, char *buf, int64_t cap, int64_t *needed);
+
+/* Logits y (N x Cout x D x H x W, no softmax) for x (N x Cin x D x H x W); D, H, W multiples of 16.
+ * progress may be NULL. */
+dfx_status dfx_model_forward(dfx_model *model, const float *x, int64_t n, int64_t d, int64_t h, int64_t w,
+                             float *y, dfx_progress_fn progress, void *user);
+
+/* Per-module parameters and multiply-adds for an input N x Cin x D x H x W, as a text table. */
+dfx_status dfx_model_summary(const dfx_model *model, int64_t n, int64_t d, int64_t h, int64_t w,
+                             char *buf, int64_t cap, int64_t *needed);
+
 #ifdef __cplusplus
 }
 #endif

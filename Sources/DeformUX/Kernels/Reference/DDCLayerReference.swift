@@ -97,11 +97,24 @@ public enum DDCLayerReference {
         return (gx, gw, gb)
     }
 
-    /// y = DDC(x, offsets(x), weight, bias); also returns the offsets.
+    /// Zeroes offset channels 3t + axis of every tap and sample: the single-plane ablations of the
+    /// paper's Table 3 hold the third axis's offsets at zero (axis 0 D, 1 H, 2 W).
+    public static func hold<T: BinaryFloatingPoint>(axis: Int, of field: [T], shape: DDCShape) -> [T] {
+        var f = field
+        for n in 0..<shape.n {
+            for t in 0..<DDCShape.taps {
+                for v in 0..<shape.voxels { f[(n * DDCShape.offsetChannels + 3 * t + axis) * shape.voxels + v] = 0 }
+            }
+        }
+        return f
+    }
+
+    /// y = DDC(x, offsets(x), weight, bias); also returns the offsets (with `heldAxis` held at zero).
     public static func forward<T: BinaryFloatingPoint>(x: [T], weight: [T], bias: [T]?, offsetWeight: [T],
-                                                       offsetBias: [T], mode: OffsetMode,
+                                                       offsetBias: [T], mode: OffsetMode, heldAxis: Int? = nil,
                                                        shape: DDCShape) -> (y: [T], offsets: [T]) {
-        let off = offsets(x: x, offsetWeight: offsetWeight, offsetBias: offsetBias, mode: mode, shape: shape)
+        var off = offsets(x: x, offsetWeight: offsetWeight, offsetBias: offsetBias, mode: mode, shape: shape)
+        if let heldAxis { off = hold(axis: heldAxis, of: off, shape: shape) }
         let y = DeformConv3dReference.forward(x: x, offsets: off, weight: weight, bias: bias, shape: shape)
         return (y, off)
     }
@@ -109,11 +122,15 @@ public enum DDCLayerReference {
     /// The gradients of `forward` with respect to x (both paths: the deformable sampling and the
     /// offset branch) and the four parameters.
     public static func backward<T: BinaryFloatingPoint>(x: [T], weight: [T], offsetWeight: [T], offsetBias: [T],
-                                                        mode: OffsetMode, gradY: [T], shape: DDCShape)
+                                                        mode: OffsetMode, heldAxis: Int? = nil, gradY: [T],
+                                                        shape: DDCShape)
         -> (gradX: [T], gradWeight: [T], gradBias: [T], gradOffsetWeight: [T], gradOffsetBias: [T]) {
-        let off = offsets(x: x, offsetWeight: offsetWeight, offsetBias: offsetBias, mode: mode, shape: shape)
+        var off = offsets(x: x, offsetWeight: offsetWeight, offsetBias: offsetBias, mode: mode, shape: shape)
+        if let heldAxis { off = hold(axis: heldAxis, of: off, shape: shape) }
         let k = DeformConv3dReference.backward(x: x, offsets: off, weight: weight, gradY: gradY, shape: shape)
-        let b = offsetsBackward(x: x, offsetWeight: offsetWeight, gradOffsets: k.gradOffsets, mode: mode, shape: shape)
+        // Held offsets are constants: nothing flows back through them.
+        let gOff = heldAxis.map { hold(axis: $0, of: k.gradOffsets, shape: shape) } ?? k.gradOffsets
+        let b = offsetsBackward(x: x, offsetWeight: offsetWeight, gradOffsets: gOff, mode: mode, shape: shape)
         var gx = k.gradX
         for i in 0..<gx.count { gx[i] += b.gradX[i] }
         return (gx, k.gradWeight, k.gradBias, b.gradOffsetWeight, b.gradOffsetBias)

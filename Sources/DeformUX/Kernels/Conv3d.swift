@@ -1,0 +1,610 @@
+import COpenBLAS
+
+/// Dense 3D convolution (PyTorch's Conv3d: cross-correlation, zero padding, cubic kernel), forward,
+/// on channels-last activations.
+///
+///     x       N x D x H x W x Cin          (optionally two sources: x1 with Cin - cin2 channels and x2
+///                                            with cin2 channels, meaning their concatenation [x1, x2])
+///     weight  Cout x Cin x k x k x k       (PyTorch layout; `pack` turns it into the kernel's layout once)
+///     bias    Cout (optional)
+///     y       N x Do x Ho x Wo x Cout      Do = (D + 2 pad - k) / stride + 1, likewise Ho, Wo
+///
+/// `ConvReference.conv3d` holds the same operator as plain loops (the test oracle).
+///
+/// Three paths, chosen by the shape (`Conv3d.Path`):
+/// - `direct3x3x3` (k 3, stride 1, pad 1: nearly all of the network's multiply-adds). A register-blocked
+///   kernel (PERFORMANCE.md: 213-222 GFLOP/s in C): 8 output voxels x 48 output channels live in 24
+///   SIMD16 registers; per (tap, input channel) one input value per voxel is broadcast and multiplied
+///   into 3 weight vectors. Each thread owns a run of output planes and keeps the 3 input planes it needs
+///   in a ring of zero-padded planes (H+2 x W+2, both sources interleaved there, so the decoder's
+///   channel concatenation is never materialised), so a tile never needs a border test. A tile is 8
+///   adjacent voxels of a row when W is a multiple of 8, else the next 8 voxels wherever rows break
+///   (8 offsets instead of one stride); nothing is computed for padding positions.
+/// - `pointwise` (k 1, stride 1, pad 0): y (V x Cout) = x (V x Cin) . W (Cin x Cout), sgemm per voxel range.
+/// - `im2col` (anything else: the 7x7x7 stride-2 stem, the 2x2x2 stride-2 downsampling): a bounded
+///   block of output voxels at a time gathers its k^3 Cin-vectors into a column panel, then sgemm.
+///
+/// Threads own disjoint output ranges and call single-threaded sgemm; results depend on the thread
+/// count only through sgemm's blocking (they do not here: each output row is one sgemm row).
+public enum Conv3d {
+    /// Output channels per register tile of the direct kernel (3 SIMD16 vectors).
+    @usableFromInline static let coutBlock = 48
+    /// Output voxels per register tile of the direct kernel.
+    @usableFromInline static let tileVoxels = 8
+
+    public enum Path: Sendable, Equatable {
+        case direct3x3x3, pointwise, im2col
+    }
+
+    /// Sizes of one convolution. `cin` is the total input channel count; `cin2` > 0 means the input
+    /// comes as two tensors with cin - cin2 and cin2 channels (their concatenation, first source first).
+    public struct Shape: Equatable, Sendable, CustomStringConvertible {
+        public var n: Int, cin: Int, cout: Int, d: Int, h: Int, w: Int
+        public var kernel: Int, stride: Int, padding: Int
+        public var cin2: Int
+
+        /// Checks that every size is valid and the output is not empty.
+        public init(n: Int, cin: Int, cout: Int, d: Int, h: Int, w: Int,
+                    kernel: Int, stride: Int = 1, padding: Int = 0, cin2: Int = 0) throws {
+            let op = "conv3d"
+            for (name, v) in [("N", n), ("Cin", cin), ("Cout", cout), ("D", d), ("H", h), ("W", w),
+                              ("kernel", kernel), ("stride", stride)] where v < 1 {
+                throw DeformUXError.invalidArgument("\(op): \(name) must be >= 1, got \(v)")
+            }
+            guard padding >= 0 else {
+                throw DeformUXError.invalidArgument("\(op): padding must be >= 0, got \(padding)")
+            }
+            guard cin2 >= 0, cin2 < cin else {
+                throw DeformUXError.invalidArgument("\(op): the second input's channels must be in 0..<Cin (\(cin)), got \(cin2)")
+            }
+            self.n = n; self.cin = cin; self.cout = cout; self.d = d; self.h = h; self.w = w
+            self.kernel = kernel; self.stride = stride; self.padding = padding; self.cin2 = cin2
+            guard od >= 1, oh >= 1, ow >= 1 else {
+                throw DeformUXError.invalidArgument("\(op): input \(d) x \(h) x \(w) with kernel \(kernel), stride \(stride), padding \(padding) gives an empty output")
+            }
+            _ = try Tensor.elementCount([n, d + 2 * padding + 16, h + 2 * padding + 1, w + 2 * padding + 1, max(cin, cout), 2],
+                                        context: op)
+            _ = try Tensor.elementCount([kernel, kernel, kernel, cin, cout + Conv3d.coutBlock], context: op)
+        }
+
+        /// Channels of the first source.
+        public var cin1: Int { cin - cin2 }
+        public var od: Int { (d + 2 * padding - kernel) / stride + 1 }
+        public var oh: Int { (h + 2 * padding - kernel) / stride + 1 }
+        public var ow: Int { (w + 2 * padding - kernel) / stride + 1 }
+        public var taps: Int { kernel * kernel * kernel }
+        public var inputCount: Int { n * d * h * w * cin }
+        public var outputCount: Int { n * od * oh * ow * cout }
+        /// Elements of the PyTorch weight Cout x Cin x k x k x k.
+        public var weightCount: Int { cout * cin * taps }
+        /// Multiply-adds of one forward.
+        public var macs: Int { n * od * oh * ow * cout * cin * taps }
+
+        public var path: Path {
+            if kernel == 3 && stride == 1 && padding == 1 { return .direct3x3x3 }
+            if kernel == 1 && stride == 1 && padding == 0 { return .pointwise }
+            return .im2col
+        }
+
+        public var description: String {
+            let src = cin2 > 0 ? " (\(cin1)+\(cin2))" : ""
+            return "N=\(n) Cin=\(cin)\(src) Cout=\(cout) \(d)x\(h)x\(w) k\(kernel) s\(stride) p\(padding)"
+        }
+    }
+
+    // MARK: Weight packing
+
+    /// Floats of the packed weight for `shape`.
+    ///
+    /// direct3x3x3: [cout block of 48][tap 27][cin][48] (output channels past Cout are 0).
+    /// pointwise, im2col: [tap][cin][Cout], the K x Cout right-hand matrix of the GEMM (K = taps * Cin,
+    /// the same (tap, channel) order as the channels-last column panel).
+    public static func packedCount(_ s: Shape) -> Int {
+        switch s.path {
+        case .direct3x3x3: return coutBlocks(s.cout) * 27 * s.cin * coutBlock
+        case .pointwise, .im2col: return s.taps * s.cin * s.cout
+        }
+    }
+
+    static func coutBlocks(_ cout: Int) -> Int { (cout + coutBlock - 1) / coutBlock }
+
+    /// Packs a PyTorch weight (Cout x Cin x k x k x k) into the kernel's layout (`packedCount` floats).
+    public static func pack(weight: UnsafePointer<Float>, into packed: UnsafeMutablePointer<Float>, shape s: Shape) {
+        let taps = s.taps
+        // Loop orders keep both sides cache-friendly: each (co, ci) reads its taps contiguously, and the
+        // rows being written stay in L1/L2 (packing the 768-channel convs every forward must stay cheap).
+        switch s.path {
+        case .direct3x3x3:
+            packed.initialize(repeating: 0, count: packedCount(s))
+            for b in 0..<coutBlocks(s.cout) {
+                let block = packed + b * 27 * s.cin * coutBlock
+                // 8 input channels at a time: the 48 x 8 x 27 source floats they need stay in L1 while
+                // the 27 destination rows of 8 x 48 floats are written one after another.
+                for ci0 in stride(from: 0, to: s.cin, by: 8) {
+                    let ci1 = min(s.cin, ci0 + 8)
+                    for t in 0..<taps {
+                        for j in 0..<min(coutBlock, s.cout - b * coutBlock) {
+                            let src = weight + (b * coutBlock + j) * s.cin * taps + t
+                            for ci in ci0..<ci1 { block[(t * s.cin + ci) * coutBlock + j] = src[ci * taps] }
+                        }
+                    }
+                }
+            }
+        case .pointwise, .im2col:
+            for ci0 in stride(from: 0, to: s.cin, by: 8) {
+                let ci1 = min(s.cin, ci0 + 8)
+                for co in 0..<s.cout {
+                    let src = weight + co * s.cin * taps
+                    for ci in ci0..<ci1 {
+                        for t in 0..<taps { packed[(t * s.cin + ci) * s.cout + co] = src[ci * taps + t] }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The packed weight as a new 1-D tensor. Checks the weight's shape.
+    public static func pack(weight: Tensor, shape s: Shape) throws -> Tensor {
+        let expect = [s.cout, s.cin, s.kernel, s.kernel, s.kernel]
+        guard weight.shape == expect else {
+            throw DeformUXError.shapeMismatch("conv3d: weight must have shape \(expect) (Cout x Cin x k x k x k), got \(weight.shape)")
+        }
+        try weight.requireContiguous("conv3d weight")
+        let p = try Tensor(zeros: [packedCount(s)])
+        pack(weight: weight.pointer, into: p.pointer, shape: s)
+        return p
+    }
+
+    // MARK: Tensor API (validated)
+
+    /// y = conv3d([x, x2], weight, bias) with channels-last x (N x D x H x W x C1) and x2
+    /// (N x D x H x W x C2, optional); weight in PyTorch layout. Packs the weight on every call
+    /// (layers keep a packed copy and call the pointer API instead).
+    public static func forward(x: Tensor, x2: Tensor? = nil, weight: Tensor, bias: Tensor?,
+                               stride: Int = 1, padding: Int = 0, workspace: Workspace? = nil) throws -> Tensor {
+        let op = "conv3d"
+        guard x.rank == 5 else {
+            throw DeformUXError.shapeMismatch("\(op): x must be N x D x H x W x C (channels-last, rank 5), got shape \(x.shape)")
+        }
+        guard weight.rank == 5, weight.shape[2] == weight.shape[3], weight.shape[3] == weight.shape[4] else {
+            throw DeformUXError.shapeMismatch("\(op): weight must be Cout x Cin x k x k x k, got shape \(weight.shape)")
+        }
+        var c2 = 0
+        if let x2 {
+            guard x2.rank == 5, Array(x2.shape[0..<4]) == Array(x.shape[0..<4]) else {
+                throw DeformUXError.shapeMismatch("\(op): x2 must be N x D x H x W x C2 with the N, D, H, W of x \(x.shape), got \(x2.shape)")
+            }
+            c2 = x2.shape[4]
+        }
+        let s = try Shape(n: x.shape[0], cin: x.shape[4] + c2, cout: weight.shape[0], d: x.shape[1], h: x.shape[2],
+                          w: x.shape[3], kernel: weight.shape[2], stride: stride, padding: padding, cin2: c2)
+        guard weight.shape[1] == s.cin else {
+            throw DeformUXError.shapeMismatch("\(op): weight has \(weight.shape[1]) input channels, the input has \(s.cin)")
+        }
+        if let bias, bias.shape != [s.cout] {
+            throw DeformUXError.shapeMismatch("\(op): bias must have shape [\(s.cout)], got \(bias.shape)")
+        }
+        try x.requireContiguous("\(op) x")
+        try x2?.requireContiguous("\(op) x2")
+        try bias?.requireContiguous("\(op) bias")
+        let packed = try pack(weight: weight, shape: s)
+        let y = try Tensor(zeros: [s.n, s.od, s.oh, s.ow, s.cout])
+        try forward(x: x.pointer, x2: x2?.pointer, packedWeight: packed.pointer, bias: bias?.pointer,
+                    y: y.pointer, shape: s, workspace: workspace ?? Workspace())
+        return y
+    }
+
+    // MARK: Pointer API
+
+    /// Writes y (overwrites). `x2` is required when shape.cin2 > 0 and ignored otherwise. Throws only
+    /// when scratch memory cannot be had.
+    public static func forward(x: UnsafePointer<Float>, x2: UnsafePointer<Float>? = nil,
+                               packedWeight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
+                               y: UnsafeMutablePointer<Float>, shape s: Shape, workspace: Workspace) throws {
+        if s.cin2 > 0 && x2 == nil {
+            throw DeformUXError.invalidArgument("conv3d: shape \(s) has a second input, but x2 is nil")
+        }
+        let x2p: UnsafePointer<Float>? = s.cin2 > 0 ? x2 : nil
+        switch s.path {
+        case .direct3x3x3:
+            try Direct.forward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s, workspace: workspace)
+        case .pointwise:
+            pointwiseForward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s)
+        case .im2col:
+            try im2colForward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s, workspace: workspace)
+        }
+    }
+
+    // MARK: pointwise and im2col paths
+
+    /// Rows of y (each Cout floats) set to the bias or 0.
+    static func initRows(_ y: UnsafeMutablePointer<Float>, rows: Int, cout: Int, bias: UnsafePointer<Float>?) {
+        if let bias {
+            for r in 0..<rows { (y + r * cout).update(from: bias, count: cout) }
+        } else {
+            y.initialize(repeating: 0, count: rows * cout)
+        }
+    }
+
+    static func pointwiseForward(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, packed: UnsafePointer<Float>,
+                                 bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, s: Shape) {
+        let voxels = s.n * s.d * s.h * s.w
+        let parts = max(1, min(Threads.count, voxels / 512))
+        let c1 = s.cin1, c2 = s.cin2
+        parallelFor(parts) { part in
+            let r = Threads.range(part, of: parts, total: voxels)
+            if r.isEmpty { return }
+            let yr = y + r.lowerBound * s.cout
+            initRows(yr, rows: r.count, cout: s.cout, bias: bias)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(r.count), Int32(s.cout), Int32(c1),
+                        1, x1 + r.lowerBound * c1, Int32(c1), packed, Int32(s.cout), 1, yr, Int32(s.cout))
+            if let x2 {
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(r.count), Int32(s.cout), Int32(c2),
+                            1, x2 + r.lowerBound * c2, Int32(c2), packed + c1 * s.cout, Int32(s.cout),
+                            1, yr, Int32(s.cout))
+            }
+        }
+    }
+
+    /// Output voxels per column panel: the panel (voxels x taps*Cin) kept near 384 KB (L2-sized).
+    static func im2colBlock(_ s: Shape) -> Int {
+        let k = s.taps * s.cin
+        return max(8, min(1024, (96 * 1024) / max(k, 1)))
+    }
+
+    static func im2colForward(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, packed: UnsafePointer<Float>,
+                              bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, s: Shape,
+                              workspace: Workspace) throws {
+        let outVoxels = s.n * s.od * s.oh * s.ow
+        let block = im2colBlock(s)
+        let kdim = s.taps * s.cin
+        let parts = max(1, min(Threads.count, (outVoxels + block - 1) / block))
+        let panels = try workspace.buffer("conv3d.im2col", count: parts * block * kdim)
+        let c1 = s.cin1, c2 = s.cin2, k = s.kernel
+        parallelFor(parts) { part in
+            let r = Threads.range(part, of: parts, total: outVoxels)
+            let panel = panels + part * block * kdim
+            var v0 = r.lowerBound
+            while v0 < r.upperBound {
+                let count = min(block, r.upperBound - v0)
+                // Gather: row v of the panel holds, for every tap (kd, kh, kw), the Cin-vector under it.
+                for i in 0..<count {
+                    let v = v0 + i
+                    let ow = v % s.ow, oh = (v / s.ow) % s.oh, od = (v / (s.ow * s.oh)) % s.od
+                    let n = v / (s.ow * s.oh * s.od)
+                    var dst = panel + i * kdim
+                    let iw0 = ow * s.stride - s.padding
+                    // Taps kw in kwLo..<kwHi read inside the volume; in channels-last order their
+                    // Cin-vectors are one contiguous run of x (one source).
+                    let kwLo = max(0, -iw0), kwHi = min(k, s.w - iw0)
+                    for kd in 0..<k {
+                        let id = od * s.stride - s.padding + kd
+                        for kh in 0..<k {
+                            let ih = oh * s.stride - s.padding + kh
+                            if id < 0 || id >= s.d || ih < 0 || ih >= s.h || kwLo >= kwHi {
+                                dst.initialize(repeating: 0, count: k * s.cin)
+                                dst += k * s.cin
+                                continue
+                            }
+                            let rowAt = ((n * s.d + id) * s.h + ih) * s.w + iw0
+                            if kwLo > 0 { dst.initialize(repeating: 0, count: kwLo * s.cin) }
+                            if let x2 {
+                                for kw in kwLo..<kwHi {
+                                    let at = rowAt + kw
+                                    (dst + kw * s.cin).update(from: x1 + at * c1, count: c1)
+                                    (dst + kw * s.cin + c1).update(from: x2 + at * c2, count: c2)
+                                }
+                            } else {
+                                (dst + kwLo * c1).update(from: x1 + (rowAt + kwLo) * c1, count: (kwHi - kwLo) * c1)
+                            }
+                            if kwHi < k { (dst + kwHi * s.cin).initialize(repeating: 0, count: (k - kwHi) * s.cin) }
+                            dst += k * s.cin
+                        }
+                    }
+                }
+                let yb = y + v0 * s.cout
+                initRows(yb, rows: count, cout: s.cout, bias: bias)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(count), Int32(s.cout), Int32(kdim),
+                            1, panel, Int32(kdim), packed, Int32(s.cout), 1, yb, Int32(s.cout))
+                v0 += count
+            }
+        }
+    }
+
+    // MARK: direct 3x3x3 path
+
+    enum Direct {
+        /// Geometry of one padded input plane: (H+2) x (W+2) voxels of Cin floats, plus slack so the
+        /// last tile's reads stay inside the buffer, and which output voxels each tile of 8 holds.
+        struct Geometry {
+            let hp: Int, wp: Int, cin: Int, h: Int, w: Int
+            let planeFloats: Int
+            /// When W is a multiple of 8, a tile is 8 adjacent voxels of one row (one base pointer,
+            /// stride Cin). Otherwise a tile is the next 8 output voxels in row-major order, wherever
+            /// the rows break (8 offsets); the plane's last tile repeats its last voxel.
+            let byRows: Bool
+            let tilesPerRow: Int
+            let tiles: Int
+
+            init(_ s: Shape) {
+                hp = s.h + 2; wp = s.w + 2; cin = s.cin; h = s.h; w = s.w
+                byRows = s.w % Conv3d.tileVoxels == 0
+                tilesPerRow = s.w / Conv3d.tileVoxels
+                tiles = (s.h * s.w + Conv3d.tileVoxels - 1) / Conv3d.tileVoxels
+                planeFloats = (hp * wp + 2 * Conv3d.tileVoxels) * cin
+            }
+
+            /// Padded position of output voxel v = h W + w of the plane (v clamped to the last voxel).
+            @inline(__always) func position(_ v: Int) -> Int {
+                let u = min(v, h * w - 1)
+                return (u / w + 1) * wp + u % w + 1
+            }
+        }
+
+        /// Tiles per group: a group's accumulators (group x 8 x 48 floats) stay in L1/L2 while the
+        /// weight chunks are swept.
+        static let groupTiles = 16
+
+        /// Taps per weight chunk: the chunk (taps x Cin x 48 floats) should stay in L2 while every tile
+        /// of a group streams through it.
+        static func tapsPerChunk(cin: Int) -> Int {
+            let bytesPerTap = cin * Conv3d.coutBlock * 4
+            if 27 * bytesPerTap <= 320 * 1024 { return 27 }
+            if 9 * bytesPerTap <= 320 * 1024 { return 9 }
+            if 3 * bytesPerTap <= 320 * 1024 { return 3 }
+            return 1
+        }
+
+        static func forward(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, packed: UnsafePointer<Float>,
+                            bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, s: Shape,
+                            workspace: Workspace) throws {
+            let g = Geometry(s)
+            let planes = s.n * s.d
+            let parts = max(1, min(Threads.count, planes))
+            let accFloats = groupTiles * Conv3d.tileVoxels * Conv3d.coutBlock
+            let perPart = 3 * g.planeFloats + accFloats
+            let scratch = try workspace.buffer("conv3d.direct", count: parts * perPart)
+            parallelFor(parts) { part in
+                let ring = scratch + part * perPart
+                let acc = ring + 3 * g.planeFloats
+                var loaded = (-1, -1, -1)  // which (n * (D+2) + dIn + 1) each ring slot holds
+                withUnsafeTemporaryAllocation(of: UnsafePointer<Float>.self, capacity: 27) { basesBuf in
+                    guard let bp = basesBuf.baseAddress else { return }
+                    for plane in Threads.range(part, of: parts, total: planes) {
+                        let n = plane / s.d, d = plane % s.d
+                        // Make sure input planes d-1, d, d+1 of sample n are in the ring.
+                        for kd in 0..<3 {
+                            let dIn = d - 1 + kd
+                            let key = n * (s.d + 2) + dIn + 1
+                            let slot = (dIn + 1) % 3
+                            let slotPtr = ring + slot * g.planeFloats
+                            let current: Int
+                            switch slot { case 0: current = loaded.0; case 1: current = loaded.1; default: current = loaded.2 }
+                            if current != key {
+                                fillPlane(slotPtr, x1: x1, x2: x2, n: n, dIn: dIn, s: s, g: g)
+                                switch slot { case 0: loaded.0 = key; case 1: loaded.1 = key; default: loaded.2 = key }
+                            }
+                            // Tap (kd, kh, kw) reads position pos + (kh-1) * wp + (kw-1) of this plane.
+                            for kh in 0..<3 {
+                                for kw in 0..<3 {
+                                    bp[kd * 9 + kh * 3 + kw] = UnsafePointer(slotPtr + ((kh - 1) * g.wp + (kw - 1)) * g.cin)
+                                }
+                            }
+                        }
+                        let yPlane = y + plane * s.h * s.w * s.cout
+                        computePlane(bases: UnsafePointer(bp), packed: packed, bias: bias, yPlane: yPlane,
+                                     acc: acc, s: s, g: g)
+                    }
+                }
+            }
+        }
+
+        /// Copies input plane dIn of sample n (both sources) into a zero-bordered padded plane; a plane
+        /// outside 0..<D becomes all zeros.
+        static func fillPlane(_ dst: UnsafeMutablePointer<Float>, x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?,
+                              n: Int, dIn: Int, s: Shape, g: Geometry) {
+            if dIn < 0 || dIn >= s.d {
+                dst.initialize(repeating: 0, count: g.planeFloats)
+                return
+            }
+            let cin = g.cin, c1 = s.cin1, c2 = s.cin2
+            // Top border row and the left pad of row 1.
+            dst.initialize(repeating: 0, count: (g.wp + 1) * cin)
+            for h in 0..<s.h {
+                let row = dst + ((h + 1) * g.wp + 1) * cin
+                let src = (((n * s.d + dIn) * s.h + h) * s.w)
+                if x2 == nil {
+                    row.update(from: x1 + src * c1, count: s.w * c1)
+                } else if let x2 {
+                    for w in 0..<s.w {
+                        (row + w * cin).update(from: x1 + (src + w) * c1, count: c1)
+                        (row + w * cin + c1).update(from: x2 + (src + w) * c2, count: c2)
+                    }
+                }
+                // Right pad of this row and left pad of the next.
+                (row + s.w * cin).initialize(repeating: 0, count: 2 * cin)
+            }
+            // The rest of the bottom border row and the slack.
+            let tail = ((s.h + 1) * g.wp + 1) * cin
+            (dst + tail).initialize(repeating: 0, count: g.planeFloats - tail)
+        }
+
+        /// One output plane: for each block of 48 output channels and each group of tiles, sweep the
+        /// weight chunks, then copy the group's real voxels (+ bias) to y.
+        static func computePlane(bases: UnsafePointer<UnsafePointer<Float>>, packed: UnsafePointer<Float>,
+                                 bias: UnsafePointer<Float>?, yPlane: UnsafeMutablePointer<Float>,
+                                 acc: UnsafeMutablePointer<Float>, s: Shape, g: Geometry) {
+            let cin = g.cin
+            let chunk = tapsPerChunk(cin: cin)
+            let cb48 = Conv3d.coutBlock
+            for cb in 0..<coutBlocks(s.cout) {
+                let wBlock = packed + cb * 27 * cin * cb48
+                let valid = min(cb48, s.cout - cb * cb48)
+                var t0 = 0
+                while t0 < g.tiles {
+                    let t1 = min(g.tiles, t0 + groupTiles)
+                    var tap = 0
+                    while tap < 27 {
+                        let w = wBlock + tap * cin * cb48
+                        for t in t0..<t1 {
+                            let a = acc + (t - t0) * (8 * 48)
+                            let v0 = t * Conv3d.tileVoxels
+                            if g.byRows {
+                                tile8x48(bases + tap, chunk, g.position(v0) * cin, cin, w, a, tap > 0)
+                            } else {
+                                let o = (g.position(v0) * cin, g.position(v0 + 1) * cin, g.position(v0 + 2) * cin,
+                                         g.position(v0 + 3) * cin, g.position(v0 + 4) * cin, g.position(v0 + 5) * cin,
+                                         g.position(v0 + 6) * cin, g.position(v0 + 7) * cin)
+                                tile8x48Gather(bases + tap, chunk, o, cin, w, a, tap > 0)
+                            }
+                        }
+                        tap += chunk
+                    }
+                    // Copy out the tiles' voxels (+ bias) to y.
+                    let vEnd = min(t1 * Conv3d.tileVoxels, s.h * s.w)
+                    for v in (t0 * Conv3d.tileVoxels)..<vEnd {
+                        let src = acc + (v - t0 * Conv3d.tileVoxels) * cb48
+                        let dst = yPlane + v * s.cout + cb * cb48
+                        if valid == cb48 {
+                            var v0 = cload(src), v1 = cload(src + 16), v2 = cload(src + 32)
+                            if let bias {
+                                let b = bias + cb * cb48
+                                v0 += cload(b); v1 += cload(b + 16); v2 += cload(b + 32)
+                            }
+                            cstore(v0, dst); cstore(v1, dst + 16); cstore(v2, dst + 32)
+                        } else {
+                            for q in 0..<valid { dst[q] = src[q] + (bias?[cb * cb48 + q] ?? 0) }
+                        }
+                    }
+                    t0 = t1
+                }
+            }
+        }
+
+        /// The register tile: 8 consecutive padded positions x 48 output channels, accumulated over
+        /// `taps` taps (base pointers in `bases`) and `cin` input channels. Weights: [tap][cin][48].
+        @inline(__always)
+        static func tile8x48(_ bases: UnsafePointer<UnsafePointer<Float>>, _ taps: Int, _ offset: Int, _ cin: Int,
+                             _ w: UnsafePointer<Float>, _ acc: UnsafeMutablePointer<Float>, _ accumulate: Bool) {
+            typealias V = SIMD16<Float>
+            var a0 = V(), a1 = V(), a2 = V(), a3 = V(), a4 = V(), a5 = V(), a6 = V(), a7 = V()
+            var b0 = V(), b1 = V(), b2 = V(), b3 = V(), b4 = V(), b5 = V(), b6 = V(), b7 = V()
+            var c0 = V(), c1 = V(), c2 = V(), c3 = V(), c4 = V(), c5 = V(), c6 = V(), c7 = V()
+            if accumulate {
+                a0 = cload(acc + 0 * 48); b0 = cload(acc + 0 * 48 + 16); c0 = cload(acc + 0 * 48 + 32)
+                a1 = cload(acc + 1 * 48); b1 = cload(acc + 1 * 48 + 16); c1 = cload(acc + 1 * 48 + 32)
+                a2 = cload(acc + 2 * 48); b2 = cload(acc + 2 * 48 + 16); c2 = cload(acc + 2 * 48 + 32)
+                a3 = cload(acc + 3 * 48); b3 = cload(acc + 3 * 48 + 16); c3 = cload(acc + 3 * 48 + 32)
+                a4 = cload(acc + 4 * 48); b4 = cload(acc + 4 * 48 + 16); c4 = cload(acc + 4 * 48 + 32)
+                a5 = cload(acc + 5 * 48); b5 = cload(acc + 5 * 48 + 16); c5 = cload(acc + 5 * 48 + 32)
+                a6 = cload(acc + 6 * 48); b6 = cload(acc + 6 * 48 + 16); c6 = cload(acc + 6 * 48 + 32)
+                a7 = cload(acc + 7 * 48); b7 = cload(acc + 7 * 48 + 16); c7 = cload(acc + 7 * 48 + 32)
+            }
+            var wp = w
+            let s1 = cin, s2 = 2 &* cin, s3 = 3 &* cin, s4 = 4 &* cin
+            for t in 0..<taps {
+                var p = bases[t] + offset
+                let p4end = p + cin
+                while p < p4end {
+                    let w0 = cload(wp), w1 = cload(wp + 16), w2 = cload(wp + 32)
+                    let q = p + s4
+                    var x = V(repeating: p[0])
+                    a0 = a0.addingProduct(x, w0); b0 = b0.addingProduct(x, w1); c0 = c0.addingProduct(x, w2)
+                    x = V(repeating: p[s1])
+                    a1 = a1.addingProduct(x, w0); b1 = b1.addingProduct(x, w1); c1 = c1.addingProduct(x, w2)
+                    x = V(repeating: p[s2])
+                    a2 = a2.addingProduct(x, w0); b2 = b2.addingProduct(x, w1); c2 = c2.addingProduct(x, w2)
+                    x = V(repeating: p[s3])
+                    a3 = a3.addingProduct(x, w0); b3 = b3.addingProduct(x, w1); c3 = c3.addingProduct(x, w2)
+                    x = V(repeating: q[0])
+                    a4 = a4.addingProduct(x, w0); b4 = b4.addingProduct(x, w1); c4 = c4.addingProduct(x, w2)
+                    x = V(repeating: q[s1])
+                    a5 = a5.addingProduct(x, w0); b5 = b5.addingProduct(x, w1); c5 = c5.addingProduct(x, w2)
+                    x = V(repeating: q[s2])
+                    a6 = a6.addingProduct(x, w0); b6 = b6.addingProduct(x, w1); c6 = c6.addingProduct(x, w2)
+                    x = V(repeating: q[s3])
+                    a7 = a7.addingProduct(x, w0); b7 = b7.addingProduct(x, w1); c7 = c7.addingProduct(x, w2)
+                    wp += 48
+                    p += 1
+                }
+            }
+            cstore(a0, acc + 0 * 48); cstore(b0, acc + 0 * 48 + 16); cstore(c0, acc + 0 * 48 + 32)
+            cstore(a1, acc + 1 * 48); cstore(b1, acc + 1 * 48 + 16); cstore(c1, acc + 1 * 48 + 32)
+            cstore(a2, acc + 2 * 48); cstore(b2, acc + 2 * 48 + 16); cstore(c2, acc + 2 * 48 + 32)
+            cstore(a3, acc + 3 * 48); cstore(b3, acc + 3 * 48 + 16); cstore(c3, acc + 3 * 48 + 32)
+            cstore(a4, acc + 4 * 48); cstore(b4, acc + 4 * 48 + 16); cstore(c4, acc + 4 * 48 + 32)
+            cstore(a5, acc + 5 * 48); cstore(b5, acc + 5 * 48 + 16); cstore(c5, acc + 5 * 48 + 32)
+            cstore(a6, acc + 6 * 48); cstore(b6, acc + 6 * 48 + 16); cstore(c6, acc + 6 * 48 + 32)
+            cstore(a7, acc + 7 * 48); cstore(b7, acc + 7 * 48 + 16); cstore(c7, acc + 7 * 48 + 32)
+        }
+
+        /// `tile8x48` for 8 voxels at any offsets o (in floats from each tap's base pointer): the tiles
+        /// of planes whose W is not a multiple of 8 cross row ends.
+        @inline(__always)
+        static func tile8x48Gather(_ bases: UnsafePointer<UnsafePointer<Float>>, _ taps: Int,
+                                   _ o: (Int, Int, Int, Int, Int, Int, Int, Int), _ cin: Int,
+                                   _ w: UnsafePointer<Float>, _ acc: UnsafeMutablePointer<Float>, _ accumulate: Bool) {
+            typealias V = SIMD16<Float>
+            var a0 = V(), a1 = V(), a2 = V(), a3 = V(), a4 = V(), a5 = V(), a6 = V(), a7 = V()
+            var b0 = V(), b1 = V(), b2 = V(), b3 = V(), b4 = V(), b5 = V(), b6 = V(), b7 = V()
+            var c0 = V(), c1 = V(), c2 = V(), c3 = V(), c4 = V(), c5 = V(), c6 = V(), c7 = V()
+            if accumulate {
+                a0 = cload(acc + 0 * 48); b0 = cload(acc + 0 * 48 + 16); c0 = cload(acc + 0 * 48 + 32)
+                a1 = cload(acc + 1 * 48); b1 = cload(acc + 1 * 48 + 16); c1 = cload(acc + 1 * 48 + 32)
+                a2 = cload(acc + 2 * 48); b2 = cload(acc + 2 * 48 + 16); c2 = cload(acc + 2 * 48 + 32)
+                a3 = cload(acc + 3 * 48); b3 = cload(acc + 3 * 48 + 16); c3 = cload(acc + 3 * 48 + 32)
+                a4 = cload(acc + 4 * 48); b4 = cload(acc + 4 * 48 + 16); c4 = cload(acc + 4 * 48 + 32)
+                a5 = cload(acc + 5 * 48); b5 = cload(acc + 5 * 48 + 16); c5 = cload(acc + 5 * 48 + 32)
+                a6 = cload(acc + 6 * 48); b6 = cload(acc + 6 * 48 + 16); c6 = cload(acc + 6 * 48 + 32)
+                a7 = cload(acc + 7 * 48); b7 = cload(acc + 7 * 48 + 16); c7 = cload(acc + 7 * 48 + 32)
+            }
+            var wp = w
+            let (o0, o1, o2, o3, o4, o5, o6, o7) = o
+            for t in 0..<taps {
+                var p = bases[t]
+                let pEnd = p + cin
+                while p < pEnd {
+                    let w0 = cload(wp), w1 = cload(wp + 16), w2 = cload(wp + 32)
+                    var x = V(repeating: p[o0])
+                    a0 = a0.addingProduct(x, w0); b0 = b0.addingProduct(x, w1); c0 = c0.addingProduct(x, w2)
+                    x = V(repeating: p[o1])
+                    a1 = a1.addingProduct(x, w0); b1 = b1.addingProduct(x, w1); c1 = c1.addingProduct(x, w2)
+                    x = V(repeating: p[o2])
+                    a2 = a2.addingProduct(x, w0); b2 = b2.addingProduct(x, w1); c2 = c2.addingProduct(x, w2)
+                    x = V(repeating: p[o3])
+                    a3 = a3.addingProduct(x, w0); b3 = b3.addingProduct(x, w1); c3 = c3.addingProduct(x, w2)
+                    x = V(repeating: p[o4])
+                    a4 = a4.addingProduct(x, w0); b4 = b4.addingProduct(x, w1); c4 = c4.addingProduct(x, w2)
+                    x = V(repeating: p[o5])
+                    a5 = a5.addingProduct(x, w0); b5 = b5.addingProduct(x, w1); c5 = c5.addingProduct(x, w2)
+                    x = V(repeating: p[o6])
+                    a6 = a6.addingProduct(x, w0); b6 = b6.addingProduct(x, w1); c6 = c6.addingProduct(x, w2)
+                    x = V(repeating: p[o7])
+                    a7 = a7.addingProduct(x, w0); b7 = b7.addingProduct(x, w1); c7 = c7.addingProduct(x, w2)
+                    wp += 48
+                    p += 1
+                }
+            }
+            cstore(a0, acc + 0 * 48); cstore(b0, acc + 0 * 48 + 16); cstore(c0, acc + 0 * 48 + 32)
+            cstore(a1, acc + 1 * 48); cstore(b1, acc + 1 * 48 + 16); cstore(c1, acc + 1 * 48 + 32)
+            cstore(a2, acc + 2 * 48); cstore(b2, acc + 2 * 48 + 16); cstore(c2, acc + 2 * 48 + 32)
+            cstore(a3, acc + 3 * 48); cstore(b3, acc + 3 * 48 + 16); cstore(c3, acc + 3 * 48 + 32)
+            cstore(a4, acc + 4 * 48); cstore(b4, acc + 4 * 48 + 16); cstore(c4, acc + 4 * 48 + 32)
+            cstore(a5, acc + 5 * 48); cstore(b5, acc + 5 * 48 + 16); cstore(c5, acc + 5 * 48 + 32)
+            cstore(a6, acc + 6 * 48); cstore(b6, acc + 6 * 48 + 16); cstore(c6, acc + 6 * 48 + 32)
+            cstore(a7, acc + 7 * 48); cstore(b7, acc + 7 * 48 + 16); cstore(c7, acc + 7 * 48 + 32)
+        }
+    }
+}
+
+// MARK: SIMD helpers shared by the conv kernels (Conv3d, ConvTranspose3d, DepthwiseConv3d)
+
+@inline(__always) func cload(_ p: UnsafePointer<Float>) -> SIMD16<Float> {
+    UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float>.self)
+}
+@inline(__always) func cload(_ p: UnsafeMutablePointer<Float>) -> SIMD16<Float> {
+    UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float>.self)
+}
+@inline(__always) func cstore(_ v: SIMD16<Float>, _ p: UnsafeMutablePointer<Float>) {
+    UnsafeMutableRawPointer(p).storeBytes(of: v, as: SIMD16<Float>.self)
+}

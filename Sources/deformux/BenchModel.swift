@@ -1,0 +1,82 @@
+import ArgumentParser
+import DeformUX
+
+/// Options that pick a network configuration, shared by the commands that build one.
+struct ModelOptions: ParsableArguments {
+    @Option(help: "Input channels.") var inChannels = 1
+    @Option(help: "Output channels (classes).") var outChannels = 16
+    @Option(help: "Encoder widths, comma-separated.") var featureSize = "48,96,192,384"
+    @Option(help: "Blocks per stage, comma-separated.") var depths = "2,2,2,2"
+    @Option(help: "Width of encoder5.") var hiddenSize = 768
+    @Option(help: "Encoder block: deformux or uxnet.") var block = "deformux"
+    @Option(help: "MLP: dense, grouped or none (default: dense for deformux, grouped for uxnet).") var mlp: String?
+    @Option(help: "Offset mode: aligned or official.") var offsetMode = "aligned"
+    @Option(help: "UX-Net kernel size.") var kernelSize = 7
+
+    func config() throws -> DeformUXNetConfig {
+        func ints(_ s: String, _ name: String) throws -> [Int] {
+            let v = s.split(separator: ",").map { Int(String($0).trimmingCharacters(in: " ")) }
+            guard v.allSatisfy({ $0 != nil }) else { throw ValidationError("--\(name) must be integers separated by commas, got \(s)") }
+            return v.compactMap { $0 }
+        }
+        guard let b = DeformUXNetConfig.Block(rawValue: block) else { throw ValidationError("--block must be deformux or uxnet, got \(block)") }
+        guard let m = OffsetMode(rawValue: offsetMode) else { throw ValidationError("--offset-mode must be aligned or official, got \(offsetMode)") }
+        var mlpValue: DeformUXNetConfig.MLP?
+        if let mlp {
+            guard let v = DeformUXNetConfig.MLP(rawValue: mlp) else { throw ValidationError("--mlp must be dense, grouped or none, got \(mlp)") }
+            mlpValue = v
+        }
+        let c = DeformUXNetConfig(inChannels: inChannels, outChannels: outChannels,
+                                  featureSize: try ints(featureSize, "feature-size"), depths: try ints(depths, "depths"),
+                                  hiddenSize: hiddenSize, block: b, mlp: mlpValue, offsetMode: m, kernelSize: kernelSize)
+        try c.validate()
+        return c
+    }
+}
+
+extension String {
+    func trimmingCharacters(in set: String) -> String {
+        var s = Substring(self)
+        while let f = s.first, set.contains(f) { s = s.dropFirst() }
+        while let l = s.last, set.contains(l) { s = s.dropLast() }
+        return String(s)
+    }
+}
+
+/// `deformux bench model`: one forward of the whole network, batch 1, a random input.
+struct BenchModel: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "model",
+        abstract: "Time the network's forward pass and print seconds, GFLOP/s and peak RSS (issue 3's benchmark)."
+    )
+
+    @OptionGroup var model: ModelOptions
+    @Option(help: "Edge of the cubic input (a multiple of 16).") var size = 96
+    @Option(help: "Worker threads.") var threads = 2
+    @Option(help: "Timed runs (the median is printed).") var repeats = 1
+    @Flag(help: "Skip the warm-up run.") var noWarmup = false
+
+    func run() throws {
+        try Threads.setCount(threads)
+        let config = try model.config()
+        let net = try DeformUXNet(config: config, seed: 1)
+        var rng = SplitMix64(seed: 7)
+        let x = try Tensor(zeros: [1, config.inChannels, size, size, size])
+        for i in 0..<x.count { x.pointer[i] = rng.uniform(-1, 1) }
+        let summary = try net.summary(inputShape: x.shape)
+        if !noWarmup { _ = try net.forward(x) }
+        var samples: [Double] = []
+        for _ in 0..<repeats {
+            let t0 = now()
+            _ = try net.forward(x)
+            samples.append(now() - t0)
+        }
+        let seconds = samples.sorted()[samples.count / 2]
+        let gflop = 2 * Double(summary.totalMACs) / 1e9
+        print("deformux bench model: \(config.block.rawValue) mlp \(config.mlp.rawValue) offsets \(config.offsetMode.rawValue), \(size)^3, batch 1, \(Threads.count) threads")
+        print("  parameters        \(net.parameterCount)")
+        print("  multiply-adds     \(decimal(Double(summary.totalMACs) / 1e9, 1)) G")
+        print("  forward           \(decimal(seconds, 3, width: 8)) s   (\(decimal(gflop / seconds, 1)) GFLOP/s)")
+        print("  peak RSS          \(decimal(peakRSSMegabytes(), 1, width: 8)) MB")
+    }
+}

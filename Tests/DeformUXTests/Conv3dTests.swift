@@ -1,0 +1,274 @@
+import XCTest
+@testable import DeformUX
+
+/// Fast convolution kernels (Conv3d's three paths, ConvTranspose3d, DepthwiseConv3d, GroupedPointwise3d)
+/// against `ConvReference` in Double, over awkward shapes, channels-last.
+///
+/// Tolerance: |fast - reference| <= 1e-5 * sum |w| |x| (+ |b|) per output element, the magnitude the
+/// float rounding of a sum of products scales with, plus 1e-30 so that all-zero outputs compare exactly.
+/// Thread counts 1 and 2 must give identical results (threads own disjoint outputs).
+final class Conv3dTests: XCTestCase {
+    static let rtol = 1e-5
+
+    struct ConvCase {
+        var name: String
+        var n: Int, cin: Int, cin2: Int, cout: Int, d: Int, h: Int, w: Int
+        var k: Int, stride: Int, pad: Int
+        var bias: Bool
+    }
+
+    // 3x3x3 s1 p1 (the direct kernel): Cin 1, tails of the 48-wide output block, two sources, W a
+    // multiple of 8 (tiles along rows) or not (tiles over the flattened padded plane), and Cin large
+    // enough for the weight chunking (27 taps up to Cin 61, 9 taps up to 185, then 3).
+    static let directCases: [ConvCase] = [
+        ConvCase(name: "3x3x3 1x1x1 cin1 cout1", n: 1, cin: 1, cin2: 0, cout: 1, d: 1, h: 1, w: 1, k: 3, stride: 1, pad: 1, bias: false),
+        ConvCase(name: "3x3x3 7x5x3 cin3 cout16", n: 1, cin: 3, cin2: 0, cout: 16, d: 7, h: 5, w: 3, k: 3, stride: 1, pad: 1, bias: true),
+        ConvCase(name: "3x3x3 9x4x6 cin16 cout17", n: 1, cin: 16, cin2: 0, cout: 17, d: 9, h: 4, w: 6, k: 3, stride: 1, pad: 1, bias: false),
+        ConvCase(name: "3x3x3 N2 3x4x5 cin17 cout48", n: 2, cin: 17, cin2: 0, cout: 48, d: 3, h: 4, w: 5, k: 3, stride: 1, pad: 1, bias: true),
+        ConvCase(name: "3x3x3 2x3x9 cin48 cout3", n: 1, cin: 48, cin2: 0, cout: 3, d: 2, h: 3, w: 9, k: 3, stride: 1, pad: 1, bias: false),
+        ConvCase(name: "3x3x3 1 cin1 cout48 4x4x4", n: 1, cin: 1, cin2: 0, cout: 48, d: 4, h: 4, w: 4, k: 3, stride: 1, pad: 1, bias: false),
+        ConvCase(name: "3x3x3 two sources 5+3 cout17 7x5x3", n: 1, cin: 8, cin2: 3, cout: 17, d: 7, h: 5, w: 3, k: 3, stride: 1, pad: 1, bias: true),
+        ConvCase(name: "3x3x3 two sources N2 16+16 cout50 3x3x3", n: 2, cin: 32, cin2: 16, cout: 50, d: 3, h: 3, w: 3, k: 3, stride: 1, pad: 1, bias: false),
+        ConvCase(name: "3x3x3 two sources 1+1 cout1 1x1x1", n: 1, cin: 2, cin2: 1, cout: 1, d: 1, h: 1, w: 1, k: 3, stride: 1, pad: 1, bias: true),
+        ConvCase(name: "3x3x3 rows of 8: 3x2x8 cin17 cout48", n: 1, cin: 17, cin2: 0, cout: 48, d: 3, h: 2, w: 8, k: 3, stride: 1, pad: 1, bias: true),
+        ConvCase(name: "3x3x3 rows of 8: N2 two sources 5+3 2x3x16 cout17", n: 2, cin: 8, cin2: 3, cout: 17, d: 2, h: 3, w: 16, k: 3, stride: 1, pad: 1, bias: false),
+        ConvCase(name: "3x3x3 cin70 (9-tap chunks) cout96 2x3x4", n: 1, cin: 70, cin2: 0, cout: 96, d: 2, h: 3, w: 4, k: 3, stride: 1, pad: 1, bias: false),
+        ConvCase(name: "3x3x3 two sources 100+90 (3-tap chunks) cout5 3x2x3", n: 1, cin: 190, cin2: 90, cout: 5, d: 3, h: 2, w: 3, k: 3, stride: 1, pad: 1, bias: true),
+    ]
+
+    // Every other (k, stride, padding): the sgemm paths.
+    static let gemmCases: [ConvCase] = [
+        ConvCase(name: "1x1x1 N2 7x5x3 cin17 cout16", n: 2, cin: 17, cin2: 0, cout: 16, d: 7, h: 5, w: 3, k: 1, stride: 1, pad: 0, bias: true),
+        ConvCase(name: "1x1x1 two sources 5+3 cout17 9x4x6", n: 1, cin: 8, cin2: 3, cout: 17, d: 9, h: 4, w: 6, k: 1, stride: 1, pad: 0, bias: false),
+        ConvCase(name: "1x1x1 1x1x1 cin1 cout1", n: 1, cin: 1, cin2: 0, cout: 1, d: 1, h: 1, w: 1, k: 1, stride: 1, pad: 0, bias: true),
+        ConvCase(name: "2x2x2 s2 4x6x2 cin48 cout16", n: 1, cin: 48, cin2: 0, cout: 16, d: 4, h: 6, w: 2, k: 2, stride: 2, pad: 0, bias: true),
+        ConvCase(name: "2x2x2 s2 N2 5x3x7 (odd) cin3 cout17", n: 2, cin: 3, cin2: 0, cout: 17, d: 5, h: 3, w: 7, k: 2, stride: 2, pad: 0, bias: false),
+        ConvCase(name: "2x2x2 s2 two sources 5+3 cout5 4x4x4", n: 1, cin: 8, cin2: 3, cout: 5, d: 4, h: 4, w: 4, k: 2, stride: 2, pad: 0, bias: true),
+        ConvCase(name: "7x7x7 s2 p3 9x4x6 cin1 cout48", n: 1, cin: 1, cin2: 0, cout: 48, d: 9, h: 4, w: 6, k: 7, stride: 2, pad: 3, bias: true),
+        ConvCase(name: "7x7x7 s2 p3 N2 7x5x3 cin3 cout5", n: 2, cin: 3, cin2: 0, cout: 5, d: 7, h: 5, w: 3, k: 7, stride: 2, pad: 3, bias: false),
+        ConvCase(name: "7x7x7 s2 p3 1x1x1 cin1 cout3", n: 1, cin: 1, cin2: 0, cout: 3, d: 1, h: 1, w: 1, k: 7, stride: 2, pad: 3, bias: true),
+        ConvCase(name: "3x3x3 s2 p1 7x5x3 cin16 cout17", n: 1, cin: 16, cin2: 0, cout: 17, d: 7, h: 5, w: 3, k: 3, stride: 2, pad: 1, bias: true),
+        ConvCase(name: "3x3x3 s1 p0 5x4x6 cin3 cout16", n: 1, cin: 3, cin2: 0, cout: 16, d: 5, h: 4, w: 6, k: 3, stride: 1, pad: 0, bias: false),
+    ]
+
+    func testDirect3x3x3MatchesReference() throws {
+        for (i, c) in Self.directCases.enumerated() { try checkConv(c, seed: UInt64(100 + i), expectPath: .direct3x3x3) }
+    }
+
+    func testGemmPathsMatchReference() throws {
+        for (i, c) in Self.gemmCases.enumerated() { try checkConv(c, seed: UInt64(200 + i), expectPath: nil) }
+    }
+
+    func checkConv(_ c: ConvCase, seed: UInt64, expectPath: Conv3d.Path?) throws {
+        var rng = TestRNG(seed: seed)
+        let voxels = c.d * c.h * c.w
+        let c1 = c.cin - c.cin2
+        let x1 = rng.floats(c.n * voxels * c1)
+        let x2 = rng.floats(c.n * voxels * c.cin2)
+        let weight = rng.floats(c.cout * c.cin * c.k * c.k * c.k)
+        let bias = c.bias ? rng.floats(c.cout) : nil
+        let shape = try Conv3d.Shape(n: c.n, cin: c.cin, cout: c.cout, d: c.d, h: c.h, w: c.w,
+                                     kernel: c.k, stride: c.stride, padding: c.pad, cin2: c.cin2)
+        if let expectPath { XCTAssertEqual(shape.path, expectPath, c.name) }
+
+        // Reference on the concatenated input, and the magnitude sum |w| |x| + |b| for the tolerance.
+        var xcat = [Double](repeating: 0, count: c.n * voxels * c.cin)
+        for v in 0..<(c.n * voxels) {
+            for j in 0..<c1 { xcat[v * c.cin + j] = Double(x1[v * c1 + j]) }
+            for j in 0..<c.cin2 { xcat[v * c.cin + c1 + j] = Double(x2[v * c.cin2 + j]) }
+        }
+        let wd = weight.map(Double.init), bd = bias?.map(Double.init)
+        let want = ConvReference.conv3d(x: xcat, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wd, bias: bd,
+                                        cout: c.cout, kernel: c.k, stride: c.stride, padding: c.pad)
+        let mag = ConvReference.conv3d(x: xcat.map(abs), n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w,
+                                       weight: wd.map(abs), bias: bd?.map(abs), cout: c.cout, kernel: c.k,
+                                       stride: c.stride, padding: c.pad)
+
+        let outShape = [c.n, shape.od, shape.oh, shape.ow, c.cout]
+        let guardThreads = ThreadCountGuard()
+        defer { guardThreads.restore() }
+        var results: [[Float]] = []
+        for threads in [1, 2] {
+            try Threads.setCount(threads)
+            let xt = try Tensor(shape: [c.n, c.d, c.h, c.w, c1], values: x1)
+            let x2t = c.cin2 > 0 ? try Tensor(shape: [c.n, c.d, c.h, c.w, c.cin2], values: x2) : nil
+            let wt = try Tensor(shape: [c.cout, c.cin, c.k, c.k, c.k], values: weight)
+            let bt = try bias.map { try Tensor(shape: [c.cout], values: $0) }
+            let y = try Conv3d.forward(x: xt, x2: x2t, weight: wt, bias: bt, stride: c.stride, padding: c.pad)
+            XCTAssertEqual(y.shape, outShape, c.name)
+            let got = try y.toArray()
+            assertWithinMagnitude(got, want, mag, rtol: Self.rtol, shape: outShape, "\(c.name), \(threads) thread(s)")
+            results.append(got)
+        }
+        assertIdentical(results[1], results[0], shape: outShape, "\(c.name): 2 threads vs 1 thread")
+    }
+
+    // MARK: ConvTranspose3d
+
+    func testConvTransposeMatchesReference() throws {
+        let cases: [(String, n: Int, cin: Int, cout: Int, d: Int, h: Int, w: Int, k: Int, bias: Bool)] = [
+            ("convT k2 7x5x3 cin3 cout16", 1, 3, 16, 7, 5, 3, 2, false),
+            ("convT k2 N2 9x4x6 cin17 cout17", 2, 17, 17, 9, 4, 6, 2, true),
+            ("convT k2 1x1x1 cin48 cout1", 1, 48, 1, 1, 1, 1, 2, false),
+            ("convT k2 2x3x4 cin16 cout48", 1, 16, 48, 2, 3, 4, 2, true),
+            ("convT k3 2x2x3 cin5 cout3", 1, 5, 3, 2, 2, 3, 3, true),
+        ]
+        let guardThreads = ThreadCountGuard()
+        defer { guardThreads.restore() }
+        for (i, c) in cases.enumerated() {
+            var rng = TestRNG(seed: UInt64(300 + i))
+            let x = rng.floats(c.n * c.d * c.h * c.w * c.cin)
+            let weight = rng.floats(c.cin * c.cout * c.k * c.k * c.k)
+            let bias = c.bias ? rng.floats(c.cout) : nil
+            let xd = x.map(Double.init), wd = weight.map(Double.init), bd = bias?.map(Double.init)
+            let want = ConvReference.convTranspose3d(x: xd, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wd,
+                                                     bias: bd, cout: c.cout, kernel: c.k, stride: c.k)
+            let mag = ConvReference.convTranspose3d(x: xd.map(abs), n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w,
+                                                    weight: wd.map(abs), bias: bd?.map(abs), cout: c.cout,
+                                                    kernel: c.k, stride: c.k)
+            let outShape = [c.n, c.d * c.k, c.h * c.k, c.w * c.k, c.cout]
+            var results: [[Float]] = []
+            for threads in [1, 2] {
+                try Threads.setCount(threads)
+                let y = try ConvTranspose3d.forward(
+                    x: try Tensor(shape: [c.n, c.d, c.h, c.w, c.cin], values: x),
+                    weight: try Tensor(shape: [c.cin, c.cout, c.k, c.k, c.k], values: weight),
+                    bias: try bias.map { try Tensor(shape: [c.cout], values: $0) })
+                XCTAssertEqual(y.shape, outShape, c.0)
+                let got = try y.toArray()
+                assertWithinMagnitude(got, want, mag, rtol: Self.rtol, shape: outShape, "\(c.0), \(threads) thread(s)")
+                results.append(got)
+            }
+            assertIdentical(results[1], results[0], shape: outShape, "\(c.0): 2 threads vs 1 thread")
+        }
+    }
+
+    // MARK: DepthwiseConv3d
+
+    func testDepthwiseMatchesReference() throws {
+        let cases: [(String, n: Int, c: Int, d: Int, h: Int, w: Int, k: Int, bias: Bool)] = [
+            ("dw k7 7x5x3 c3", 1, 3, 7, 5, 3, 7, true),
+            ("dw k7 N2 9x4x6 c17", 2, 17, 9, 4, 6, 7, true),
+            ("dw k7 1x1x1 c48", 1, 48, 1, 1, 1, 7, false),
+            ("dw k7 4x9x10 c16", 1, 16, 4, 9, 10, 7, true),
+            ("dw k3 3x4x5 c1", 1, 1, 3, 4, 5, 3, true),
+            ("dw k7 8x8x8 c48", 1, 48, 8, 8, 8, 7, true),
+        ]
+        let guardThreads = ThreadCountGuard()
+        defer { guardThreads.restore() }
+        for (i, c) in cases.enumerated() {
+            var rng = TestRNG(seed: UInt64(400 + i))
+            let x = rng.floats(c.n * c.d * c.h * c.w * c.c)
+            let weight = rng.floats(c.c * c.k * c.k * c.k)
+            let bias = c.bias ? rng.floats(c.c) : nil
+            let xd = x.map(Double.init), wd = weight.map(Double.init), bd = bias?.map(Double.init)
+            let want = ConvReference.conv3d(x: xd, n: c.n, cin: c.c, d: c.d, h: c.h, w: c.w, weight: wd, bias: bd,
+                                            cout: c.c, kernel: c.k, padding: c.k / 2, groups: c.c)
+            let mag = ConvReference.conv3d(x: xd.map(abs), n: c.n, cin: c.c, d: c.d, h: c.h, w: c.w,
+                                           weight: wd.map(abs), bias: bd?.map(abs), cout: c.c, kernel: c.k,
+                                           padding: c.k / 2, groups: c.c)
+            let shape = [c.n, c.d, c.h, c.w, c.c]
+            var results: [[Float]] = []
+            for threads in [1, 2] {
+                try Threads.setCount(threads)
+                let y = try DepthwiseConv3d.forward(
+                    x: try Tensor(shape: shape, values: x),
+                    weight: try Tensor(shape: [c.c, 1, c.k, c.k, c.k], values: weight),
+                    bias: try bias.map { try Tensor(shape: [c.c], values: $0) })
+                let got = try y.toArray()
+                assertWithinMagnitude(got, want, mag, rtol: Self.rtol, shape: shape, "\(c.0), \(threads) thread(s)")
+                results.append(got)
+            }
+            assertIdentical(results[1], results[0], shape: shape, "\(c.0): 2 threads vs 1 thread")
+        }
+    }
+
+    // MARK: GroupedPointwise3d (UX-Net's grouped MLP, groups = C)
+
+    func testGroupedPointwiseMatchesReference() throws {
+        for (i, (c, voxels)) in [(1, 5), (3, 7), (17, 11), (48, 9000)].enumerated() {
+            var rng = TestRNG(seed: UInt64(500 + i))
+            let r = 4
+            // pw1: C -> 4C, weight 4C x 1 x 1 x 1 x 1; pw2: 4C -> C, weight C x 4 x 1 x 1 x 1.
+            let x1 = rng.floats(voxels * c), w1 = rng.floats(r * c), b1 = rng.floats(r * c)
+            let x2 = rng.floats(voxels * r * c), w2 = rng.floats(r * c), b2 = rng.floats(c)
+            for expand in [true, false] {
+                let (x, w, b, cin, cout) = expand ? (x1, w1, b1, c, r * c) : (x2, w2, b2, r * c, c)
+                let want = ConvReference.conv3d(x: x.map(Double.init), n: 1, cin: cin, d: voxels, h: 1, w: 1,
+                                                weight: w.map(Double.init), bias: b.map(Double.init), cout: cout,
+                                                kernel: 1, groups: c)
+                let mag = ConvReference.conv3d(x: x.map { Double(abs($0)) }, n: 1, cin: cin, d: voxels, h: 1, w: 1,
+                                               weight: w.map { Double(abs($0)) }, bias: b.map { Double(abs($0)) },
+                                               cout: cout, kernel: 1, groups: c)
+                var y = [Float](repeating: .nan, count: voxels * cout)
+                x.withUnsafeBufferPointer { xp in
+                    w.withUnsafeBufferPointer { wp in
+                        b.withUnsafeBufferPointer { bp in
+                            y.withUnsafeMutableBufferPointer { yp in
+                                if expand {
+                                    GroupedPointwise3d.expand(x: xp.baseAddress!, weight: wp.baseAddress!, bias: bp.baseAddress!,
+                                                              y: yp.baseAddress!, voxels: voxels, channels: c, ratio: r)
+                                } else {
+                                    GroupedPointwise3d.reduce(x: xp.baseAddress!, weight: wp.baseAddress!, bias: bp.baseAddress!,
+                                                              y: yp.baseAddress!, voxels: voxels, channels: c, ratio: r)
+                                }
+                            }
+                        }
+                    }
+                }
+                assertWithinMagnitude(y, want, mag, rtol: Self.rtol, shape: [voxels, cout],
+                                      "grouped \(expand ? "expand" : "reduce") C=\(c) V=\(voxels)")
+            }
+        }
+    }
+
+    // MARK: Validation
+
+    func testBadArgumentsThrow() throws {
+        let x = try Tensor(zeros: [1, 3, 3, 3, 4])
+        XCTAssertThrowsError(try Conv3d.forward(x: x, weight: try Tensor(zeros: [5, 3, 3, 3, 3]), bias: nil, padding: 1),
+                             "weight with the wrong Cin")
+        XCTAssertThrowsError(try Conv3d.forward(x: x, x2: try Tensor(zeros: [1, 3, 3, 2, 2]),
+                                                weight: try Tensor(zeros: [5, 6, 3, 3, 3]), bias: nil, padding: 1),
+                             "x2 with another spatial size")
+        XCTAssertThrowsError(try Conv3d.forward(x: x, weight: try Tensor(zeros: [5, 4, 5, 5, 5]), bias: nil),
+                             "kernel larger than the padded input")
+        XCTAssertThrowsError(try Conv3d.forward(x: x, weight: try Tensor(zeros: [5, 4, 3, 3, 3]),
+                                                bias: try Tensor(zeros: [4]), padding: 1), "bias of the wrong size")
+        let s = try Conv3d.Shape(n: 1, cin: 4, cout: 5, d: 3, h: 3, w: 3, kernel: 3, stride: 1, padding: 1, cin2: 2)
+        let y = try Tensor(zeros: [s.outputCount])
+        XCTAssertThrowsError(try Conv3d.forward(x: x.pointer, x2: nil, packedWeight: y.pointer, bias: nil,
+                                                y: y.pointer, shape: s, workspace: Workspace()), "missing x2")
+        XCTAssertThrowsError(try DepthwiseConv3d.forward(x: x, weight: try Tensor(zeros: [4, 1, 6, 6, 6]), bias: nil),
+                             "even depthwise kernel")
+        XCTAssertThrowsError(try ConvTranspose3d.forward(x: x, weight: try Tensor(zeros: [3, 4, 2, 2, 2]), bias: nil),
+                             "transposed weight with the wrong Cin")
+    }
+
+    // MARK: Helper
+
+    /// |got - want| <= rtol * mag + 1e-30 elementwise; on failure names the case, the count, the max
+    /// abs error, the max error relative to the magnitude and the first mismatching index.
+    func assertWithinMagnitude(_ got: [Float], _ want: [Double], _ mag: [Double], rtol: Double, shape: [Int],
+                               _ label: String, file: StaticString = #filePath, line: UInt = #line) {
+        guard got.count == want.count else {
+            XCTFail("\(label): got \(got.count) values, expected \(want.count)", file: file, line: line)
+            return
+        }
+        var maxAbs = 0.0, maxRel = 0.0, bad = 0
+        var first: Int?
+        for i in 0..<got.count {
+            let e = abs(Double(got[i]) - want[i])
+            if !(e <= rtol * mag[i] + 1e-30) {
+                bad += 1
+                if first == nil { first = i }
+            }
+            maxAbs = e.isNaN ? .nan : max(maxAbs, e)
+            maxRel = max(maxRel, e / max(mag[i], 1e-30))
+        }
+        if let i = first {
+            XCTFail("\(label): \(bad) of \(got.count) values outside \(rtol) x sum|w||x|; max abs err \(maxAbs), max err / magnitude \(maxRel); first mismatch at \(multiIndex(i, shape)) (flat \(i)): got \(got[i]), expected \(want[i]), magnitude \(mag[i])",
+                    file: file, line: line)
+        }
+    }
+}

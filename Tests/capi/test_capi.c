@@ -1,0 +1,154 @@
+/*
+ * Drift test of the C ABI: compiled against the hand-written Sources/DeformUXC/include/deformux.h and
+ * linked to libDeformUXC.so, it calls every function with a tiny valid case and with invalid ones,
+ * and checks status codes and messages. A signature that no longer matches the header fails to
+ * compile (with -Werror) or to link, or returns wrong results.
+ *
+ *   cc -std=c11 -Wall -Wextra -Werror -I Sources/DeformUXC/include Tests/capi/test_capi.c \
+ *      -L DIR -lDeformUXC -Wl,-rpath,DIR -lm -o test_capi && ./test_capi
+ *
+ * (python/tests/test_capi.py does exactly this with the library of the installed Python package.)
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "deformux.h"
+
+static int failures = 0;
+
+#define CHECK(cond, ...)                                                   \
+    do {                                                                   \
+        if (!(cond)) {                                                     \
+            failures++;                                                    \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                  \
+            fprintf(stderr, "\n");                                         \
+        }                                                                  \
+    } while (0)
+
+/* A failing call: the expected status, and a message that names the operation. */
+static void expect_error(const char *what, dfx_status got, dfx_status want, const char *op) {
+    const char *msg = dfx_last_error();
+    CHECK(got == want, "%s: status %d, expected %d", what, (int)got, (int)want);
+    CHECK(msg != NULL && msg[0] != '\0', "%s: dfx_last_error() is empty", what);
+    if (msg != NULL && op != NULL) CHECK(strstr(msg, op) != NULL, "%s: message \"%s\" lacks \"%s\"", what, msg, op);
+}
+
+/* Tiny case: N 1, C 2, D 3, H 2, W 2. */
+enum { N = 1, C = 2, D = 3, H = 2, W = 2, V = D * H * W };
+static float x[N * C * V], offsets[N * 81 * V], weight[C * 27], bias[C], y[N * C * V];
+static float gy[N * C * V], gx[N * C * V], goff[N * 81 * V], gw[C * 27], gb[C];
+static float ow[81 * C], ob[81], offsets_out[N * 81 * V], gow[81 * C], gob[81];
+
+static int all_finite(const float *a, int n) {
+    for (int i = 0; i < n; i++)
+        if (!isfinite(a[i])) return 0;
+    return 1;
+}
+
+int main(void) {
+    for (int i = 0; i < N * C * V; i++) { x[i] = (float)((i * 37 % 11) - 5) / 5.0f; gy[i] = 1.0f; }
+    for (int i = 0; i < C * 27; i++) weight[i] = (float)((i * 13 % 7) - 3) / 7.0f;
+    for (int i = 0; i < C; i++) bias[i] = 0.5f * (float)(i + 1);
+    for (int i = 0; i < N * 81 * V; i++) offsets[i] = 0.0f;
+    for (int i = 0; i < 81 * C; i++) ow[i] = 0.0f;
+    for (int i = 0; i < 81; i++) ob[i] = 0.0f;
+
+    /* version, last error, threads */
+    const char *version = dfx_version();
+    CHECK(version != NULL && version[0] != '\0', "dfx_version() is empty");
+    CHECK(dfx_last_error() != NULL, "dfx_last_error() is NULL");
+    int32_t threads = dfx_get_num_threads();
+    CHECK(threads >= 1, "dfx_get_num_threads() = %d", (int)threads);
+    CHECK(dfx_set_num_threads(1) == DFX_OK, "set 1 thread");
+    CHECK(dfx_get_num_threads() == 1, "get after set 1: %d", (int)dfx_get_num_threads());
+    expect_error("set 0 threads", dfx_set_num_threads(0), DFX_ERR_INVALID_ARGUMENT, "set_num_threads");
+    expect_error("set -3 threads", dfx_set_num_threads(-3), DFX_ERR_INVALID_ARGUMENT, "set_num_threads");
+    CHECK(dfx_get_num_threads() == 1, "a failed set changed the count");
+    CHECK(dfx_set_num_threads(threads) == DFX_OK, "restore threads");
+
+    /* operator forward: zero offsets = depthwise conv; check one interior-free value by hand:
+       y[c] at voxel 0 = bias[c] + sum over taps inside the volume of weight * x */
+    CHECK(dfx_deform_conv3d_forward(x, offsets, weight, bias, y, N, C, D, H, W) == DFX_OK, "forward: %s", dfx_last_error());
+    for (int c = 0; c < C; c++) {
+        double expect = bias[c];
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 3; j++)
+                for (int k = 0; k < 3; k++) {
+                    int d = i - 1, h = j - 1, w = k - 1;
+                    if (d < 0 || h < 0 || w < 0 || d >= D || h >= H || w >= W) continue;
+                    expect += (double)weight[c * 27 + i * 9 + j * 3 + k] * x[c * V + (d * H + h) * W + w];
+                }
+        CHECK(fabs(y[c * V] - expect) < 1e-5, "forward y[%d, voxel 0] = %g, expected %g", c, y[c * V], expect);
+    }
+    CHECK(dfx_deform_conv3d_forward(x, offsets, weight, NULL, y, N, C, D, H, W) == DFX_OK, "forward without bias");
+    expect_error("forward x NULL", dfx_deform_conv3d_forward(NULL, offsets, weight, bias, y, N, C, D, H, W),
+                 DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
+    expect_error("forward offsets NULL", dfx_deform_conv3d_forward(x, NULL, weight, bias, y, N, C, D, H, W),
+                 DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
+    expect_error("forward y NULL", dfx_deform_conv3d_forward(x, offsets, weight, bias, NULL, N, C, D, H, W),
+                 DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
+    expect_error("forward c 0", dfx_deform_conv3d_forward(x, offsets, weight, bias, y, N, 0, D, H, W),
+                 DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
+    expect_error("forward d -1", dfx_deform_conv3d_forward(x, offsets, weight, bias, y, N, C, -1, H, W),
+                 DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
+
+    /* operator backward: all outputs, then with some skipped */
+    CHECK(dfx_deform_conv3d_backward(x, offsets, weight, gy, gx, goff, gw, gb, N, C, D, H, W) == DFX_OK,
+          "backward: %s", dfx_last_error());
+    CHECK(all_finite(gx, N * C * V) && all_finite(goff, N * 81 * V) && all_finite(gw, C * 27), "backward finite");
+    CHECK(fabsf(gb[0] - (float)V) < 1e-5f && fabsf(gb[1] - (float)V) < 1e-5f,
+          "grad_bias = sum of grad_y = %d, got %g %g", V, gb[0], gb[1]);
+    CHECK(dfx_deform_conv3d_backward(x, offsets, weight, gy, NULL, goff, NULL, NULL, N, C, D, H, W) == DFX_OK,
+          "backward with NULL outputs: %s", dfx_last_error());
+    expect_error("backward grad_y NULL",
+                 dfx_deform_conv3d_backward(x, offsets, weight, NULL, gx, goff, gw, gb, N, C, D, H, W),
+                 DFX_ERR_INVALID_ARGUMENT, "deform_conv3d_backward");
+    expect_error("backward w 0",
+                 dfx_deform_conv3d_backward(x, offsets, weight, gy, gx, goff, gw, gb, N, C, D, H, 0),
+                 DFX_ERR_INVALID_ARGUMENT, "deform_conv3d_backward");
+
+    /* layer: zero offset conv -> the operator with zero offsets, in both modes */
+    float y2[N * C * V];
+    for (int mode = DFX_OFFSET_ALIGNED; mode <= DFX_OFFSET_OFFICIAL; mode++) {
+        CHECK(dfx_ddc_layer_forward(x, weight, bias, ow, ob, mode, y2, offsets_out, N, C, D, H, W) == DFX_OK,
+              "layer forward mode %d: %s", mode, dfx_last_error());
+        CHECK(dfx_deform_conv3d_forward(x, offsets, weight, bias, y, N, C, D, H, W) == DFX_OK, "forward again");
+        for (int i = 0; i < N * C * V; i++) CHECK(fabsf(y2[i] - y[i]) < 1e-5f, "layer mode %d y[%d]", mode, i);
+        for (int i = 0; i < N * 81 * V; i++) CHECK(offsets_out[i] == 0.0f, "layer mode %d offsets[%d]", mode, i);
+        CHECK(dfx_ddc_layer_forward(x, weight, bias, ow, ob, mode, y2, NULL, N, C, D, H, W) == DFX_OK,
+              "layer forward without offsets_out");
+        CHECK(dfx_ddc_layer_backward(x, weight, ow, ob, mode, gy, gx, gw, gb, gow, gob, N, C, D, H, W) == DFX_OK,
+              "layer backward mode %d: %s", mode, dfx_last_error());
+        CHECK(all_finite(gx, N * C * V) && all_finite(gow, 81 * C) && all_finite(gob, 81), "layer backward finite");
+        CHECK(dfx_ddc_layer_backward(x, weight, ow, ob, mode, gy, NULL, NULL, NULL, gow, NULL, N, C, D, H, W) == DFX_OK,
+              "layer backward with NULL outputs");
+    }
+    expect_error("layer bad mode", dfx_ddc_layer_forward(x, weight, bias, ow, ob, 2, y2, NULL, N, C, D, H, W),
+                 DFX_ERR_INVALID_ARGUMENT, "offset_mode");
+    expect_error("layer mode -1", dfx_ddc_layer_backward(x, weight, ow, ob, -1, gy, gx, gw, gb, gow, gob, N, C, D, H, W),
+                 DFX_ERR_INVALID_ARGUMENT, "offset_mode");
+    expect_error("layer offset_weight NULL",
+                 dfx_ddc_layer_forward(x, weight, bias, NULL, ob, DFX_OFFSET_ALIGNED, y2, NULL, N, C, D, H, W),
+                 DFX_ERR_INVALID_ARGUMENT, "ddc_layer");
+    expect_error("layer n 0",
+                 dfx_ddc_layer_forward(x, weight, bias, ow, ob, DFX_OFFSET_ALIGNED, y2, NULL, 0, C, D, H, W),
+                 DFX_ERR_INVALID_ARGUMENT, "ddc_layer");
+    expect_error("layer backward x NULL",
+                 dfx_ddc_layer_backward(NULL, weight, ow, ob, DFX_OFFSET_ALIGNED, gy, gx, gw, gb, gow, gob, N, C, D, H, W),
+                 DFX_ERR_INVALID_ARGUMENT, "ddc_layer_backward");
+
+    /* the last error is per thread and survives successful calls */
+    dfx_set_num_threads(0);
+    const char *msg = dfx_last_error();
+    CHECK(dfx_get_num_threads() >= 1 && msg[0] != '\0', "message lost");
+
+    if (failures) {
+        fprintf(stderr, "test_capi: %d failure(s)\n", failures);
+        return 1;
+    }
+    printf("test_capi: all checks passed (engine %s)\n", version);
+    return 0;
+}

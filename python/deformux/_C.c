@@ -1,0 +1,591 @@
+/*
+ * deformux._C: the CPython binding of the deformux C ABI (Sources/DeformUXC/include/deformux.h).
+ *
+ * Mechanical on purpose (STYLE.md habit 14): parse the arguments, borrow every array through the
+ * buffer protocol (C-contiguous float32; outputs writable), check ranks and shapes against x, release
+ * the GIL around the one engine call, map a non-zero status to an exception, release every buffer at
+ * one cleanup exit. No copies: the engine reads and writes the caller's memory. Defaults, dtype
+ * policy and friendly messages live in deformux/ops.py, which validates before calling here; the
+ * checks below are the backstop that keeps a wrong call from becoming a wild write.
+ *
+ * Status mapping: DFX_ERR_INVALID_ARGUMENT and DFX_ERR_SHAPE -> ValueError,
+ * DFX_ERR_OUT_OF_MEMORY -> MemoryError, anything else -> deformux.DeformUXError (a RuntimeError).
+ * The message is dfx_last_error() of the calling thread.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#include "deformux.h"
+
+#define OFFSET_CHANNELS 81
+#define MAX_BUFFERS 12
+
+static PyObject *DeformUXError; /* deformux.DeformUXError, a RuntimeError */
+
+/* The buffers one call borrows; released together by release_all. */
+typedef struct {
+    Py_buffer views[MAX_BUFFERS];
+    int count;
+} Borrowed;
+
+static void release_all(Borrowed *b) {
+    for (int i = 0; i < b->count; i++) PyBuffer_Release(&b->views[i]);
+    b->count = 0;
+}
+
+static int is_float32_format(const char *format) {
+    if (format == NULL) return 0; /* NULL means unsigned bytes */
+    if (format[0] == '@' || format[0] == '=') format++;
+#if PY_LITTLE_ENDIAN
+    else if (format[0] == '<') format++;
+#else
+    else if (format[0] == '>' || format[0] == '!') format++;
+#endif
+    return strcmp(format, "f") == 0;
+}
+
+/*
+ * Borrows `obj` as a C-contiguous float32 buffer of rank `ndim` and, if `shape` is not NULL, that shape.
+ * obj == Py_None gives *ptr = NULL when `optional`. Returns 0, or -1 with an exception set.
+ */
+static int borrow(Borrowed *b, PyObject *obj, const char *op, const char *name, int writable,
+                  int optional, int ndim, const Py_ssize_t *shape, float **ptr) {
+    *ptr = NULL;
+    if (obj == Py_None && optional) return 0;
+    if (b->count >= MAX_BUFFERS) {
+        PyErr_SetString(PyExc_SystemError, "deformux._C: too many buffers");
+        return -1;
+    }
+    Py_buffer *view = &b->views[b->count];
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) != 0) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_Format(PyExc_TypeError,
+                     "%s: %s must be a C-contiguous%s float32 buffer (a numpy array), got %.100s",
+                     op, name, writable ? " writable" : "", Py_TYPE(obj)->tp_name);
+        Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+        return -1;
+    }
+    b->count++;
+    if (!is_float32_format(view->format) || view->itemsize != 4) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be float32, got buffer format '%s'", op, name,
+                     view->format ? view->format : "B");
+        return -1;
+    }
+    if (view->ndim != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must have rank %d, got rank %d", op, name, ndim,
+                     view->ndim);
+        return -1;
+    }
+    if (shape != NULL) {
+        for (int i = 0; i < ndim; i++) {
+            if (view->shape[i] != shape[i]) {
+                PyErr_Format(PyExc_ValueError, "%s: %s has size %zd on axis %d, expected %zd", op,
+                             name, view->shape[i], i, shape[i]);
+                return -1;
+            }
+        }
+    }
+    *ptr = (float *)view->buf;
+    return 0;
+}
+
+static PyObject *raise_status(dfx_status status) {
+    const char *message = dfx_last_error();
+    if (message == NULL || message[0] == '\0') message = "deformux: the engine failed without a message";
+    PyObject *type;
+    switch (status) {
+    case DFX_ERR_INVALID_ARGUMENT:
+    case DFX_ERR_SHAPE: type = PyExc_ValueError; break;
+    case DFX_ERR_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
+    default: type = DeformUXError; break;
+    }
+    PyErr_Format(type, "%s (status %d)", message, (int)status);
+    return NULL;
+}
+
+/* The sizes every operator shares, read off x (rank 5). */
+typedef struct {
+    int64_t n, c, d, h, w;
+    Py_ssize_t x[5], offsets[5], weight[5], channels[1], offset_weight[5], offset_channels[1];
+} Shapes;
+
+static void shapes_from_x(Shapes *s, const Py_buffer *x) {
+    s->n = x->shape[0]; s->c = x->shape[1]; s->d = x->shape[2]; s->h = x->shape[3]; s->w = x->shape[4];
+    for (int i = 0; i < 5; i++) { s->x[i] = x->shape[i]; s->offsets[i] = x->shape[i]; }
+    s->offsets[1] = OFFSET_CHANNELS;
+    s->weight[0] = x->shape[1]; s->weight[1] = 1; s->weight[2] = s->weight[3] = s->weight[4] = 3;
+    s->channels[0] = x->shape[1];
+    s->offset_weight[0] = OFFSET_CHANNELS; s->offset_weight[1] = x->shape[1];
+    s->offset_weight[2] = s->offset_weight[3] = s->offset_weight[4] = 1;
+    s->offset_channels[0] = OFFSET_CHANNELS;
+}
+
+/* ---- module functions ---- */
+
+static PyObject *py_version(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    return PyUnicode_FromString(dfx_version());
+}
+
+static PyObject *py_last_error(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    return PyUnicode_FromString(dfx_last_error());
+}
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
+    (void)self;
+    int n;
+    if (!PyArg_ParseTuple(args, "i:set_num_threads", &n)) return NULL;
+    dfx_status status = dfx_set_num_threads((int32_t)n);
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    return PyLong_FromLong((long)dfx_get_num_threads());
+}
+
+/* deform_conv3d_forward(x, offsets, weight, bias_or_None, y) -> None; fills y. */
+static PyObject *py_deform_conv3d_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    static const char *op = "deform_conv3d";
+    PyObject *ox, *ooff, *ow, *ob, *oy, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOO:deform_conv3d_forward", &ox, &ooff, &ow, &ob, &oy)) return NULL;
+    Borrowed b = {.count = 0};
+    Shapes s;
+    float *x, *off, *w, *bias, *y;
+    if (borrow(&b, ox, op, "x", 0, 0, 5, NULL, &x) < 0) goto done;
+    shapes_from_x(&s, &b.views[0]);
+    if (borrow(&b, ooff, op, "offsets", 0, 0, 5, s.offsets, &off) < 0) goto done;
+    if (borrow(&b, ow, op, "weight", 0, 0, 5, s.weight, &w) < 0) goto done;
+    if (borrow(&b, ob, op, "bias", 0, 1, 1, s.channels, &bias) < 0) goto done;
+    if (borrow(&b, oy, op, "y", 1, 0, 5, s.x, &y) < 0) goto done;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_deform_conv3d_forward(x, off, w, bias, y, s.n, s.c, s.d, s.h, s.w);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) { raise_status(status); goto done; }
+    result = Py_NewRef(Py_None);
+done:
+    release_all(&b);
+    return result;
+}
+
+/* deform_conv3d_backward(x, offsets, weight, grad_y, grad_x, grad_offsets, grad_weight, grad_bias)
+ * -> None; fills every output that is not None. */
+static PyObject *py_deform_conv3d_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    static const char *op = "deform_conv3d_backward";
+    PyObject *ox, *ooff, *ow, *ogy, *ogx, *ogoff, *ogw, *ogb, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO:deform_conv3d_backward", &ox, &ooff, &ow, &ogy, &ogx,
+                          &ogoff, &ogw, &ogb))
+        return NULL;
+    Borrowed b = {.count = 0};
+    Shapes s;
+    float *x, *off, *w, *gy, *gx, *goff, *gw, *gb;
+    if (borrow(&b, ox, op, "x", 0, 0, 5, NULL, &x) < 0) goto done;
+    shapes_from_x(&s, &b.views[0]);
+    if (borrow(&b, ooff, op, "offsets", 0, 0, 5, s.offsets, &off) < 0) goto done;
+    if (borrow(&b, ow, op, "weight", 0, 0, 5, s.weight, &w) < 0) goto done;
+    if (borrow(&b, ogy, op, "grad_output", 0, 0, 5, s.x, &gy) < 0) goto done;
+    if (borrow(&b, ogx, op, "grad_x", 1, 1, 5, s.x, &gx) < 0) goto done;
+    if (borrow(&b, ogoff, op, "grad_offsets", 1, 1, 5, s.offsets, &goff) < 0) goto done;
+    if (borrow(&b, ogw, op, "grad_weight", 1, 1, 5, s.weight, &gw) < 0) goto done;
+    if (borrow(&b, ogb, op, "grad_bias", 1, 1, 1, s.channels, &gb) < 0) goto done;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_deform_conv3d_backward(x, off, w, gy, gx, goff, gw, gb, s.n, s.c, s.d, s.h, s.w);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) { raise_status(status); goto done; }
+    result = Py_NewRef(Py_None);
+done:
+    release_all(&b);
+    return result;
+}
+
+/* ddc_layer_forward(x, weight, bias_or_None, offset_weight, offset_bias, offset_mode, y, offsets_or_None)
+ * -> None; fills y (and the offsets the kernel used). */
+static PyObject *py_ddc_layer_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    static const char *op = "ddc_layer";
+    PyObject *ox, *ow, *ob, *oow, *oob, *oy, *ooff, *result = NULL;
+    int mode;
+    if (!PyArg_ParseTuple(args, "OOOOOiOO:ddc_layer_forward", &ox, &ow, &ob, &oow, &oob, &mode, &oy,
+                          &ooff))
+        return NULL;
+    Borrowed b = {.count = 0};
+    Shapes s;
+    float *x, *w, *bias, *ow_, *ob_, *y, *off;
+    if (borrow(&b, ox, op, "x", 0, 0, 5, NULL, &x) < 0) goto done;
+    shapes_from_x(&s, &b.views[0]);
+    if (borrow(&b, ow, op, "weight", 0, 0, 5, s.weight, &w) < 0) goto done;
+    if (borrow(&b, ob, op, "bias", 0, 1, 1, s.channels, &bias) < 0) goto done;
+    if (borrow(&b, oow, op, "offset_weight", 0, 0, 5, s.offset_weight, &ow_) < 0) goto done;
+    if (borrow(&b, oob, op, "offset_bias", 0, 0, 1, s.offset_channels, &ob_) < 0) goto done;
+    if (borrow(&b, oy, op, "y", 1, 0, 5, s.x, &y) < 0) goto done;
+    if (borrow(&b, ooff, op, "offsets", 1, 1, 5, s.offsets, &off) < 0) goto done;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_ddc_layer_forward(x, w, bias, ow_, ob_, (int32_t)mode, y, off, s.n, s.c, s.d, s.h, s.w);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) { raise_status(status); goto done; }
+    result = Py_NewRef(Py_None);
+done:
+    release_all(&b);
+    return result;
+}
+
+/* ddc_layer_backward(x, weight, offset_weight, offset_bias, offset_mode, grad_y,
+ *                    grad_x, grad_weight, grad_bias, grad_offset_weight, grad_offset_bias) -> None */
+static PyObject *py_ddc_layer_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    static const char *op = "ddc_layer_backward";
+    PyObject *ox, *ow, *oow, *oob, *ogy, *ogx, *ogw, *ogb, *ogow, *ogob, *result = NULL;
+    int mode;
+    if (!PyArg_ParseTuple(args, "OOOOiOOOOOO:ddc_layer_backward", &ox, &ow, &oow, &oob, &mode, &ogy,
+                          &ogx, &ogw, &ogb, &ogow, &ogob))
+        return NULL;
+    Borrowed b = {.count = 0};
+    Shapes s;
+    float *x, *w, *ow_, *ob_, *gy, *gx, *gw, *gb, *gow, *gob;
+    if (borrow(&b, ox, op, "x", 0, 0, 5, NULL, &x) < 0) goto done;
+    shapes_from_x(&s, &b.views[0]);
+    if (borrow(&b, ow, op, "weight", 0, 0, 5, s.weight, &w) < 0) goto done;
+    if (borrow(&b, oow, op, "offset_weight", 0, 0, 5, s.offset_weight, &ow_) < 0) goto done;
+    if (borrow(&b, oob, op, "offset_bias", 0, 0, 1, s.offset_channels, &ob_) < 0) goto done;
+    if (borrow(&b, ogy, op, "grad_output", 0, 0, 5, s.x, &gy) < 0) goto done;
+    if (borrow(&b, ogx, op, "grad_x", 1, 1, 5, s.x, &gx) < 0) goto done;
+    if (borrow(&b, ogw, op, "grad_weight", 1, 1, 5, s.weight, &gw) < 0) goto done;
+    if (borrow(&b, ogb, op, "grad_bias", 1, 1, 1, s.channels, &gb) < 0) goto done;
+    if (borrow(&b, ogow, op, "grad_offset_weight", 1, 1, 5, s.offset_weight, &gow) < 0) goto done;
+    if (borrow(&b, ogob, op, "grad_offset_bias", 1, 1, 1, s.offset_channels, &gob) < 0) goto done;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_ddc_layer_backward(x, w, ow_, ob_, (int32_t)mode, gy, gx, gw, gb, gow, gob, s.n, s.c,
+                                    s.d, s.h, s.w);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) { raise_status(status); goto done; }
+    result = Py_NewRef(Py_None);
+done:
+    release_all(&b);
+    return result;
+}
+
+/* ---- the network (dfx_model_*): a PyCapsule owns the handle ---- */
+
+static const char *MODEL_CAPSULE = "deformux.model";
+
+static void model_capsule_free(PyObject *capsule) {
+    dfx_model *m = (dfx_model *)PyCapsule_GetPointer(capsule, MODEL_CAPSULE);
+    if (m != NULL) dfx_model_free(m);
+}
+
+static dfx_model *model_from(PyObject *capsule) {
+    return (dfx_model *)PyCapsule_GetPointer(capsule, MODEL_CAPSULE); /* sets TypeError/ValueError */
+}
+
+/* Calls fill(buf, cap, needed) twice (size, then text) and returns a str. */
+typedef dfx_status (*text_fn)(const dfx_model *, char *, int64_t, int64_t *);
+
+static PyObject *model_text(PyObject *capsule, text_fn fill) {
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    int64_t needed = 0;
+    dfx_status status = fill(m, NULL, 0, &needed);
+    if (status != DFX_OK) return raise_status(status);
+    char *buf = PyMem_Malloc((size_t)needed);
+    if (buf == NULL) return PyErr_NoMemory();
+    status = fill(m, buf, needed, &needed);
+    PyObject *r = status == DFX_OK ? PyUnicode_FromString(buf) : raise_status(status);
+    PyMem_Free(buf);
+    return r;
+}
+
+/* model_create(config_json, seed) -> capsule */
+static PyObject *py_model_create(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *config;
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "sK:model_create", &config, &seed)) return NULL;
+    dfx_model *m = NULL;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_model_create(config, (uint64_t)seed, &m);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    PyObject *capsule = PyCapsule_New(m, MODEL_CAPSULE, model_capsule_free);
+    if (capsule == NULL) dfx_model_free(m);
+    return capsule;
+}
+
+static PyObject *py_model_config_json(PyObject *self, PyObject *capsule) {
+    (void)self;
+    return model_text(capsule, dfx_model_config_json);
+}
+
+static PyObject *py_model_last_report(PyObject *self, PyObject *capsule) {
+    (void)self;
+    return model_text(capsule, dfx_model_last_report);
+}
+
+static PyObject *py_model_num_parameters(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    int64_t n = 0;
+    dfx_status status = dfx_model_num_parameters(m, &n);
+    if (status != DFX_OK) return raise_status(status);
+    return PyLong_FromLongLong((long long)n);
+}
+
+/* model_tensors(capsule) -> [(name, shape tuple)] in state-dict order */
+static PyObject *py_model_tensors(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    int64_t count = 0;
+    dfx_status status = dfx_model_num_tensors(m, &count);
+    if (status != DFX_OK) return raise_status(status);
+    PyObject *list = PyList_New((Py_ssize_t)count);
+    if (list == NULL) return NULL;
+    for (int64_t i = 0; i < count; i++) {
+        const char *name = NULL;
+        int32_t rank = 0;
+        int64_t shape[8];
+        status = dfx_model_tensor_info(m, i, &name, &rank, shape);
+        if (status != DFX_OK) { Py_DECREF(list); return raise_status(status); }
+        PyObject *dims = PyTuple_New(rank);
+        if (dims == NULL) { Py_DECREF(list); return NULL; }
+        for (int32_t k = 0; k < rank; k++) PyTuple_SET_ITEM(dims, k, PyLong_FromLongLong((long long)shape[k]));
+        PyObject *item = Py_BuildValue("(sN)", name, dims);
+        if (item == NULL) { Py_DECREF(list); return NULL; }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    return list;
+}
+
+/* model_get_tensor(capsule, index, out) -> None; fills out (float32, C-contiguous, any shape). */
+static PyObject *py_model_get_tensor(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule, *oout;
+    long long index;
+    if (!PyArg_ParseTuple(args, "OLO:model_get_tensor", &capsule, &index, &oout)) return NULL;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(oout, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) != 0) return NULL;
+    PyObject *result = NULL;
+    if (!is_float32_format(view.format) || view.itemsize != 4) {
+        PyErr_SetString(PyExc_TypeError, "model_get_tensor: out must be float32");
+    } else {
+        dfx_status status = dfx_model_get_tensor(m, (int64_t)index, (float *)view.buf, (int64_t)(view.len / 4));
+        result = status == DFX_OK ? Py_NewRef(Py_None) : raise_status(status);
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* model_load_tensors(capsule, [(name, array)], strict) -> None */
+static PyObject *py_model_load_tensors(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule, *items;
+    int strict;
+    if (!PyArg_ParseTuple(args, "OO!p:model_load_tensors", &capsule, &PyList_Type, &items, &strict)) return NULL;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(items);
+    Py_ssize_t ok = 0;
+    PyObject *result = NULL;
+    Py_buffer *views = PyMem_Calloc((size_t)(count > 0 ? count : 1), sizeof(Py_buffer));
+    const char **names = PyMem_Calloc((size_t)(count > 0 ? count : 1), sizeof(char *));
+    const float **data = PyMem_Calloc((size_t)(count > 0 ? count : 1), sizeof(float *));
+    int32_t *ranks = PyMem_Calloc((size_t)(count > 0 ? count : 1), sizeof(int32_t));
+    int64_t *shapes = PyMem_Calloc((size_t)(count > 0 ? count : 1) * 8, sizeof(int64_t));
+    if (!views || !names || !data || !ranks || !shapes) { PyErr_NoMemory(); goto done; }
+    for (; ok < count; ok++) {
+        PyObject *item = PyList_GET_ITEM(items, ok), *oname, *oarr;
+        if (!PyArg_ParseTuple(item, "OO:model_load_tensors item", &oname, &oarr)) goto done;
+        names[ok] = PyUnicode_AsUTF8(oname);
+        if (names[ok] == NULL) goto done;
+        if (PyObject_GetBuffer(oarr, &views[ok], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) goto done;
+        if (!is_float32_format(views[ok].format) || views[ok].itemsize != 4 || views[ok].ndim > 8) {
+            PyErr_Format(PyExc_TypeError, "load_state_dict: %s must be a float32 array of rank <= 8", names[ok]);
+            ok++;
+            goto done;
+        }
+        data[ok] = (const float *)views[ok].buf;
+        ranks[ok] = views[ok].ndim;
+        for (int k = 0; k < views[ok].ndim; k++) shapes[8 * ok + k] = views[ok].shape[k];
+    }
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_model_load_tensors(m, (int64_t)count, names, data, ranks, shapes, strict);
+    Py_END_ALLOW_THREADS
+    result = status == DFX_OK ? Py_NewRef(Py_None) : raise_status(status);
+done:
+    for (Py_ssize_t i = 0; i < ok; i++) PyBuffer_Release(&views[i]);
+    PyMem_Free(views); PyMem_Free(names); PyMem_Free(data); PyMem_Free(ranks); PyMem_Free(shapes);
+    return result;
+}
+
+/* model_load(capsule, path, strict) / model_save(capsule, path) */
+static PyObject *py_model_load(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule;
+    const char *path;
+    int strict;
+    if (!PyArg_ParseTuple(args, "Osp:model_load", &capsule, &path, &strict)) return NULL;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_model_load(m, path, strict);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_model_save(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule;
+    const char *path;
+    if (!PyArg_ParseTuple(args, "Os:model_save", &capsule, &path)) return NULL;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_model_save(m, path);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
+}
+
+/* The progress callback: takes the GIL, calls the Python callable (if any) and checks for Ctrl-C.
+ * An exception (or a callable returning False) cancels the call; the exception is re-raised. */
+typedef struct {
+    PyObject *callable; /* or NULL */
+    int failed;
+} Progress;
+
+static int32_t progress_trampoline(void *user, int64_t done, int64_t total) {
+    Progress *p = (Progress *)user;
+    PyGILState_STATE g = PyGILState_Ensure();
+    int32_t cancel = 0;
+    if (PyErr_CheckSignals() < 0) {
+        p->failed = 1;
+        cancel = 1;
+    } else if (p->callable != NULL) {
+        PyObject *r = PyObject_CallFunction(p->callable, "LL", (long long)done, (long long)total);
+        if (r == NULL) { p->failed = 1; cancel = 1; }
+        else { cancel = (r == Py_False); Py_DECREF(r); }
+    }
+    /* An exception stays set in this thread's state (the engine calls back on the calling thread),
+     * so py_model_forward finds it after the engine returns. */
+    PyGILState_Release(g);
+    return cancel;
+}
+
+/* model_forward(capsule, x, y, progress_or_None) -> None; fills y. */
+static PyObject *py_model_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule, *ox, *oy, *ocb;
+    if (!PyArg_ParseTuple(args, "OOOO:model_forward", &capsule, &ox, &oy, &ocb)) return NULL;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    Borrowed b = {.count = 0};
+    PyObject *result = NULL;
+    float *x, *y;
+    if (borrow(&b, ox, "DeformUXNet.forward", "x", 0, 0, 5, NULL, &x) < 0) goto done;
+    if (borrow(&b, oy, "DeformUXNet.forward", "y", 1, 0, 5, NULL, &y) < 0) goto done;
+    {
+        Py_ssize_t *xs = b.views[0].shape, *ys = b.views[1].shape;
+        if (ys[0] != xs[0] || ys[2] != xs[2] || ys[3] != xs[3] || ys[4] != xs[4]) {
+            PyErr_SetString(PyExc_ValueError, "DeformUXNet.forward: y must have the N, D, H, W of x");
+            goto done;
+        }
+        Progress p = {.callable = ocb == Py_None ? NULL : ocb, .failed = 0};
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = dfx_model_forward(m, x, xs[0], xs[2], xs[3], xs[4], y, progress_trampoline, &p);
+        Py_END_ALLOW_THREADS
+        if (p.failed && PyErr_Occurred()) goto done; /* the callback's exception (or KeyboardInterrupt) */
+        if (status != DFX_OK) { raise_status(status); goto done; }
+        result = Py_NewRef(Py_None);
+    }
+done:
+    release_all(&b);
+    return result;
+}
+
+/* model_summary(capsule, n, d, h, w) -> str */
+static PyObject *py_model_summary(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule;
+    long long n, d, h, w;
+    if (!PyArg_ParseTuple(args, "OLLLL:model_summary", &capsule, &n, &d, &h, &w)) return NULL;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    int64_t needed = 0;
+    dfx_status status = dfx_model_summary(m, n, d, h, w, NULL, 0, &needed);
+    if (status != DFX_OK) return raise_status(status);
+    char *buf = PyMem_Malloc((size_t)needed);
+    if (buf == NULL) return PyErr_NoMemory();
+    status = dfx_model_summary(m, n, d, h, w, buf, needed, &needed);
+    PyObject *r = status == DFX_OK ? PyUnicode_FromString(buf) : raise_status(status);
+    PyMem_Free(buf);
+    return r;
+}
+
+static PyMethodDef methods[] = {
+    {"version", py_version, METH_NOARGS, "version() -> str: dfx_version()"},
+    {"last_error", py_last_error, METH_NOARGS, "last_error() -> str: dfx_last_error() of this thread"},
+    {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): dfx_set_num_threads"},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
+    {"deform_conv3d_forward", py_deform_conv3d_forward, METH_VARARGS,
+     "deform_conv3d_forward(x, offsets, weight, bias_or_None, y): fills y"},
+    {"deform_conv3d_backward", py_deform_conv3d_backward, METH_VARARGS,
+     "deform_conv3d_backward(x, offsets, weight, grad_y, grad_x, grad_offsets, grad_weight, grad_bias)"},
+    {"ddc_layer_forward", py_ddc_layer_forward, METH_VARARGS,
+     "ddc_layer_forward(x, weight, bias, offset_weight, offset_bias, offset_mode, y, offsets_or_None)"},
+    {"ddc_layer_backward", py_ddc_layer_backward, METH_VARARGS,
+     "ddc_layer_backward(x, weight, offset_weight, offset_bias, offset_mode, grad_y, grad_x, "
+     "grad_weight, grad_bias, grad_offset_weight, grad_offset_bias)"},
+    {"model_create", py_model_create, METH_VARARGS, "model_create(config_json, seed) -> handle"},
+    {"model_config_json", py_model_config_json, METH_O, "model_config_json(handle) -> str"},
+    {"model_last_report", py_model_last_report, METH_O, "model_last_report(handle) -> str"},
+    {"model_num_parameters", py_model_num_parameters, METH_O, "model_num_parameters(handle) -> int"},
+    {"model_tensors", py_model_tensors, METH_O, "model_tensors(handle) -> [(name, shape)]"},
+    {"model_get_tensor", py_model_get_tensor, METH_VARARGS, "model_get_tensor(handle, index, out)"},
+    {"model_load_tensors", py_model_load_tensors, METH_VARARGS, "model_load_tensors(handle, [(name, array)], strict)"},
+    {"model_load", py_model_load, METH_VARARGS, "model_load(handle, path, strict)"},
+    {"model_save", py_model_save, METH_VARARGS, "model_save(handle, path)"},
+    {"model_forward", py_model_forward, METH_VARARGS, "model_forward(handle, x, y, progress_or_None)"},
+    {"model_summary", py_model_summary, METH_VARARGS, "model_summary(handle, n, d, h, w) -> str"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "deformux._C",
+    "Thin binding of the deformux C ABI; use deformux.ops instead.", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__C(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    DeformUXError = PyErr_NewExceptionWithDoc(
+        "deformux.DeformUXError",
+        "An error reported by the deformux engine (other than bad arguments or out of memory).",
+        PyExc_RuntimeError, NULL);
+    if (DeformUXError == NULL || PyModule_AddObjectRef(m, "DeformUXError", DeformUXError) < 0 ||
+        PyModule_AddIntConstant(m, "OFFSET_ALIGNED", DFX_OFFSET_ALIGNED) < 0 ||
+        PyModule_AddIntConstant(m, "OFFSET_OFFICIAL", DFX_OFFSET_OFFICIAL) < 0 ||
+        PyModule_AddStringConstant(m, "__version__", dfx_version()) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

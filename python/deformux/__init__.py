@@ -1,0 +1,47 @@
+"""deformux: DeformUX-Net 3D medical image segmentation on the CPU (a Swift engine).
+
+This package is a thin layer over the engine's C ABI (libDeformUXC.so, bundled next to the
+extension ``deformux._C``): the network (``deformux.DeformUXNet``) and its DDC operator
+(``deformux.ops``). Training and ``segment()`` come next.
+
+    import numpy as np, deformux
+    m = deformux.DeformUXNet(out_channels=16)
+    m.load("weights.safetensors")
+    logits = m.forward(x)                                       # x float32, N x 1 x D x H x W
+    y = deformux.ops.deform_conv3d(x, offsets, weight, bias)   # float32, N x C x D x H x W
+
+Errors: bad arguments raise TypeError/ValueError naming the argument, out of memory MemoryError, other
+engine failures :class:`DeformUXError` (a RuntimeError).
+"""
+from . import _C
+from ._C import DeformUXError
+from . import ops
+from .model import DeformUXNet
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "DeformUXNet", "DeformUXError", "set_num_threads", "get_num_threads", "engine_version", "__version__"]
+
+
+def set_num_threads(n):
+    """Sets the number of worker threads every engine call uses (default: the number of CPUs).
+
+    n must be an int >= 1 (TypeError / ValueError otherwise). The setting is process-wide.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    if n > 2**31 - 1:
+        raise ValueError(f"set_num_threads: n is too large, got {n}")
+    _C.set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of worker threads engine calls use."""
+    return _C.get_num_threads()
+
+
+def engine_version():
+    """The version of the bundled engine library (dfx_version())."""
+    return _C.version()

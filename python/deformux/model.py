@@ -1,0 +1,198 @@
+"""DeformUX-Net (and 3D UX-Net) on NumPy arrays: the whole network of ARCHITECTURE.md.
+
+    m = deformux.DeformUXNet(in_channels=1, out_channels=16, feature_size=(48, 96, 192, 384),
+                             depths=(2, 2, 2, 2), hidden_size=768, block="deformux", mlp="dense",
+                             offset_mode="aligned", kernel_size=7)   # kernel_size: uxnet only
+    m.load("weights.safetensors")      # strict; raises with the full list of problems
+    m.save("weights.safetensors")      # atomic write
+    y = m.forward(x)                   # x (N, Cin, D, H, W) float32 -> logits (N, Cout, D, H, W)
+    m.num_parameters(); m.state_dict(); m.load_state_dict(d)
+
+Parameter names are the released PyTorch code's (``deformuxnet_3d.stages.0.0.ddc.weight``, ...), so a
+converted official checkpoint (``python3 -m deformux.convert model.pth model.safetensors``) loads as it
+is. ``offset_mode="official"`` reproduces the released code's offset alignment; checkpoints trained
+with it need it. The array policy of :mod:`deformux.ops` applies: float32, C-contiguous, no silent
+conversion; D, H and W must be multiples of 16 (pad the volume first).
+"""
+import json
+import os
+
+import numpy as np
+
+from . import _C
+
+__all__ = ["DeformUXNet"]
+
+_CHOICES = {
+    "block": ("deformux", "uxnet"),
+    "mlp": ("dense", "grouped", "none"),
+    "offset_mode": ("aligned", "official"),
+    "offset_planes": ("all", "xy", "xz", "yz"),
+    "deformable": ("depthwise", "standard"),
+}
+
+
+def _int(name, v, minimum=1):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"DeformUXNet: {name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"DeformUXNet: {name} must be >= {minimum}, got {v}")
+    return int(v)
+
+
+def _ints(name, v, count, minimum):
+    try:
+        values = tuple(v)
+    except TypeError:
+        raise TypeError(f"DeformUXNet: {name} must be a sequence of {count} ints, got {type(v).__name__}") from None
+    if len(values) != count:
+        raise ValueError(f"DeformUXNet: {name} must have {count} values, got {len(values)}")
+    return [_int(f"{name}[{i}]", x, minimum) for i, x in enumerate(values)]
+
+
+def _choice(name, v):
+    if v not in _CHOICES[name]:
+        raise ValueError(f"DeformUXNet: {name} must be one of {', '.join(_CHOICES[name])}, got {v!r}")
+    return v
+
+
+class DeformUXNet:
+    """The network with PyTorch's default initialisation (offset branches zero, gamma 1e-6), or the
+    weights you load. See the module docstring for the API; ``seed`` makes the initialisation
+    reproducible."""
+
+    def __init__(self, in_channels=1, out_channels=16, feature_size=(48, 96, 192, 384), depths=(2, 2, 2, 2),
+                 hidden_size=768, block="deformux", mlp=None, offset_mode="aligned", kernel_size=7,
+                 offset_kernel=1, offset_planes="all", deformable="depthwise", seed=0):
+        block = _choice("block", block)
+        config = {
+            "in_channels": _int("in_channels", in_channels),
+            "out_channels": _int("out_channels", out_channels),
+            "feature_size": _ints("feature_size", feature_size, 4, 1),
+            "depths": _ints("depths", depths, 4, 0),
+            "hidden_size": _int("hidden_size", hidden_size),
+            "block": block,
+            "mlp": _choice("mlp", mlp if mlp is not None else ("grouped" if block == "uxnet" else "dense")),
+            "offset_mode": _choice("offset_mode", offset_mode),
+            "kernel_size": _int("kernel_size", kernel_size),
+            "offset_kernel": _int("offset_kernel", offset_kernel),
+            "offset_planes": _choice("offset_planes", offset_planes),
+            "deformable": _choice("deformable", deformable),
+        }
+        self._handle = _C.model_create(json.dumps(config), _int("seed", seed, 0))
+        self._tensors = _C.model_tensors(self._handle)
+        self._index = {name: i for i, (name, _) in enumerate(self._tensors)}
+
+    @classmethod
+    def from_file(cls, path, **overrides):
+        """A network built from the configuration recorded in a safetensors file (written by
+        :meth:`save` or ``deformux.convert``), with its weights loaded strictly."""
+        config = dict(_read_config(path))
+        config.update(overrides)
+        m = cls(**config)
+        m.load(path)
+        return m
+
+    @property
+    def config(self):
+        """The configuration as a dict of the constructor's arguments."""
+        return json.loads(_C.model_config_json(self._handle))
+
+    def __repr__(self):
+        c = self.config
+        return (f"DeformUXNet(block={c['block']!r}, mlp={c['mlp']!r}, offset_mode={c['offset_mode']!r}, "
+                f"in_channels={c['in_channels']}, out_channels={c['out_channels']}, "
+                f"feature_size={tuple(c['feature_size'])}, parameters={self.num_parameters():,})")
+
+    def num_parameters(self):
+        """The number of trainable parameters (55,790,776 for the default configuration)."""
+        return _C.model_num_parameters(self._handle)
+
+    def forward(self, x, progress=None):
+        """Logits (N, Cout, D, H, W), no softmax, for x (N, Cin, D, H, W) float32.
+
+        ``progress(done, total)`` (optional) is called between the network's steps; returning False
+        cancels the call (``deformux.DeformUXError``). Ctrl-C cancels too (KeyboardInterrupt).
+        """
+        c = self.config
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"DeformUXNet.forward: x must be a numpy.ndarray of float32, got {type(x).__name__}")
+        if x.dtype != np.float32 or not x.dtype.isnative:
+            raise TypeError(f"DeformUXNet.forward: x must have dtype float32, got {x.dtype}; use x.astype(np.float32)")
+        if x.ndim != 5 or x.shape[1] != c["in_channels"]:
+            raise ValueError(f"DeformUXNet.forward: x must have shape (N, {c['in_channels']}, D, H, W), got {x.shape}")
+        if 0 in x.shape:
+            raise ValueError(f"DeformUXNet.forward: x must not have a zero-size dimension, got shape {x.shape}")
+        for axis, s in zip("DHW", x.shape[2:]):
+            if s % 16:
+                raise ValueError(f"DeformUXNet.forward: D, H and W must be multiples of 16 (pad the volume "
+                                 f"first), got {axis} = {s} in shape {x.shape}")
+        if not x.flags.c_contiguous:
+            raise ValueError("DeformUXNet.forward: x must be C-contiguous; use np.ascontiguousarray(x)")
+        if progress is not None and not callable(progress):
+            raise TypeError("DeformUXNet.forward: progress must be callable or None")
+        y = np.empty((x.shape[0], c["out_channels"]) + x.shape[2:], np.float32)
+        _C.model_forward(self._handle, x, y, progress)
+        return y
+
+    __call__ = forward
+
+    def load(self, path, strict=True):
+        """Loads weights from a safetensors file (F32, F16, BF16 or F64). Strict: raises ValueError
+        listing every missing, unexpected and mis-shaped name, and loads nothing. Returns the report
+        (a text: counts, then the names of each kind of problem)."""
+        _C.model_load(self._handle, os.fspath(path), bool(strict))
+        return _C.model_last_report(self._handle)
+
+    def save(self, path):
+        """Writes the weights (F32 safetensors, configuration in the metadata), atomically."""
+        _C.model_save(self._handle, os.fspath(path))
+
+    def state_dict(self):
+        """A dict of name -> float32 array (copies), in the released code's names and order."""
+        out = {}
+        for i, (name, shape) in enumerate(self._tensors):
+            a = np.empty(shape, np.float32)
+            _C.model_get_tensor(self._handle, i, a)
+            out[name] = a
+        return out
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Loads a dict of name -> array (float32; other float dtypes are converted with a copy).
+        Names may carry ``module.`` or the prototype names (``convxnet.``, ``.dcn.``). Strict: raises
+        ValueError listing every missing, unexpected and mis-shaped name, loading nothing. Returns the
+        report text."""
+        if not hasattr(state_dict, "items"):
+            raise TypeError(f"load_state_dict: expected a dict of name -> array, got {type(state_dict).__name__}")
+        items = []
+        for name, a in state_dict.items():
+            if not isinstance(name, str):
+                raise TypeError(f"load_state_dict: keys must be str, got {type(name).__name__}")
+            a = np.asarray(a)
+            if a.dtype.kind != "f":
+                raise TypeError(f"load_state_dict: {name} must be a floating-point array, got {a.dtype}")
+            items.append((name, np.ascontiguousarray(a, dtype=np.float32)))
+        _C.model_load_tensors(self._handle, items, bool(strict))
+        return _C.model_last_report(self._handle)
+
+    def summary(self, input_size=(96, 96, 96), batch=1):
+        """Per-module parameters and multiply-adds for an input of spatial size ``input_size``, as text."""
+        d, h, w = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)
+        return _C.model_summary(self._handle, batch, d, h, w)
+
+
+def _read_config(path):
+    """The configuration in a safetensors file's metadata (key ``deformux.config``)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        n = int.from_bytes(head, "little")
+        if n > 100 * 1024 * 1024:
+            raise ValueError(f"{path}: not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    meta = header.get("__metadata__") or {}
+    if "deformux.config" not in meta:
+        raise ValueError(f"{path}: no deformux.config in the metadata; build DeformUXNet(...) with the "
+                         f"right configuration and call load()")
+    return json.loads(meta["deformux.config"])

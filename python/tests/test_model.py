@@ -1,0 +1,174 @@
+"""deformux.DeformUXNet from Python: parameter counts (ARCHITECTURE.md section 6), agreement with the
+PyTorch reference fixtures (Tests/Fixtures/network), weights in and out, input validation, progress and
+cancellation, the GIL."""
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import deformux
+from deformux import DeformUXNet
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "Tests", "Fixtures", "network")
+SMALL = dict(out_channels=3, feature_size=(8, 12, 16, 24), hidden_size=32)
+
+
+def read_safetensors(path):
+    """name -> float32 array, and the metadata (a reader independent of the engine's)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    meta = header.pop("__metadata__", {})
+    out = {}
+    for name, e in header.items():
+        assert e["dtype"] == "F32", name
+        b, end = e["data_offsets"]
+        out[name] = np.frombuffer(data[b:end], np.float32).reshape(e["shape"])
+    return out, meta
+
+
+@pytest.mark.parametrize("block, mlp, cout, count", [
+    ("deformux", "dense", 14, 55_790_678), ("deformux", "dense", 16, 55_790_776),
+    ("deformux", "grouped", 16, 52_668_856), ("uxnet", "grouped", 14, 53_006_510),
+    ("uxnet", None, 16, 53_006_608),
+])
+def test_parameter_counts(block, mlp, cout, count):
+    assert DeformUXNet(out_channels=cout, block=block, mlp=mlp).num_parameters() == count
+
+
+@pytest.mark.parametrize("variant", ["dense_aligned", "grouped_official", "dense_official_n2", "uxnet"])
+def test_matches_pytorch(variant):
+    m = DeformUXNet.from_file(os.path.join(FIXTURES, f"{variant}.safetensors"))
+    io, _ = read_safetensors(os.path.join(FIXTURES, f"{variant}.io.safetensors"))
+    y = m.forward(np.ascontiguousarray(io["input"]))
+    want = io["output"]
+    err = np.abs(y - want)
+    assert y.shape == want.shape
+    assert np.all(err <= 1e-4 + 1e-4 * np.abs(want)), f"{variant}: max abs err {err.max()}"
+
+
+def test_released_names_and_state_dict_round_trip():
+    weights, _ = read_safetensors(os.path.join(FIXTURES, "released_layout.safetensors"))
+    assert any(k.startswith("module.convxnet.") for k in weights)
+    m = DeformUXNet(**SMALL, mlp="grouped", offset_mode="official")
+    report = m.load_state_dict(weights)
+    assert "0 missing, 0 unexpected" in report
+    io, _ = read_safetensors(os.path.join(FIXTURES, "grouped_official.io.safetensors"))
+    y = m.forward(np.ascontiguousarray(io["input"]))
+    assert np.allclose(y, io["output"], atol=1e-4, rtol=1e-4)
+    sd = m.state_dict()
+    assert sd["deformuxnet_3d.stages.0.0.ddc.conv_offset.weight"].shape == (81, 8, 1, 1, 1)
+    assert np.array_equal(sd["deformuxnet_3d.stages.0.0.ddc.weight"], weights["module.convxnet.stages.0.0.dcn.weight"])
+    m2 = DeformUXNet(**SMALL, mlp="grouped", offset_mode="official", seed=5)
+    m2.load_state_dict(sd)
+    assert np.array_equal(m2.forward(np.ascontiguousarray(io["input"])), y)
+
+
+def test_strict_loading_names_every_problem_and_loads_nothing():
+    m = DeformUXNet(**SMALL)
+    sd = m.state_dict()
+    before = sd["encoder2.layer.conv1.conv.weight"].copy()
+    bad = {k: np.full_like(v, 0.25) for k, v in sd.items()}
+    del bad["out.conv.conv.bias"]
+    bad["decoder9.extra"] = np.zeros(3, np.float32)
+    bad["deformuxnet_3d.norm1.weight"] = np.zeros(13, np.float32)
+    with pytest.raises(ValueError) as e:
+        m.load_state_dict(bad)
+    for word in ["out.conv.conv.bias", "decoder9.extra", "deformuxnet_3d.norm1.weight expected [12] got [13]"]:
+        assert word in str(e.value)
+    assert np.array_equal(m.state_dict()["encoder2.layer.conv1.conv.weight"], before)
+    report = m.load_state_dict(bad, strict=False)
+    assert "1 missing" in report and "1 unexpected" in report
+    assert np.all(m.state_dict()["encoder2.layer.conv1.conv.weight"] == 0.25)
+
+
+def test_save_is_atomic_and_records_the_configuration(tmp_path):
+    m = DeformUXNet(**SMALL, block="uxnet", seed=3)
+    path = tmp_path / "m.safetensors"
+    m.save(path)
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no temporary left behind
+    _, meta = read_safetensors(path)
+    assert json.loads(meta["deformux.config"])["block"] == "uxnet"
+    m2 = DeformUXNet.from_file(path)
+    assert m2.config == m.config
+    x = np.random.default_rng(0).standard_normal((1, 1, 16, 16, 16)).astype(np.float32)
+    assert np.array_equal(m2.forward(x), m.forward(x))
+    with pytest.raises((ValueError, deformux.DeformUXError)) as e:
+        m.load(tmp_path / "missing.safetensors")
+    assert "missing.safetensors" in str(e.value)
+    with pytest.raises(ValueError):
+        DeformUXNet(**SMALL).load(path)  # a uxnet file into a deformux model: strict mismatch
+
+
+@pytest.mark.parametrize("x, error, word", [
+    (np.zeros((1, 1, 16, 16, 24), np.float32), ValueError, "multiples of 16"),
+    (np.zeros((1, 2, 16, 16, 16), np.float32), ValueError, "(N, 1, D, H, W)"),
+    (np.zeros((1, 1, 16, 16, 16)), TypeError, "float32"),
+    (np.zeros((1, 16, 16, 16), np.float32), ValueError, "(N, 1, D, H, W)"),
+    (np.zeros((1, 1, 16, 16, 32), np.float32)[..., ::2], ValueError, "C-contiguous"),
+    ([[0.0]], TypeError, "numpy.ndarray"),
+])
+def test_forward_rejects_bad_input(x, error, word):
+    with pytest.raises(error) as e:
+        DeformUXNet(**SMALL).forward(x)
+    assert word in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(block="convnext"), "block"), (dict(mlp="wide"), "mlp"), (dict(feature_size=(8, 16)), "feature_size"),
+    (dict(offset_mode="shifted"), "offset_mode"), (dict(kernel_size=4, block="uxnet"), "kernel_size"),
+    (dict(in_channels=0), "in_channels"),
+])
+def test_bad_configuration(kwargs, word):
+    with pytest.raises((ValueError, TypeError)) as e:
+        DeformUXNet(**{**SMALL, **kwargs})
+    assert word in str(e.value)
+
+
+def test_progress_and_cancellation():
+    m = DeformUXNet(**SMALL)
+    x = np.zeros((1, 1, 16, 16, 16), np.float32)
+    seen = []
+    m.forward(x, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 12) for i in range(1, 13)]
+    with pytest.raises(deformux.DeformUXError) as e:
+        m.forward(x, progress=lambda done, total: done < 4)
+    assert "cancel" in str(e.value)
+
+    def boom(done, total):
+        raise KeyError("from the callback")
+    with pytest.raises(KeyError):
+        m.forward(x, progress=boom)
+    assert m.forward(x).shape == (1, 3, 16, 16, 16)  # still usable
+
+
+def test_forward_releases_the_gil():
+    m = DeformUXNet(**SMALL)
+    x = np.random.default_rng(1).standard_normal((1, 1, 32, 32, 32)).astype(np.float32)
+    m.forward(x)
+    t0 = time.perf_counter()
+    m.forward(x)
+    alone = time.perf_counter() - t0
+    count = 0
+    done = threading.Event()
+
+    def run():
+        m.forward(x)
+        done.set()
+    t = threading.Thread(target=run)
+    t0 = time.perf_counter()
+    t.start()
+    while not done.is_set():
+        count += 1
+    t.join()
+    # With the GIL held the loop could not run at all while the engine works.
+    assert count > 1000, f"the main thread counted only {count} in {time.perf_counter() - t0:.2f} s ({alone:.2f} s alone)"
+
+
+def test_summary():
+    s = DeformUXNet().summary(96)
+    assert "55790776" in s and "582.088" in s
