@@ -103,6 +103,100 @@ final class Conv3dTests: XCTestCase {
         assertIdentical(results[1], results[0], shape: outShape, "\(c.name): 2 threads vs 1 thread")
     }
 
+    // MARK: Fused statistics and input transform
+
+    /// `statistics` (per sample and channel: sum and sum of squares of y) on every path, and the
+    /// direct path's `inputTransform` (x' = LeakyReLU(scale x + shift), per sample and channel).
+    func testStatisticsAndInputTransform() throws {
+        let cases: [(ConvCase, transform: Bool, slope: Float?)] = [
+            (ConvCase(name: "stats 3x3x3 N2 7x5x3 cin3 cout50", n: 2, cin: 3, cin2: 0, cout: 50, d: 7, h: 5, w: 3, k: 3, stride: 1, pad: 1, bias: true), false, nil),
+            (ConvCase(name: "stats+transform 3x3x3 N2 3x2x8 cin17 cout17", n: 2, cin: 17, cin2: 0, cout: 17, d: 3, h: 2, w: 8, k: 3, stride: 1, pad: 1, bias: false), true, 0.01),
+            (ConvCase(name: "stats+transform 3x3x3 two sources 5+3 cout16 4x3x5 no activation", n: 1, cin: 8, cin2: 3, cout: 16, d: 4, h: 3, w: 5, k: 3, stride: 1, pad: 1, bias: true), true, nil),
+            (ConvCase(name: "transform 3x3x3 N2 1x1x1 cin1 cout3", n: 2, cin: 1, cin2: 0, cout: 3, d: 1, h: 1, w: 1, k: 3, stride: 1, pad: 1, bias: false), true, 0.2),
+            (ConvCase(name: "stats 1x1x1 N2 9x4x6 two sources 5+3 cout17", n: 2, cin: 8, cin2: 3, cout: 17, d: 9, h: 4, w: 6, k: 1, stride: 1, pad: 0, bias: true), false, nil),
+            (ConvCase(name: "stats 1x1x1 N2 20x20x20 cin16 cout48", n: 2, cin: 16, cin2: 0, cout: 48, d: 20, h: 20, w: 20, k: 1, stride: 1, pad: 0, bias: false), false, nil),
+            (ConvCase(name: "stats 2x2x2 s2 N2 5x4x6 cin3 cout17", n: 2, cin: 3, cin2: 0, cout: 17, d: 5, h: 4, w: 6, k: 2, stride: 2, pad: 0, bias: true), false, nil),
+        ]
+        let guardThreads = ThreadCountGuard()
+        defer { guardThreads.restore() }
+        for (i, (c, transform, slope)) in cases.enumerated() {
+            var rng = TestRNG(seed: UInt64(600 + i))
+            let voxels = c.d * c.h * c.w
+            let c1 = c.cin - c.cin2
+            let x1 = rng.floats(c.n * voxels * c1), x2 = rng.floats(c.n * voxels * c.cin2)
+            let weight = rng.floats(c.cout * c.cin * c.k * c.k * c.k)
+            let bias = c.bias ? rng.floats(c.cout) : nil
+            let scale = rng.floats(c.n * c.cin, 0.5, 2), shift = rng.floats(c.n * c.cin)
+            let shape = try Conv3d.Shape(n: c.n, cin: c.cin, cout: c.cout, d: c.d, h: c.h, w: c.w,
+                                         kernel: c.k, stride: c.stride, padding: c.pad, cin2: c.cin2)
+            // Reference input: concatenated, transformed; and its magnitude |scale| |x| + |shift|.
+            var xin = [Double](repeating: 0, count: c.n * voxels * c.cin), xmag = xin
+            for v in 0..<(c.n * voxels) {
+                let n = v / voxels
+                for j in 0..<c.cin {
+                    let raw = Double(j < c1 ? x1[v * c1 + j] : x2[v * c.cin2 + j - c1])
+                    if transform {
+                        let a = Double(scale[n * c.cin + j]), b = Double(shift[n * c.cin + j])
+                        var t = a * raw + b
+                        if let slope, t < 0 { t *= Double(slope) }
+                        xin[v * c.cin + j] = t
+                        xmag[v * c.cin + j] = abs(a * raw) + abs(b)
+                    } else {
+                        xin[v * c.cin + j] = raw
+                        xmag[v * c.cin + j] = abs(raw)
+                    }
+                }
+            }
+            let wd = weight.map(Double.init), bd = bias?.map(Double.init)
+            let want = ConvReference.conv3d(x: xin, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wd, bias: bd,
+                                            cout: c.cout, kernel: c.k, stride: c.stride, padding: c.pad)
+            let mag = ConvReference.conv3d(x: xmag, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wd.map(abs),
+                                           bias: bd?.map(abs), cout: c.cout, kernel: c.k, stride: c.stride, padding: c.pad)
+            let outVoxels = shape.od * shape.oh * shape.ow
+            var wantStats = [Double](repeating: 0, count: c.n * 2 * c.cout), statsTol = wantStats
+            for v in 0..<(c.n * outVoxels) {
+                let n = v / outVoxels
+                for co in 0..<c.cout {
+                    let y = want[v * c.cout + co], m = mag[v * c.cout + co]
+                    wantStats[n * 2 * c.cout + co] += y
+                    wantStats[n * 2 * c.cout + c.cout + co] += y * y
+                    statsTol[n * 2 * c.cout + co] += Self.rtol * m
+                    statsTol[n * 2 * c.cout + c.cout + co] += Self.rtol * 3 * m * m
+                }
+            }
+            let outShape = [c.n, shape.od, shape.oh, shape.ow, c.cout]
+            var results: [[Float]] = []
+            for threads in [1, 2] {
+                try Threads.setCount(threads)
+                let packed = try Conv3d.pack(weight: try Tensor(shape: [c.cout, c.cin, c.k, c.k, c.k], values: weight), shape: shape)
+                let x1t = try Tensor(shape: [x1.count], values: x1), x2t = try Tensor(shape: [max(x2.count, 1)], values: x2.isEmpty ? [0] : x2)
+                let bt = try bias.map { try Tensor(shape: [c.cout], values: $0) }
+                let st = try Tensor(shape: [scale.count], values: scale), sh = try Tensor(shape: [shift.count], values: shift)
+                let y = try Tensor(zeros: [shape.outputCount])
+                var stats = [Double](repeating: .nan, count: c.n * 2 * c.cout)
+                let t = transform ? Conv3d.InputTransform(scale: st.pointer, shift: sh.pointer, leakySlope: slope) : nil
+                try stats.withUnsafeMutableBufferPointer { sp in
+                    try Conv3d.forward(x: x1t.pointer, x2: x2t.pointer, packedWeight: packed.pointer, bias: bt?.pointer,
+                                       y: y.pointer, shape: shape, workspace: Workspace(), inputTransform: t,
+                                       statistics: sp.baseAddress)
+                }
+                let got = try y.toArray()
+                assertWithinMagnitude(got, want, mag, rtol: Self.rtol, shape: outShape, "\(c.name), \(threads) thread(s): y")
+                assertWithinMagnitude(stats.map { Float($0) }, wantStats, statsTol.map { $0 / Self.rtol }, rtol: Self.rtol,
+                                      shape: [c.n, 2, c.cout], "\(c.name), \(threads) thread(s): statistics")
+                results.append(got)
+            }
+            assertIdentical(results[1], results[0], shape: outShape, "\(c.name): 2 threads vs 1 thread")
+        }
+        // The transform is the direct kernel's; other paths refuse it.
+        let s = try Conv3d.Shape(n: 1, cin: 2, cout: 2, d: 2, h: 2, w: 2, kernel: 1)
+        let buf = try Tensor(zeros: [64])
+        XCTAssertThrowsError(try Conv3d.forward(x: buf.pointer, packedWeight: buf.pointer, bias: nil, y: buf.pointer, shape: s,
+                                                workspace: Workspace(),
+                                                inputTransform: Conv3d.InputTransform(scale: buf.pointer, shift: buf.pointer, leakySlope: nil)),
+                             "input transform on the 1x1x1 path")
+    }
+
     // MARK: ConvTranspose3d
 
     func testConvTransposeMatchesReference() throws {
@@ -267,7 +361,7 @@ final class Conv3dTests: XCTestCase {
             maxRel = max(maxRel, e / max(mag[i], 1e-30))
         }
         if let i = first {
-            XCTFail("\(label): \(bad) of \(got.count) values outside \(rtol) x sum|w||x|; max abs err \(maxAbs), max err / magnitude \(maxRel); first mismatch at \(multiIndex(i, shape)) (flat \(i)): got \(got[i]), expected \(want[i]), magnitude \(mag[i])",
+            XCTFail("\(label): \(bad) of \(got.count) values outside \(rtol) x magnitude (sum |w||x|, or its sums for statistics); max abs err \(maxAbs), max err / magnitude \(maxRel); first mismatch at \(multiIndex(i, shape)) (flat \(i)): got \(got[i]), expected \(want[i]), magnitude \(mag[i])",
                     file: file, line: line)
         }
     }

@@ -118,10 +118,10 @@ public enum Conv3d {
             packed.initialize(repeating: 0, count: packedCount(s))
             for b in 0..<coutBlocks(s.cout) {
                 let block = packed + b * 27 * s.cin * coutBlock
-                // 8 input channels at a time: the 48 x 8 x 27 source floats they need stay in L1 while
-                // the 27 destination rows of 8 x 48 floats are written one after another.
-                for ci0 in stride(from: 0, to: s.cin, by: 8) {
-                    let ci1 = min(s.cin, ci0 + 8)
+                // 4 input channels at a time: the 48 x 4 x 27 source floats they need stay in L1 while
+                // the 27 destination rows of 4 x 48 floats are written one after another.
+                for ci0 in stride(from: 0, to: s.cin, by: 4) {
+                    let ci1 = min(s.cin, ci0 + 4)
                     for t in 0..<taps {
                         for j in 0..<min(coutBlock, s.cout - b * coutBlock) {
                             let src = weight + (b * coutBlock + j) * s.cin * taps + t
@@ -196,22 +196,121 @@ public enum Conv3d {
 
     // MARK: Pointer API
 
-    /// Writes y (overwrites). `x2` is required when shape.cin2 > 0 and ignored otherwise. Throws only
-    /// when scratch memory cannot be had.
+    /// An elementwise transform of the input applied while the direct kernel reads it:
+    /// x' = f(scale[n][c] x + shift[n][c]) with f = LeakyReLU(leakySlope) (or the identity when nil);
+    /// scale and shift hold N x Cin floats (channels in concatenated order). The zero padding pads x',
+    /// as in PyTorch where the conv pads its (already transformed) input. This fuses a preceding
+    /// InstanceNorm (scale = rstd, shift = -mean rstd) and LeakyReLU into the convolution, saving a
+    /// read and a write of the activation.
+    public struct InputTransform {
+        public var scale: UnsafePointer<Float>
+        public var shift: UnsafePointer<Float>
+        public var leakySlope: Float?
+        public init(scale: UnsafePointer<Float>, shift: UnsafePointer<Float>, leakySlope: Float?) {
+            self.scale = scale; self.shift = shift; self.leakySlope = leakySlope
+        }
+    }
+
+    /// Writes y (overwrites). `x2` is required when shape.cin2 > 0 and ignored otherwise.
+    ///
+    /// - inputTransform: see `InputTransform`; only the direct 3x3x3 path supports it.
+    /// - statistics: if given, receives N x 2 x Cout doubles: per sample, the sum over voxels of y
+    ///   (bias included) for each output channel, then the sum of squares. Gathered while y is still
+    ///   in cache, so an InstanceNorm after the conv needs no statistics pass. Summed per thread part
+    ///   and then in part order: deterministic for a given thread count.
+    ///
+    /// Throws when scratch memory cannot be had or an option does not fit the path.
     public static func forward(x: UnsafePointer<Float>, x2: UnsafePointer<Float>? = nil,
                                packedWeight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
-                               y: UnsafeMutablePointer<Float>, shape s: Shape, workspace: Workspace) throws {
+                               y: UnsafeMutablePointer<Float>, shape s: Shape, workspace: Workspace,
+                               inputTransform: InputTransform? = nil,
+                               statistics: UnsafeMutablePointer<Double>? = nil) throws {
         if s.cin2 > 0 && x2 == nil {
             throw DeformUXError.invalidArgument("conv3d: shape \(s) has a second input, but x2 is nil")
         }
+        if inputTransform != nil && s.path != .direct3x3x3 {
+            throw DeformUXError.invalidArgument("conv3d: an input transform needs the 3x3x3 stride 1 padding 1 path, got \(s)")
+        }
         let x2p: UnsafePointer<Float>? = s.cin2 > 0 ? x2 : nil
+        let parts = Threads.count
+        // Per part and sample: Cout sums, then Cout sums of squares.
+        var partials: UnsafeMutablePointer<Double>?
+        if statistics != nil {
+            let doubles = parts * s.n * 2 * s.cout
+            let raw = try workspace.buffer("conv3d.statistics", count: 2 * doubles)
+            let p = UnsafeMutableRawPointer(raw).bindMemory(to: Double.self, capacity: doubles)
+            p.initialize(repeating: 0, count: doubles)
+            partials = p
+        }
+        let stats = partials.map { Statistics(partials: $0, n: s.n, cout: s.cout) }
         switch s.path {
         case .direct3x3x3:
-            try Direct.forward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s, workspace: workspace)
+            try Direct.forward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s, workspace: workspace,
+                               transform: inputTransform, stats: stats, parts: parts)
         case .pointwise:
-            pointwiseForward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s)
+            pointwiseForward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s, stats: stats, parts: parts)
         case .im2col:
-            try im2colForward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s, workspace: workspace)
+            try im2colForward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s, workspace: workspace,
+                              stats: stats, parts: parts)
+        }
+        if let statistics, let partials {
+            let count = s.n * 2 * s.cout
+            statistics.initialize(repeating: 0, count: count)
+            for part in 0..<parts {
+                let p = partials + part * count
+                for i in 0..<count { statistics[i] += p[i] }
+            }
+        }
+    }
+
+    /// Where the parts put their per-channel sums (see `forward`'s `statistics`).
+    struct Statistics {
+        let partials: UnsafeMutablePointer<Double>
+        let n: Int, cout: Int
+
+        /// Adds the sums over `count` rows of y (row stride `stride`) of channels c0 ..< c0 + channels,
+        /// for sample `sample`, to part `part`'s partials. Rows are summed in Float (callers pass at
+        /// most a few hundred), then added in Double.
+        func add(part: Int, sample: Int, rows: UnsafePointer<Float>, count: Int, stride: Int, c0: Int, channels: Int) {
+            let sum = partials + (part * n + sample) * 2 * cout + c0
+            let sq = sum + cout
+            var c = 0
+            while c < channels {
+                let lanes = min(16, channels - c)
+                if lanes == 16 {
+                    var a = SIMD16<Float>(), b = SIMD16<Float>()
+                    for r in 0..<count {
+                        let v = cload(rows + r * stride + c)
+                        a += v
+                        b = b.addingProduct(v, v)
+                    }
+                    for l in 0..<16 { sum[c + l] += Double(a[l]); sq[c + l] += Double(b[l]) }
+                } else {
+                    for l in 0..<lanes {
+                        var a: Float = 0, b: Float = 0
+                        for r in 0..<count {
+                            let v = rows[r * stride + c + l]
+                            a += v
+                            b += v * v
+                        }
+                        sum[c + l] += Double(a); sq[c + l] += Double(b)
+                    }
+                }
+                c += lanes
+            }
+        }
+
+        /// `add` for rows v0 ..< v0 + count of y (flat voxel index over all samples), split at sample
+        /// boundaries and into runs of at most 256 rows.
+        func add(part: Int, y: UnsafePointer<Float>, v0: Int, count: Int, voxelsPerSample: Int) {
+            var v = v0
+            let end = v0 + count
+            while v < end {
+                let sample = v / voxelsPerSample
+                let runEnd = min(end, (sample + 1) * voxelsPerSample, v + 256)
+                add(part: part, sample: sample, rows: y + v * cout, count: runEnd - v, stride: cout, c0: 0, channels: cout)
+                v = runEnd
+            }
         }
     }
 
@@ -227,21 +326,29 @@ public enum Conv3d {
     }
 
     static func pointwiseForward(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, packed: UnsafePointer<Float>,
-                                 bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, s: Shape) {
+                                 bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, s: Shape,
+                                 stats: Statistics?, parts maxParts: Int) {
         let voxels = s.n * s.d * s.h * s.w
-        let parts = max(1, min(Threads.count, voxels / 512))
+        let parts = max(1, min(maxParts, voxels / 512))
         let c1 = s.cin1, c2 = s.cin2
+        // Blocks of rows, so that the statistics read y while it is in cache.
+        let block = 1024
         parallelFor(parts) { part in
             let r = Threads.range(part, of: parts, total: voxels)
-            if r.isEmpty { return }
-            let yr = y + r.lowerBound * s.cout
-            initRows(yr, rows: r.count, cout: s.cout, bias: bias)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(r.count), Int32(s.cout), Int32(c1),
-                        1, x1 + r.lowerBound * c1, Int32(c1), packed, Int32(s.cout), 1, yr, Int32(s.cout))
-            if let x2 {
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(r.count), Int32(s.cout), Int32(c2),
-                            1, x2 + r.lowerBound * c2, Int32(c2), packed + c1 * s.cout, Int32(s.cout),
-                            1, yr, Int32(s.cout))
+            var v0 = r.lowerBound
+            while v0 < r.upperBound {
+                let count = min(block, r.upperBound - v0)
+                let yr = y + v0 * s.cout
+                initRows(yr, rows: count, cout: s.cout, bias: bias)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(count), Int32(s.cout), Int32(c1),
+                            1, x1 + v0 * c1, Int32(c1), packed, Int32(s.cout), 1, yr, Int32(s.cout))
+                if let x2 {
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(count), Int32(s.cout), Int32(c2),
+                                1, x2 + v0 * c2, Int32(c2), packed + c1 * s.cout, Int32(s.cout),
+                                1, yr, Int32(s.cout))
+                }
+                stats?.add(part: part, y: y, v0: v0, count: count, voxelsPerSample: s.d * s.h * s.w)
+                v0 += count
             }
         }
     }
@@ -254,11 +361,11 @@ public enum Conv3d {
 
     static func im2colForward(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, packed: UnsafePointer<Float>,
                               bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, s: Shape,
-                              workspace: Workspace) throws {
+                              workspace: Workspace, stats: Statistics?, parts maxParts: Int) throws {
         let outVoxels = s.n * s.od * s.oh * s.ow
         let block = im2colBlock(s)
         let kdim = s.taps * s.cin
-        let parts = max(1, min(Threads.count, (outVoxels + block - 1) / block))
+        let parts = max(1, min(maxParts, (outVoxels + block - 1) / block))
         let panels = try workspace.buffer("conv3d.im2col", count: parts * block * kdim)
         let c1 = s.cin1, c2 = s.cin2, k = s.kernel
         parallelFor(parts) { part in
@@ -306,6 +413,7 @@ public enum Conv3d {
                 initRows(yb, rows: count, cout: s.cout, bias: bias)
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(count), Int32(s.cout), Int32(kdim),
                             1, panel, Int32(kdim), packed, Int32(s.cout), 1, yb, Int32(s.cout))
+                stats?.add(part: part, y: y, v0: v0, count: count, voxelsPerSample: s.od * s.oh * s.ow)
                 v0 += count
             }
         }
@@ -357,10 +465,11 @@ public enum Conv3d {
 
         static func forward(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, packed: UnsafePointer<Float>,
                             bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, s: Shape,
-                            workspace: Workspace) throws {
+                            workspace: Workspace, transform: InputTransform?, stats: Statistics?,
+                            parts maxParts: Int) throws {
             let g = Geometry(s)
             let planes = s.n * s.d
-            let parts = max(1, min(Threads.count, planes))
+            let parts = max(1, min(maxParts, planes))
             let accFloats = groupTiles * Conv3d.tileVoxels * Conv3d.coutBlock
             let perPart = 3 * g.planeFloats + accFloats
             let scratch = try workspace.buffer("conv3d.direct", count: parts * perPart)
@@ -381,7 +490,7 @@ public enum Conv3d {
                             let current: Int
                             switch slot { case 0: current = loaded.0; case 1: current = loaded.1; default: current = loaded.2 }
                             if current != key {
-                                fillPlane(slotPtr, x1: x1, x2: x2, n: n, dIn: dIn, s: s, g: g)
+                                fillPlane(slotPtr, x1: x1, x2: x2, n: n, dIn: dIn, s: s, g: g, transform: transform)
                                 switch slot { case 0: loaded.0 = key; case 1: loaded.1 = key; default: loaded.2 = key }
                             }
                             // Tap (kd, kh, kw) reads position pos + (kh-1) * wp + (kw-1) of this plane.
@@ -393,7 +502,7 @@ public enum Conv3d {
                         }
                         let yPlane = y + plane * s.h * s.w * s.cout
                         computePlane(bases: UnsafePointer(bp), packed: packed, bias: bias, yPlane: yPlane,
-                                     acc: acc, s: s, g: g)
+                                     acc: acc, s: s, g: g, stats: stats, part: part, sample: n)
                     }
                 }
             }
@@ -402,7 +511,7 @@ public enum Conv3d {
         /// Copies input plane dIn of sample n (both sources) into a zero-bordered padded plane; a plane
         /// outside 0..<D becomes all zeros.
         static func fillPlane(_ dst: UnsafeMutablePointer<Float>, x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?,
-                              n: Int, dIn: Int, s: Shape, g: Geometry) {
+                              n: Int, dIn: Int, s: Shape, g: Geometry, transform: InputTransform?) {
             if dIn < 0 || dIn >= s.d {
                 dst.initialize(repeating: 0, count: g.planeFloats)
                 return
@@ -421,6 +530,7 @@ public enum Conv3d {
                         (row + w * cin + c1).update(from: x2 + (src + w) * c2, count: c2)
                     }
                 }
+                if let transform { applyTransform(transform, row: row, voxels: s.w, cin: cin, sample: n) }
                 // Right pad of this row and left pad of the next.
                 (row + s.w * cin).initialize(repeating: 0, count: 2 * cin)
             }
@@ -429,11 +539,36 @@ public enum Conv3d {
             (dst + tail).initialize(repeating: 0, count: g.planeFloats - tail)
         }
 
+        /// row[v][c] = f(scale[n][c] row[v][c] + shift[n][c]) for `voxels` voxels of `cin` channels.
+        static func applyTransform(_ t: InputTransform, row: UnsafeMutablePointer<Float>, voxels: Int, cin: Int,
+                                   sample n: Int) {
+            let a = t.scale + n * cin, b = t.shift + n * cin
+            let slope = t.leakySlope
+            let vs = SIMD16<Float>(repeating: slope ?? 1), zero = SIMD16<Float>()
+            for v in 0..<voxels {
+                let p = row + v * cin
+                var c = 0
+                while c + 16 <= cin {
+                    var x = cload(b + c).addingProduct(cload(a + c), cload(p + c))
+                    if slope != nil { x = x.replacing(with: x * vs, where: x .< zero) }
+                    cstore(x, p + c)
+                    c += 16
+                }
+                while c < cin {
+                    var x = b[c] + a[c] * p[c]
+                    if let slope, x < 0 { x *= slope }
+                    p[c] = x
+                    c += 1
+                }
+            }
+        }
+
         /// One output plane: for each block of 48 output channels and each group of tiles, sweep the
         /// weight chunks, then copy the group's real voxels (+ bias) to y.
         static func computePlane(bases: UnsafePointer<UnsafePointer<Float>>, packed: UnsafePointer<Float>,
                                  bias: UnsafePointer<Float>?, yPlane: UnsafeMutablePointer<Float>,
-                                 acc: UnsafeMutablePointer<Float>, s: Shape, g: Geometry) {
+                                 acc: UnsafeMutablePointer<Float>, s: Shape, g: Geometry,
+                                 stats: Statistics?, part: Int, sample: Int) {
             let cin = g.cin
             let chunk = tapsPerChunk(cin: cin)
             let cb48 = Conv3d.coutBlock
@@ -476,6 +611,9 @@ public enum Conv3d {
                             for q in 0..<valid { dst[q] = src[q] + (bias?[cb * cb48 + q] ?? 0) }
                         }
                     }
+                    let vStart = t0 * Conv3d.tileVoxels
+                    stats?.add(part: part, sample: sample, rows: yPlane + vStart * s.cout + cb * cb48,
+                               count: vEnd - vStart, stride: s.cout, c0: cb * cb48, channels: valid)
                     t0 = t1
                 }
             }

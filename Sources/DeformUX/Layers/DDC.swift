@@ -101,12 +101,33 @@ public enum DDCLayerOps {
     }
 
     /// The offsets the kernel reads: a workspace buffer whose first N*81*V values are the field.
+    /// `offsetKernel` 3 is the Table 3 ablation: a 3x3x3 offset conv (padding 1, aligned mode,
+    /// channels-last x; forward only).
     static func computeOffsets(x: UnsafePointer<Float>, offsetWeight: UnsafePointer<Float>,
                                offsetBias: UnsafePointer<Float>, mode: OffsetMode, shape: DDCShape,
-                               layout: Layout, workspace: Workspace) throws -> UnsafeMutablePointer<Float> {
+                               layout: Layout, offsetKernel: Int = 1,
+                               workspace: Workspace) throws -> UnsafeMutablePointer<Float> {
+        let aligned = try workspace.buffer("ddc.offsets", count: shape.offsetCount)
+        if offsetKernel == 3 {
+            guard mode == .aligned, layout == .channelsLast else {
+                throw DeformUXError.invalidArgument("DDC layer: a 3x3x3 offset branch needs aligned offsets and channels-last input")
+            }
+            let cs = try Conv3d.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, d: shape.d, h: shape.h,
+                                      w: shape.w, kernel: 3, padding: 1)
+            let packed = try workspace.buffer("ddc.offsetWeightPacked", count: Conv3d.packedCount(cs))
+            Conv3d.pack(weight: offsetWeight, into: packed, shape: cs)
+            let channelsLast = try workspace.buffer("ddc.offsetsChannelsLast", count: shape.offsetCount)
+            try Conv3d.forward(x: x, packedWeight: packed, bias: offsetBias, y: channelsLast, shape: cs, workspace: workspace)
+            for n in 0..<shape.n {
+                let src = channelsLast + n * shape.offsetCount / shape.n, dst = aligned + n * shape.offsetCount / shape.n
+                for v in 0..<shape.voxels {
+                    for o in 0..<DDCShape.offsetChannels { dst[o * shape.voxels + v] = src[v * DDCShape.offsetChannels + o] }
+                }
+            }
+            return aligned
+        }
         let pw = Pointwise.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, voxels: shape.voxels,
                                  xLayout: layout, yLayout: .channelsFirst)
-        let aligned = try workspace.buffer("ddc.offsets", count: shape.offsetCount)
         Pointwise.forward(x: x, weight: offsetWeight, bias: offsetBias, y: aligned, shape: pw)
         if mode == .aligned { return aligned }
         let g = OfficialGeometry(shape)

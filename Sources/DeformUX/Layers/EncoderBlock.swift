@@ -80,13 +80,21 @@ final class EncoderBlock {
                 throw DeformUXError.internal("encoder block: the DeformUX block has no offset branch")
             }
             let s = try DDCShape(n: v.n, c: v.c, d: v.d, h: v.h, w: v.w)
-            guard config.deformable == .depthwise, config.offsetKernel == 1 else {
-                throw DeformUXError.invalidArgument("encoder block: the ablations offset_kernel=3 and deformable=standard are not implemented yet")
+            let offsets = try DDCLayerOps.computeOffsets(x: x.pointer, offsetWeight: p.value(offsetWeight),
+                                                         offsetBias: p.value(offsetBias), mode: config.offsetMode,
+                                                         shape: s, layout: .channelsLast,
+                                                         offsetKernel: config.offsetKernel, workspace: ctx.workspace)
+            if let heldAxis { DDCLayerOps.holdAxis(heldAxis, of: offsets, shape: s) }
+            switch config.deformable {
+            case .depthwise:
+                try DeformConv3d.forward(x: x.pointer, offsets: offsets, weight: p.value(convWeight),
+                                         bias: p.value(convBias), y: y.pointer, shape: s, layout: .channelsLast,
+                                         workspace: ctx.workspace)
+            case .standard:
+                try StandardDeformConv3d.forward(x: x.pointer, offsets: offsets, weight: p.value(convWeight),
+                                                 bias: p.value(convBias), y: y.pointer, shape: s, cout: v.c,
+                                                 workspace: ctx.workspace)
             }
-            try DDCLayerOps.forward(x: x.pointer, weight: p.value(convWeight), bias: p.value(convBias),
-                                    offsetWeight: p.value(offsetWeight), offsetBias: p.value(offsetBias),
-                                    mode: config.offsetMode, y: y.pointer, offsetsOut: nil, shape: s,
-                                    layout: .channelsLast, heldAxis: heldAxis, workspace: ctx.workspace)
         case .uxnet:
             let s = try DepthwiseConv3d.Shape(n: v.n, c: v.c, d: v.d, h: v.h, w: v.w, kernel: config.kernelSize)
             let packed = try ctx.workspace.buffer("conv.packed", count: DepthwiseConv3d.packedCount(s))
