@@ -34,9 +34,15 @@ struct BenchConv: ParsableCommand {
         try conv3("3x3x3 [96+96]->96 @\(h) (decoder3 conv1)", cin: 192, cin2: 96, cout: 96, edge: h)
         try conv3("3x3x3 192->96 @\(h) (one source)", cin: 192, cin2: 0, cout: 96, edge: h)
         try conv3("3x3x3 1->48 @\(s) (encoder1 conv1)", cin: 1, cin2: 0, cout: 48, edge: s)
+        try other("3x3x3 48->48 @\(s) +IN/LReLU in, +stats", cin: 48, cin2: 0, cout: 48, edge: s, k: 3, stride: 1, pad: 1,
+                  fused: true)
         try conv3("3x3x3 [192+192]->192 @\(s / 4) (decoder4 conv1)", cin: 384, cin2: 192, cout: 192, edge: s / 4)
         try conv3("3x3x3 [384+384]->384 @\(s / 8) (decoder5 conv1)", cin: 768, cin2: 384, cout: 384, edge: s / 8)
         try conv3("3x3x3 768->768 @\(s / 16) (encoder5 conv2)", cin: 768, cin2: 0, cout: 768, edge: s / 16)
+
+        // Backward of the big 3x3x3 convs: input gradient and weight gradient timed apart.
+        try backward("3x3x3 48->48 @\(s)", cin: 48, cin2: 0, cout: 48, edge: s)
+        try backward("3x3x3 [96+96]->96 @\(h)", cin: 192, cin2: 96, cout: 96, edge: h)
 
         // The other kernels at their network sizes.
         try other("7x7x7 s2 1->48 @\(s) (stem)", cin: 1, cin2: 0, cout: 48, edge: s, k: 7, stride: 2, pad: 3)
@@ -89,7 +95,9 @@ struct BenchConv: ParsableCommand {
         try other(name, cin: cin, cin2: cin2, cout: cout, edge: edge, k: 3, stride: 1, pad: 1)
     }
 
-    func other(_ name: String, cin: Int, cin2: Int, cout: Int, edge: Int, k: Int, stride: Int, pad: Int) throws {
+    /// `fused`: with an input transform (InstanceNorm + LeakyReLU of the input) and output statistics.
+    func other(_ name: String, cin: Int, cin2: Int, cout: Int, edge: Int, k: Int, stride: Int, pad: Int,
+               fused: Bool = false) throws {
         guard selected(name) else { return }
         let shape = try Conv3d.Shape(n: 1, cin: cin, cout: cout, d: edge, h: edge, w: edge,
                                      kernel: k, stride: stride, padding: pad, cin2: cin2)
@@ -102,11 +110,45 @@ struct BenchConv: ParsableCommand {
         let packMs = timeMs { Conv3d.pack(weight: weight.pointer, into: packed.pointer, shape: shape) }
         let y = try Tensor(zeros: [shape.outputCount])
         let ws = Workspace()
-        let ms = try timeMs {
-            try Conv3d.forward(x: x1.pointer, x2: x2?.pointer, packedWeight: packed.pointer, bias: nil,
-                               y: y.pointer, shape: shape, workspace: ws)
+        let scale = try filled(cin, &rng), shift = try filled(cin, &rng)
+        let transform = fused ? Conv3d.InputTransform(scale: scale.pointer, shift: shift.pointer, leakySlope: 0.01) : nil
+        var stats = [Double](repeating: 0, count: 2 * cout)
+        let ms = try stats.withUnsafeMutableBufferPointer { sp in
+            try timeMs {
+                try Conv3d.forward(x: x1.pointer, x2: x2?.pointer, packedWeight: packed.pointer, bias: nil,
+                                   y: y.pointer, shape: shape, workspace: ws, inputTransform: transform,
+                                   statistics: fused ? sp.baseAddress : nil)
+            }
         }
         report(name, ms: ms, macs: Double(shape.macs), extra: "pack \(fixed(packMs, 2)) ms")
+    }
+
+    func backward(_ name: String, cin: Int, cin2: Int, cout: Int, edge: Int) throws {
+        guard selected("bwd " + name) || selected("backward") else { return }
+        let shape = try Conv3d.Shape(n: 1, cin: cin, cout: cout, d: edge, h: edge, w: edge,
+                                     kernel: 3, stride: 1, padding: 1, cin2: cin2)
+        var rng = BenchRNG(seed: 11)
+        let voxels = edge * edge * edge
+        let x1 = try filled(voxels * shape.cin1, &rng)
+        let x2 = cin2 > 0 ? try filled(voxels * cin2, &rng) : nil
+        let weight = try filled(shape.weightCount, &rng, scale: 0.05)
+        let gy = try filled(shape.outputCount, &rng)
+        let gx1 = try Tensor(zeros: [voxels * shape.cin1])
+        let gx2 = cin2 > 0 ? try Tensor(zeros: [voxels * cin2]) : nil
+        let gw = try Tensor(zeros: [shape.weightCount])
+        let ws = Workspace()
+        let dgrad = try timeMs {
+            try Conv3d.backward(x: x1.pointer, x2: x2?.pointer, weight: weight.pointer, gradY: gy.pointer,
+                                gradX: gx1.pointer, gradX2: gx2?.pointer, gradWeight: nil, gradBias: nil,
+                                shape: shape, workspace: ws)
+        }
+        report("bwd input grad " + name, ms: dgrad, macs: Double(shape.macs))
+        let wgrad = try timeMs {
+            try Conv3d.backward(x: x1.pointer, x2: x2?.pointer, weight: weight.pointer, gradY: gy.pointer,
+                                gradX: nil, gradX2: nil, gradWeight: gw.pointer, gradBias: nil,
+                                shape: shape, workspace: ws)
+        }
+        report("bwd weight grad " + name, ms: wgrad, macs: Double(shape.macs))
     }
 
     func transposed(_ name: String, cin: Int, cout: Int, edge: Int) throws {

@@ -7,13 +7,13 @@ struct DeformUXCommand: ParsableCommand {
         commandName: "deformux",
         abstract: "DeformUX-Net on the CPU: kernels, benchmarks (the network, training and segment come next).",
         version: "0.1.0",
-        subcommands: [Bench.self]
+        subcommands: [Bench.self, SummaryCommand.self]
     )
 }
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks that print their figures (build with -c release and a CPU target).",
-        subcommands: [BenchDDC.self, BenchModel.self]
+        subcommands: [BenchDDC.self, BenchModel.self, BenchConv.self]
     )
 }

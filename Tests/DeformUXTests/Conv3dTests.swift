@@ -197,6 +197,133 @@ final class Conv3dTests: XCTestCase {
                              "input transform on the 1x1x1 path")
     }
 
+    // MARK: Backward
+
+    /// The reference backward against central differences of the reference forward (Double). The
+    /// loss sum(gradY * conv(x)) is linear in each of x, W, b, so the differences are exact up to rounding.
+    func testReferenceBackwardFiniteDifferences() throws {
+        let cases: [(String, n: Int, cin: Int, cout: Int, d: Int, h: Int, w: Int, k: Int, stride: Int, pad: Int)] = [
+            ("fd 3x3x3 p1 N2 3x2x4 cin2 cout3", 2, 2, 3, 3, 2, 4, 3, 1, 1),
+            ("fd 2x2x2 s2 5x3x4 cin3 cout2", 1, 3, 2, 5, 3, 4, 2, 2, 0),
+            ("fd 7x7x7 s2 p3 5x4x3 cin1 cout2", 1, 1, 2, 5, 4, 3, 7, 2, 3),
+        ]
+        for (i, c) in cases.enumerated() {
+            var rng = TestRNG(seed: UInt64(700 + i))
+            let x = (0..<(c.n * c.d * c.h * c.w * c.cin)).map { _ in rng.uniform(-1, 1) }
+            let wt = (0..<(c.cout * c.cin * c.k * c.k * c.k)).map { _ in rng.uniform(-1, 1) }
+            let b = (0..<c.cout).map { _ in rng.uniform(-1, 1) }
+            func forward(_ x: [Double], _ wt: [Double], _ b: [Double]) -> [Double] {
+                ConvReference.conv3d(x: x, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wt, bias: b, cout: c.cout,
+                                     kernel: c.k, stride: c.stride, padding: c.pad)
+            }
+            let y = forward(x, wt, b)
+            let gy = y.map { _ in rng.uniform(-1, 1) }
+            func loss(_ y: [Double]) -> Double { zip(y, gy).reduce(0) { $0 + $1.0 * $1.1 } }
+            let g = ConvReference.conv3dBackward(x: x, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wt, gradY: gy,
+                                                 cout: c.cout, kernel: c.k, stride: c.stride, padding: c.pad)
+            let e = 1e-3
+            for _ in 0..<8 {
+                let xi = rng.int(0...(x.count - 1)), wi = rng.int(0...(wt.count - 1)), bi = rng.int(0...(c.cout - 1))
+                var xp = x, xm = x; xp[xi] += e; xm[xi] -= e
+                let fdX = (loss(forward(xp, wt, b)) - loss(forward(xm, wt, b))) / (2 * e)
+                XCTAssertEqual(g.gradX[xi], fdX, accuracy: 1e-8, "\(c.0): dL/dx at flat \(xi)")
+                var wp = wt, wm = wt; wp[wi] += e; wm[wi] -= e
+                let fdW = (loss(forward(x, wp, b)) - loss(forward(x, wm, b))) / (2 * e)
+                XCTAssertEqual(g.gradWeight[wi], fdW, accuracy: 1e-8, "\(c.0): dL/dW at flat \(wi)")
+                var bp = b, bm = b; bp[bi] += e; bm[bi] -= e
+                let fdB = (loss(forward(x, wt, bp)) - loss(forward(x, wt, bm))) / (2 * e)
+                XCTAssertEqual(g.gradBias[bi], fdB, accuracy: 1e-8, "\(c.0): dL/db at \(bi)")
+            }
+        }
+    }
+
+    /// Conv3d.backward on every path against the reference; gradients are added to random initial
+    /// values (the += contract).
+    func testBackwardMatchesReference() throws {
+        let cases: [ConvCase] = [
+            ConvCase(name: "bwd 3x3x3 7x5x3 cin3 cout16", n: 1, cin: 3, cin2: 0, cout: 16, d: 7, h: 5, w: 3, k: 3, stride: 1, pad: 1, bias: true),
+            ConvCase(name: "bwd 3x3x3 N2 3x2x8 cin17 cout50", n: 2, cin: 17, cin2: 0, cout: 50, d: 3, h: 2, w: 8, k: 3, stride: 1, pad: 1, bias: true),
+            ConvCase(name: "bwd 3x3x3 two sources 5+3 cout17 9x4x6", n: 1, cin: 8, cin2: 3, cout: 17, d: 9, h: 4, w: 6, k: 3, stride: 1, pad: 1, bias: false),
+            ConvCase(name: "bwd 3x3x3 two sources 40+30 cout70 (straddling blocks) 2x3x4", n: 1, cin: 70, cin2: 30, cout: 70, d: 2, h: 3, w: 4, k: 3, stride: 1, pad: 1, bias: true),
+            ConvCase(name: "bwd 3x3x3 two sources 100+100 cout16 2x10x8 (weight gradient in position chunks)", n: 1, cin: 200, cin2: 100, cout: 16, d: 2, h: 10, w: 8, k: 3, stride: 1, pad: 1, bias: false),
+            ConvCase(name: "bwd 3x3x3 1x1x1 cin1 cout1", n: 1, cin: 1, cin2: 0, cout: 1, d: 1, h: 1, w: 1, k: 3, stride: 1, pad: 1, bias: true),
+            ConvCase(name: "bwd 1x1x1 N2 two sources 5+3 cout17 7x5x3", n: 2, cin: 8, cin2: 3, cout: 17, d: 7, h: 5, w: 3, k: 1, stride: 1, pad: 0, bias: true),
+            ConvCase(name: "bwd 2x2x2 s2 N2 two sources 5+3 cout5 5x4x6", n: 2, cin: 8, cin2: 3, cout: 5, d: 5, h: 4, w: 6, k: 2, stride: 2, pad: 0, bias: true),
+            ConvCase(name: "bwd 7x7x7 s2 p3 9x4x6 cin1 cout48", n: 1, cin: 1, cin2: 0, cout: 48, d: 9, h: 4, w: 6, k: 7, stride: 2, pad: 3, bias: true),
+            ConvCase(name: "bwd 3x3x3 s2 p1 7x5x3 cin16 cout17", n: 1, cin: 16, cin2: 0, cout: 17, d: 7, h: 5, w: 3, k: 3, stride: 2, pad: 1, bias: false),
+        ]
+        let guardThreads = ThreadCountGuard()
+        defer { guardThreads.restore() }
+        for (i, c) in cases.enumerated() {
+            var rng = TestRNG(seed: UInt64(800 + i))
+            let shape = try Conv3d.Shape(n: c.n, cin: c.cin, cout: c.cout, d: c.d, h: c.h, w: c.w,
+                                         kernel: c.k, stride: c.stride, padding: c.pad, cin2: c.cin2)
+            let voxels = c.d * c.h * c.w, c1 = c.cin - c.cin2
+            let x1 = rng.floats(c.n * voxels * c1), x2 = rng.floats(c.n * voxels * c.cin2)
+            let weight = rng.floats(shape.weightCount)
+            let gy = rng.floats(shape.outputCount)
+            let gx1Init = rng.floats(x1.count), gx2Init = rng.floats(x2.count)
+            let gwInit = rng.floats(weight.count), gbInit = rng.floats(c.cout)
+            var xcat = [Double](repeating: 0, count: c.n * voxels * c.cin)
+            for v in 0..<(c.n * voxels) {
+                for j in 0..<c1 { xcat[v * c.cin + j] = Double(x1[v * c1 + j]) }
+                for j in 0..<c.cin2 { xcat[v * c.cin + c1 + j] = Double(x2[v * c.cin2 + j]) }
+            }
+            let wd = weight.map(Double.init), gyd = gy.map(Double.init)
+            let ref = ConvReference.conv3dBackward(x: xcat, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wd,
+                                                   gradY: gyd, cout: c.cout, kernel: c.k, stride: c.stride, padding: c.pad)
+            let mag = ConvReference.conv3dBackward(x: xcat.map(abs), n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w,
+                                                   weight: wd.map(abs), gradY: gyd.map(abs), cout: c.cout, kernel: c.k,
+                                                   stride: c.stride, padding: c.pad)
+            // Expected: initial value + reference; magnitude: |initial| + reference magnitude.
+            var want1 = [Double](), want2 = [Double](), mag1 = [Double](), mag2 = [Double]()
+            for v in 0..<(c.n * voxels) {
+                for j in 0..<c1 {
+                    want1.append(Double(gx1Init[v * c1 + j]) + ref.gradX[v * c.cin + j])
+                    mag1.append(Double(abs(gx1Init[v * c1 + j])) + mag.gradX[v * c.cin + j])
+                }
+                for j in 0..<c.cin2 {
+                    want2.append(Double(gx2Init[v * c.cin2 + j]) + ref.gradX[v * c.cin + c1 + j])
+                    mag2.append(Double(abs(gx2Init[v * c.cin2 + j])) + mag.gradX[v * c.cin + c1 + j])
+                }
+            }
+            let wantW = zip(gwInit, ref.gradWeight).map { Double($0) + $1 }
+            let magW = zip(gwInit, mag.gradWeight).map { Double(abs($0)) + $1 }
+            let wantB = zip(gbInit, ref.gradBias).map { Double($0) + $1 }
+            let magB = zip(gbInit, mag.gradBias).map { Double(abs($0)) + $1 }
+            var gradXs: [[Float]] = []
+            for threads in [1, 2] {
+                try Threads.setCount(threads)
+                var gx1 = gx1Init, gx2 = gx2Init, gw = gwInit, gb = gbInit
+                let x1t = try Tensor(shape: [max(x1.count, 1)], values: x1.isEmpty ? [0] : x1)
+                let x2t = try Tensor(shape: [max(x2.count, 1)], values: x2.isEmpty ? [0] : x2)
+                let wt = try Tensor(shape: [weight.count], values: weight), gyt = try Tensor(shape: [gy.count], values: gy)
+                try gx1.withUnsafeMutableBufferPointer { g1 in
+                    try gx2.withUnsafeMutableBufferPointer { g2 in
+                        try gw.withUnsafeMutableBufferPointer { gwp in
+                            try gb.withUnsafeMutableBufferPointer { gbp in
+                                try Conv3d.backward(x: x1t.pointer, x2: c.cin2 > 0 ? x2t.pointer : nil, weight: wt.pointer,
+                                                    gradY: gyt.pointer, gradX: g1.baseAddress,
+                                                    gradX2: c.cin2 > 0 ? g2.baseAddress : nil,
+                                                    gradWeight: gwp.baseAddress, gradBias: gbp.baseAddress,
+                                                    shape: shape, workspace: Workspace())
+                            }
+                        }
+                    }
+                }
+                let label = "\(c.name), \(threads) thread(s)"
+                assertWithinMagnitude(gx1, want1, mag1, rtol: Self.rtol, shape: [c.n, c.d, c.h, c.w, c1], "\(label): grad x1")
+                if c.cin2 > 0 {
+                    assertWithinMagnitude(gx2, want2, mag2, rtol: Self.rtol, shape: [c.n, c.d, c.h, c.w, c.cin2], "\(label): grad x2")
+                }
+                assertWithinMagnitude(gw, wantW, magW, rtol: Self.rtol, shape: [c.cout, c.cin, c.k, c.k, c.k], "\(label): grad weight")
+                assertWithinMagnitude(gb, wantB, magB, rtol: Self.rtol, shape: [c.cout], "\(label): grad bias")
+                gradXs.append(gx1 + gx2)
+            }
+            assertIdentical(gradXs[1], gradXs[0], "\(c.name): grad x, 2 threads vs 1 thread")
+        }
+    }
+
     // MARK: ConvTranspose3d
 
     func testConvTransposeMatchesReference() throws {
@@ -234,6 +361,79 @@ final class Conv3dTests: XCTestCase {
                 results.append(got)
             }
             assertIdentical(results[1], results[0], shape: outShape, "\(c.0): 2 threads vs 1 thread")
+        }
+    }
+
+    func testConvTransposeBackwardMatchesReference() throws {
+        let cases: [(String, n: Int, cin: Int, cout: Int, d: Int, h: Int, w: Int, k: Int)] = [
+            ("convT bwd k2 7x5x3 cin3 cout16", 1, 3, 16, 7, 5, 3, 2),
+            ("convT bwd k2 N2 3x4x6 cin17 cout17", 2, 17, 17, 3, 4, 6, 2),
+            ("convT bwd k2 1x1x1 cin48 cout1", 1, 48, 1, 1, 1, 1, 2),
+            ("convT bwd k3 2x2x3 cin5 cout3", 1, 5, 3, 2, 2, 3, 3),
+        ]
+        let guardThreads = ThreadCountGuard()
+        defer { guardThreads.restore() }
+        for (i, c) in cases.enumerated() {
+            var rng = TestRNG(seed: UInt64(900 + i))
+            let s = try ConvTranspose3d.Shape(n: c.n, cin: c.cin, cout: c.cout, d: c.d, h: c.h, w: c.w, kernel: c.k)
+            let x = rng.floats(s.inputCount), weight = rng.floats(s.weightCount), gy = rng.floats(s.outputCount)
+            let gxInit = rng.floats(x.count), gwInit = rng.floats(weight.count), gbInit = rng.floats(c.cout)
+            let xd = x.map(Double.init), wd = weight.map(Double.init), gyd = gy.map(Double.init)
+            let ref = ConvReference.convTranspose3dBackward(x: xd, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wd,
+                                                            gradY: gyd, cout: c.cout, kernel: c.k, stride: c.k)
+            let mag = ConvReference.convTranspose3dBackward(x: xd.map(abs), n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w,
+                                                            weight: wd.map(abs), gradY: gyd.map(abs), cout: c.cout,
+                                                            kernel: c.k, stride: c.k)
+            func plus(_ a: [Float], _ b: [Double]) -> [Double] { zip(a, b).map { Double($0) + $1 } }
+            func plusAbs(_ a: [Float], _ b: [Double]) -> [Double] { zip(a, b).map { Double(abs($0)) + $1 } }
+            for threads in [1, 2] {
+                try Threads.setCount(threads)
+                var gx = gxInit, gw = gwInit, gb = gbInit
+                let xt = try Tensor(shape: [x.count], values: x), wt = try Tensor(shape: [weight.count], values: weight)
+                let gyt = try Tensor(shape: [gy.count], values: gy)
+                try gx.withUnsafeMutableBufferPointer { gxp in
+                    try gw.withUnsafeMutableBufferPointer { gwp in
+                        try gb.withUnsafeMutableBufferPointer { gbp in
+                            try ConvTranspose3d.backward(x: xt.pointer, weight: wt.pointer, gradY: gyt.pointer,
+                                                         gradX: gxp.baseAddress, gradWeight: gwp.baseAddress,
+                                                         gradBias: gbp.baseAddress, shape: s, workspace: Workspace())
+                        }
+                    }
+                }
+                let label = "\(c.0), \(threads) thread(s)"
+                assertWithinMagnitude(gx, plus(gxInit, ref.gradX), plusAbs(gxInit, mag.gradX), rtol: Self.rtol,
+                                      shape: [c.n, c.d, c.h, c.w, c.cin], "\(label): grad x")
+                assertWithinMagnitude(gw, plus(gwInit, ref.gradWeight), plusAbs(gwInit, mag.gradWeight), rtol: Self.rtol,
+                                      shape: [c.cin, c.cout, c.k, c.k, c.k], "\(label): grad weight")
+                assertWithinMagnitude(gb, plus(gbInit, ref.gradBias), plusAbs(gbInit, mag.gradBias), rtol: Self.rtol,
+                                      shape: [c.cout], "\(label): grad bias")
+            }
+        }
+    }
+
+    func testReferenceConvTransposeBackwardFiniteDifferences() throws {
+        var rng = TestRNG(seed: 950)
+        let (n, cin, cout, d, h, w, k) = (2, 3, 2, 2, 3, 2, 2)
+        let x = (0..<(n * d * h * w * cin)).map { _ in rng.uniform(-1, 1) }
+        let wt = (0..<(cin * cout * k * k * k)).map { _ in rng.uniform(-1, 1) }
+        let b = (0..<cout).map { _ in rng.uniform(-1, 1) }
+        func forward(_ x: [Double], _ wt: [Double], _ b: [Double]) -> [Double] {
+            ConvReference.convTranspose3d(x: x, n: n, cin: cin, d: d, h: h, w: w, weight: wt, bias: b, cout: cout,
+                                          kernel: k, stride: k)
+        }
+        let gy = forward(x, wt, b).map { _ in rng.uniform(-1, 1) }
+        func loss(_ y: [Double]) -> Double { zip(y, gy).reduce(0) { $0 + $1.0 * $1.1 } }
+        let g = ConvReference.convTranspose3dBackward(x: x, n: n, cin: cin, d: d, h: h, w: w, weight: wt, gradY: gy,
+                                                      cout: cout, kernel: k, stride: k)
+        let e = 1e-3
+        for _ in 0..<8 {
+            let xi = rng.int(0...(x.count - 1)), wi = rng.int(0...(wt.count - 1)), bi = rng.int(0...(cout - 1))
+            var xp = x, xm = x; xp[xi] += e; xm[xi] -= e
+            XCTAssertEqual(g.gradX[xi], (loss(forward(xp, wt, b)) - loss(forward(xm, wt, b))) / (2 * e), accuracy: 1e-8, "dL/dx at \(xi)")
+            var wp = wt, wm = wt; wp[wi] += e; wm[wi] -= e
+            XCTAssertEqual(g.gradWeight[wi], (loss(forward(x, wp, b)) - loss(forward(x, wm, b))) / (2 * e), accuracy: 1e-8, "dL/dW at \(wi)")
+            var bp = b, bm = b; bp[bi] += e; bm[bi] -= e
+            XCTAssertEqual(g.gradBias[bi], (loss(forward(x, wt, bp)) - loss(forward(x, wt, bm))) / (2 * e), accuracy: 1e-8, "dL/db at \(bi)")
         }
     }
 

@@ -1,7 +1,7 @@
 import COpenBLAS
 
-/// Dense 3D convolution (PyTorch's Conv3d: cross-correlation, zero padding, cubic kernel), forward,
-/// on channels-last activations.
+/// Dense 3D convolution (PyTorch's Conv3d: cross-correlation, zero padding, cubic kernel), forward and
+/// backward, on channels-last activations.
 ///
 ///     x       N x D x H x W x Cin          (optionally two sources: x1 with Cin - cin2 channels and x2
 ///                                            with cin2 channels, meaning their concatenation [x1, x2])
@@ -24,8 +24,19 @@ import COpenBLAS
 /// - `im2col` (anything else: the 7x7x7 stride-2 stem, the 2x2x2 stride-2 downsampling): a bounded
 ///   block of output voxels at a time gathers its k^3 Cin-vectors into a column panel, then sgemm.
 ///
-/// Threads own disjoint output ranges and call single-threaded sgemm; results depend on the thread
-/// count only through sgemm's blocking (they do not here: each output row is one sgemm row).
+/// Forward options (see `forward`): an `InputTransform` (a preceding InstanceNorm + LeakyReLU applied
+/// while the direct kernel pads its input) and per-channel output `statistics` (for the following
+/// InstanceNorm), both to save passes over large activations.
+///
+/// Backward (`backward`, adds into the gradients): the 3x3x3 input gradient is the same direct kernel
+/// with the weight transposed and flipped (writing into the two sources' gradients); its weight
+/// gradient is one GEMM per tap over the padded planes. The sgemm paths use the transposed GEMMs and
+/// col2im. Not yet: the input transform's own gradient (pass the transformed input to backward).
+///
+/// Threads own disjoint output ranges and call single-threaded sgemm. Forward outputs and input
+/// gradients do not depend on the thread count (each output element is computed by one part in a
+/// fixed order); weight/bias gradients and statistics of the sgemm paths are per-part sums added in
+/// part order, so they depend on the thread count but never on timing.
 public enum Conv3d {
     /// Output channels per register tile of the direct kernel (3 SIMD16 vectors).
     @usableFromInline static let coutBlock = 48
@@ -245,8 +256,9 @@ public enum Conv3d {
         let stats = partials.map { Statistics(partials: $0, n: s.n, cout: s.cout) }
         switch s.path {
         case .direct3x3x3:
-            try Direct.forward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s, workspace: workspace,
-                               transform: inputTransform, stats: stats, parts: parts)
+            try Direct.forward(x1: x, x2: x2p, packed: packedWeight, bias: bias,
+                               out: Direct.Output(y1: y, c1: s.cout, y2: nil, c2: 0, accumulate: false), s: s,
+                               workspace: workspace, transform: inputTransform, stats: stats, parts: parts)
         case .pointwise:
             pointwiseForward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s, stats: stats, parts: parts)
         case .im2col:
@@ -314,6 +326,206 @@ public enum Conv3d {
         }
     }
 
+    // MARK: Backward
+
+    /// Adds the gradients of `forward` (without an input transform: pass the input the conv saw):
+    ///
+    ///     gradX       N x D x H x W x Cin1   += dL/dx1        (nil: not wanted)
+    ///     gradX2      N x D x H x W x Cin2   += dL/dx2        (two sources; nil together with gradX or not at all)
+    ///     gradWeight  Cout x Cin x k x k x k += dL/dW         (PyTorch layout)
+    ///     gradBias    Cout                   += dL/db
+    ///
+    /// `weight` is the PyTorch-layout weight. The input gradient of the 3x3x3 path is the same direct
+    /// kernel run on grad_y with the weight transposed (Cin <-> Cout) and flipped; its weight gradient
+    /// is 27 GEMMs (one per tap) of grad_y against shifted views of the padded input planes, threads
+    /// owning disjoint taps, so it does not depend on the thread count. The sgemm paths split voxels
+    /// and sum per-part weight gradients in part order. Throws when scratch memory cannot be had or
+    /// the gradient buffers do not fit the shape.
+    public static func backward(x: UnsafePointer<Float>, x2: UnsafePointer<Float>? = nil, weight: UnsafePointer<Float>,
+                                gradY: UnsafePointer<Float>, gradX: UnsafeMutablePointer<Float>?,
+                                gradX2: UnsafeMutablePointer<Float>? = nil,
+                                gradWeight: UnsafeMutablePointer<Float>?, gradBias: UnsafeMutablePointer<Float>?,
+                                shape s: Shape, workspace: Workspace) throws {
+        let op = "conv3d backward"
+        if s.cin2 > 0 && x2 == nil {
+            throw DeformUXError.invalidArgument("\(op): shape \(s) has a second input, but x2 is nil")
+        }
+        if s.cin2 > 0 && (gradX == nil) != (gradX2 == nil) {
+            throw DeformUXError.invalidArgument("\(op): with two inputs, give both input gradients or neither")
+        }
+        let x2p: UnsafePointer<Float>? = s.cin2 > 0 ? x2 : nil
+        let gx2: UnsafeMutablePointer<Float>? = s.cin2 > 0 ? gradX2 : nil
+        let maxParts = Threads.count
+        let outVoxels = s.n * s.od * s.oh * s.ow
+
+        if let gradBias {
+            // Sum of grad_y over voxels, per part in Double, then in part order.
+            let parts = max(1, min(maxParts, outVoxels / 4096))
+            let raw = try workspace.buffer("conv3d.gradBiasParts", count: 2 * parts * 2 * s.cout)
+            let partials = UnsafeMutableRawPointer(raw).bindMemory(to: Double.self, capacity: parts * 2 * s.cout)
+            partials.initialize(repeating: 0, count: parts * 2 * s.cout)
+            let sums = Statistics(partials: partials, n: 1, cout: s.cout)
+            parallelFor(parts) { part in
+                let r = Threads.range(part, of: parts, total: outVoxels)
+                sums.add(part: part, y: gradY, v0: r.lowerBound, count: r.count, voxelsPerSample: outVoxels)
+            }
+            for co in 0..<s.cout {
+                var acc = 0.0
+                for part in 0..<parts { acc += partials[part * 2 * s.cout + co] }
+                gradBias[co] += Float(acc)
+            }
+        }
+        if let gradX {
+            try inputGradient(weight: weight, gradY: gradY, gradX1: gradX, gradX2: gx2, s: s, workspace: workspace,
+                              parts: maxParts)
+        }
+        if let gradWeight {
+            switch s.path {
+            case .direct3x3x3:
+                try Direct.weightGradient(x1: x, x2: x2p, gradY: gradY, gradWeight: gradWeight, s: s,
+                                          workspace: workspace, parts: maxParts)
+            case .pointwise, .im2col:
+                try gemmWeightGradient(x1: x, x2: x2p, gradY: gradY, gradWeight: gradWeight, s: s,
+                                       workspace: workspace, parts: maxParts)
+            }
+        }
+    }
+
+    /// gradX (split into the two sources) += dL/dx.
+    static func inputGradient(weight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+                              gradX1: UnsafeMutablePointer<Float>, gradX2: UnsafeMutablePointer<Float>?,
+                              s: Shape, workspace: Workspace, parts maxParts: Int) throws {
+        let c1 = s.cin1, c2 = s.cin2, taps = s.taps
+        switch s.path {
+        case .direct3x3x3:
+            // dL/dx = conv3x3x3(grad_y, W') with W'[ci][co][t] = W[co][ci][26 - t], padding 1.
+            let t = try Shape(n: s.n, cin: s.cout, cout: s.cin, d: s.d, h: s.h, w: s.w, kernel: 3, stride: 1, padding: 1)
+            let flipped = try workspace.buffer("conv3d.weightFlipped", count: s.weightCount)
+            for co in 0..<s.cout {
+                for ci in 0..<s.cin {
+                    let src = weight + (co * s.cin + ci) * 27, dst = flipped + (ci * s.cout + co) * 27
+                    for k in 0..<27 { dst[26 - k] = src[k] }
+                }
+            }
+            let packed = try workspace.buffer("conv3d.packedFlipped", count: packedCount(t))
+            pack(weight: flipped, into: packed, shape: t)
+            try Direct.forward(x1: gradY, x2: nil, packed: packed, bias: nil,
+                               out: Direct.Output(y1: gradX1, c1: c1, y2: gradX2, c2: c2, accumulate: true),
+                               s: t, workspace: workspace, transform: nil, stats: nil, parts: maxParts)
+        case .pointwise:
+            // gradX1 (V x c1) += grad_y (V x Cout) . W[:, 0 ..< c1]; gradX2 likewise with the rest.
+            let voxels = s.n * s.d * s.h * s.w
+            let parts = max(1, min(maxParts, voxels / 512))
+            parallelFor(parts) { part in
+                let r = Threads.range(part, of: parts, total: voxels)
+                if r.isEmpty { return }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(r.count), Int32(c1), Int32(s.cout),
+                            1, gradY + r.lowerBound * s.cout, Int32(s.cout), weight, Int32(s.cin),
+                            1, gradX1 + r.lowerBound * c1, Int32(c1))
+                if let gradX2 {
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(r.count), Int32(c2), Int32(s.cout),
+                                1, gradY + r.lowerBound * s.cout, Int32(s.cout), weight + c1, Int32(s.cin),
+                                1, gradX2 + r.lowerBound * c2, Int32(c2))
+                }
+            }
+        case .im2col:
+            // Column gradient grad_y . P^T per block of output voxels, scattered back (col2im). Windows
+            // overlap when stride < kernel: then one part does all blocks, in order.
+            let packed = try workspace.buffer("conv3d.packedB", count: packedCount(s))
+            pack(weight: weight, into: packed, shape: s)
+            let outVoxels = s.n * s.od * s.oh * s.ow
+            let block = im2colBlock(s)
+            let kdim = taps * s.cin
+            let parts = s.stride >= s.kernel ? max(1, min(maxParts, (outVoxels + block - 1) / block)) : 1
+            let panels = try workspace.buffer("conv3d.im2col", count: parts * block * kdim)
+            let k = s.kernel
+            parallelFor(parts) { part in
+                let r = Threads.range(part, of: parts, total: outVoxels)
+                let panel = panels + part * block * kdim
+                var v0 = r.lowerBound
+                while v0 < r.upperBound {
+                    let count = min(block, r.upperBound - v0)
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(count), Int32(kdim), Int32(s.cout),
+                                1, gradY + v0 * s.cout, Int32(s.cout), packed, Int32(s.cout), 0, panel, Int32(kdim))
+                    for i in 0..<count {
+                        let v = v0 + i
+                        let ow = v % s.ow, oh = (v / s.ow) % s.oh, od = (v / (s.ow * s.oh)) % s.od
+                        let n = v / (s.ow * s.oh * s.od)
+                        var src = panel + i * kdim
+                        for kd in 0..<k {
+                            let id = od * s.stride - s.padding + kd
+                            for kh in 0..<k {
+                                let ih = oh * s.stride - s.padding + kh
+                                for kw in 0..<k {
+                                    let iw = ow * s.stride - s.padding + kw
+                                    if id >= 0 && id < s.d && ih >= 0 && ih < s.h && iw >= 0 && iw < s.w {
+                                        let at = ((n * s.d + id) * s.h + ih) * s.w + iw
+                                        let g1 = gradX1 + at * c1
+                                        for c in 0..<c1 { g1[c] += src[c] }
+                                        if let gradX2 {
+                                            let g2 = gradX2 + at * c2
+                                            for c in 0..<c2 { g2[c] += src[c1 + c] }
+                                        }
+                                    }
+                                    src += s.cin
+                                }
+                            }
+                        }
+                    }
+                    v0 += count
+                }
+            }
+        }
+    }
+
+    /// gradWeight += grad_y^T . columns, for the sgemm paths: per part (a voxel range) a Cout x K
+    /// partial ([co][tap][ci]), summed in part order and permuted to the PyTorch layout.
+    static func gemmWeightGradient(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, gradY: UnsafePointer<Float>,
+                                   gradWeight: UnsafeMutablePointer<Float>, s: Shape, workspace: Workspace,
+                                   parts maxParts: Int) throws {
+        let outVoxels = s.n * s.od * s.oh * s.ow
+        let kdim = s.taps * s.cin
+        let wCount = s.cout * kdim
+        let c1 = s.cin1, c2 = s.cin2
+        let block = s.path == .pointwise ? 1024 : im2colBlock(s)
+        let parts = max(1, min(maxParts, (outVoxels + block - 1) / block))
+        let partials = try workspace.buffer("conv3d.gradWeightParts", count: parts * wCount)
+        partials.initialize(repeating: 0, count: parts * wCount)
+        let panels: UnsafeMutablePointer<Float>? = s.path == .im2col
+            ? try workspace.buffer("conv3d.im2col", count: parts * block * kdim) : nil
+        parallelFor(parts) { part in
+            let r = Threads.range(part, of: parts, total: outVoxels)
+            let acc = partials + part * wCount
+            var v0 = r.lowerBound
+            while v0 < r.upperBound {
+                let count = min(block, r.upperBound - v0)
+                let gy = gradY + v0 * s.cout
+                if let panels {
+                    let panel = panels + part * block * kdim
+                    gatherPanel(panel, v0: v0, count: count, x1: x1, x2: x2, s: s)
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(s.cout), Int32(kdim), Int32(count),
+                                1, gy, Int32(s.cout), panel, Int32(kdim), 1, acc, Int32(kdim))
+                } else {
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(s.cout), Int32(c1), Int32(count),
+                                1, gy, Int32(s.cout), x1 + v0 * c1, Int32(c1), 1, acc, Int32(kdim))
+                    if let x2 {
+                        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(s.cout), Int32(c2), Int32(count),
+                                    1, gy, Int32(s.cout), x2 + v0 * c2, Int32(c2), 1, acc + c1, Int32(kdim))
+                    }
+                }
+                v0 += count
+            }
+        }
+        for part in 0..<parts {
+            let p = partials + part * wCount
+            for co in 0..<s.cout {
+                for t in 0..<s.taps {
+                    for ci in 0..<s.cin { gradWeight[(co * s.cin + ci) * s.taps + t] += p[(co * s.taps + t) * s.cin + ci] }
+                }
+            }
+        }
+    }
+
     // MARK: pointwise and im2col paths
 
     /// Rows of y (each Cout floats) set to the bias or 0.
@@ -367,54 +579,61 @@ public enum Conv3d {
         let kdim = s.taps * s.cin
         let parts = max(1, min(maxParts, (outVoxels + block - 1) / block))
         let panels = try workspace.buffer("conv3d.im2col", count: parts * block * kdim)
-        let c1 = s.cin1, c2 = s.cin2, k = s.kernel
         parallelFor(parts) { part in
             let r = Threads.range(part, of: parts, total: outVoxels)
             let panel = panels + part * block * kdim
             var v0 = r.lowerBound
             while v0 < r.upperBound {
                 let count = min(block, r.upperBound - v0)
-                // Gather: row v of the panel holds, for every tap (kd, kh, kw), the Cin-vector under it.
-                for i in 0..<count {
-                    let v = v0 + i
-                    let ow = v % s.ow, oh = (v / s.ow) % s.oh, od = (v / (s.ow * s.oh)) % s.od
-                    let n = v / (s.ow * s.oh * s.od)
-                    var dst = panel + i * kdim
-                    let iw0 = ow * s.stride - s.padding
-                    // Taps kw in kwLo..<kwHi read inside the volume; in channels-last order their
-                    // Cin-vectors are one contiguous run of x (one source).
-                    let kwLo = max(0, -iw0), kwHi = min(k, s.w - iw0)
-                    for kd in 0..<k {
-                        let id = od * s.stride - s.padding + kd
-                        for kh in 0..<k {
-                            let ih = oh * s.stride - s.padding + kh
-                            if id < 0 || id >= s.d || ih < 0 || ih >= s.h || kwLo >= kwHi {
-                                dst.initialize(repeating: 0, count: k * s.cin)
-                                dst += k * s.cin
-                                continue
-                            }
-                            let rowAt = ((n * s.d + id) * s.h + ih) * s.w + iw0
-                            if kwLo > 0 { dst.initialize(repeating: 0, count: kwLo * s.cin) }
-                            if let x2 {
-                                for kw in kwLo..<kwHi {
-                                    let at = rowAt + kw
-                                    (dst + kw * s.cin).update(from: x1 + at * c1, count: c1)
-                                    (dst + kw * s.cin + c1).update(from: x2 + at * c2, count: c2)
-                                }
-                            } else {
-                                (dst + kwLo * c1).update(from: x1 + (rowAt + kwLo) * c1, count: (kwHi - kwLo) * c1)
-                            }
-                            if kwHi < k { (dst + kwHi * s.cin).initialize(repeating: 0, count: (k - kwHi) * s.cin) }
-                            dst += k * s.cin
-                        }
-                    }
-                }
+                gatherPanel(panel, v0: v0, count: count, x1: x1, x2: x2, s: s)
                 let yb = y + v0 * s.cout
                 initRows(yb, rows: count, cout: s.cout, bias: bias)
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(count), Int32(s.cout), Int32(kdim),
                             1, panel, Int32(kdim), packed, Int32(s.cout), 1, yb, Int32(s.cout))
                 stats?.add(part: part, y: y, v0: v0, count: count, voxelsPerSample: s.od * s.oh * s.ow)
                 v0 += count
+            }
+        }
+    }
+
+    /// Column panel rows for output voxels v0 ..< v0 + count (flat over all samples): row i holds, for
+    /// every tap (kd, kh, kw) in order, the Cin-vector under it ([x1, x2] channels; 0 outside).
+    static func gatherPanel(_ panel: UnsafeMutablePointer<Float>, v0: Int, count: Int, x1: UnsafePointer<Float>,
+                            x2: UnsafePointer<Float>?, s: Shape) {
+        let c1 = s.cin1, c2 = s.cin2, k = s.kernel
+        let kdim = s.taps * s.cin
+        for i in 0..<count {
+            let v = v0 + i
+            let ow = v % s.ow, oh = (v / s.ow) % s.oh, od = (v / (s.ow * s.oh)) % s.od
+            let n = v / (s.ow * s.oh * s.od)
+            var dst = panel + i * kdim
+            let iw0 = ow * s.stride - s.padding
+            // Taps kw in kwLo..<kwHi read inside the volume; in channels-last order their
+            // Cin-vectors are one contiguous run of x (one source).
+            let kwLo = max(0, -iw0), kwHi = min(k, s.w - iw0)
+            for kd in 0..<k {
+                let id = od * s.stride - s.padding + kd
+                for kh in 0..<k {
+                    let ih = oh * s.stride - s.padding + kh
+                    if id < 0 || id >= s.d || ih < 0 || ih >= s.h || kwLo >= kwHi {
+                        dst.initialize(repeating: 0, count: k * s.cin)
+                        dst += k * s.cin
+                        continue
+                    }
+                    let rowAt = ((n * s.d + id) * s.h + ih) * s.w + iw0
+                    if kwLo > 0 { dst.initialize(repeating: 0, count: kwLo * s.cin) }
+                    if let x2 {
+                        for kw in kwLo..<kwHi {
+                            let at = rowAt + kw
+                            (dst + kw * s.cin).update(from: x1 + at * c1, count: c1)
+                            (dst + kw * s.cin + c1).update(from: x2 + at * c2, count: c2)
+                        }
+                    } else {
+                        (dst + kwLo * c1).update(from: x1 + (rowAt + kwLo) * c1, count: (kwHi - kwLo) * c1)
+                    }
+                    if kwHi < k { (dst + kwHi * s.cin).initialize(repeating: 0, count: (k - kwHi) * s.cin) }
+                    dst += k * s.cin
+                }
             }
         }
     }
@@ -463,8 +682,17 @@ public enum Conv3d {
             return 1
         }
 
+        /// Where the direct kernel writes: output channels 0 ..< c1 to y1 (rows of c1 floats) and, for the
+        /// input gradient of a two-source conv, channels c1 ..< c1 + c2 to y2 (rows of c2); overwriting
+        /// or adding.
+        struct Output {
+            let y1: UnsafeMutablePointer<Float>, c1: Int
+            let y2: UnsafeMutablePointer<Float>?, c2: Int
+            let accumulate: Bool
+        }
+
         static func forward(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, packed: UnsafePointer<Float>,
-                            bias: UnsafePointer<Float>?, y: UnsafeMutablePointer<Float>, s: Shape,
+                            bias: UnsafePointer<Float>?, out: Output, s: Shape,
                             workspace: Workspace, transform: InputTransform?, stats: Statistics?,
                             parts maxParts: Int) throws {
             let g = Geometry(s)
@@ -481,29 +709,100 @@ public enum Conv3d {
                     guard let bp = basesBuf.baseAddress else { return }
                     for plane in Threads.range(part, of: parts, total: planes) {
                         let n = plane / s.d, d = plane % s.d
-                        // Make sure input planes d-1, d, d+1 of sample n are in the ring.
+                        let slots = ensurePlanes(ring: ring, loaded: &loaded, n: n, d: d, x1: x1, x2: x2, s: s, g: g,
+                                                 transform: transform)
+                        // Tap (kd, kh, kw) reads position pos + (kh-1) * wp + (kw-1) of plane kd.
                         for kd in 0..<3 {
-                            let dIn = d - 1 + kd
-                            let key = n * (s.d + 2) + dIn + 1
-                            let slot = (dIn + 1) % 3
-                            let slotPtr = ring + slot * g.planeFloats
-                            let current: Int
-                            switch slot { case 0: current = loaded.0; case 1: current = loaded.1; default: current = loaded.2 }
-                            if current != key {
-                                fillPlane(slotPtr, x1: x1, x2: x2, n: n, dIn: dIn, s: s, g: g, transform: transform)
-                                switch slot { case 0: loaded.0 = key; case 1: loaded.1 = key; default: loaded.2 = key }
-                            }
-                            // Tap (kd, kh, kw) reads position pos + (kh-1) * wp + (kw-1) of this plane.
+                            let slotPtr = kd == 0 ? slots.0 : (kd == 1 ? slots.1 : slots.2)
                             for kh in 0..<3 {
                                 for kw in 0..<3 {
                                     bp[kd * 9 + kh * 3 + kw] = UnsafePointer(slotPtr + ((kh - 1) * g.wp + (kw - 1)) * g.cin)
                                 }
                             }
                         }
-                        let yPlane = y + plane * s.h * s.w * s.cout
-                        computePlane(bases: UnsafePointer(bp), packed: packed, bias: bias, yPlane: yPlane,
-                                     acc: acc, s: s, g: g, stats: stats, part: part, sample: n)
+                        computePlane(bases: UnsafePointer(bp), packed: packed, bias: bias, out: out,
+                                     plane: plane, acc: acc, s: s, g: g, stats: stats, part: part, sample: n)
                     }
+                }
+            }
+        }
+
+        /// Makes sure the ring (3 padded planes) holds input planes d-1, d, d+1 of sample n, filling
+        /// only the ones missing; returns them in that order. `loaded` records which plane each slot holds.
+        static func ensurePlanes(ring: UnsafeMutablePointer<Float>, loaded: inout (Int, Int, Int), n: Int, d: Int,
+                                 x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, s: Shape, g: Geometry,
+                                 transform: InputTransform?)
+            -> (UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>) {
+            var p0 = ring, p1 = ring, p2 = ring
+            for kd in 0..<3 {
+                let dIn = d - 1 + kd
+                let key = n * (s.d + 2) + dIn + 1
+                let slot = (dIn + 1) % 3
+                let slotPtr = ring + slot * g.planeFloats
+                let current: Int
+                switch slot { case 0: current = loaded.0; case 1: current = loaded.1; default: current = loaded.2 }
+                if current != key {
+                    fillPlane(slotPtr, x1: x1, x2: x2, n: n, dIn: dIn, s: s, g: g, transform: transform)
+                    switch slot { case 0: loaded.0 = key; case 1: loaded.1 = key; default: loaded.2 = key }
+                }
+                switch kd { case 0: p0 = slotPtr; case 1: p1 = slotPtr; default: p2 = slotPtr }
+            }
+            return (p0, p1, p2)
+        }
+
+        /// gradWeight (PyTorch layout) += dL/dW. For every output plane, grad_y is laid out on the padded
+        /// grid (zero at padding positions), so tap (kd, kh, kw)'s contribution over the whole plane is
+        /// one GEMM: grad_y^T (Cout x L) . x_kd shifted by (kh-1) wp + (kw-1) (L x Cin), L the span of
+        /// padded positions from (1, 1) to (H, W). Part p owns a range of taps and sweeps all planes.
+        static func weightGradient(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, gradY: UnsafePointer<Float>,
+                                   gradWeight: UnsafeMutablePointer<Float>, s: Shape, workspace: Workspace,
+                                   parts maxParts: Int) throws {
+            let g = Geometry(s)
+            let parts = max(1, min(maxParts, 27))
+            let first = g.wp + 1, last = s.h * g.wp + s.w
+            let span = last - first + 1
+            let chunkPositions = max(64, (16 * 1024) / max(s.cout, s.cin))
+            let gyFloats = (g.hp * g.wp) * s.cout
+            let tapFloats = s.cout * s.cin
+            let perPart = 3 * g.planeFloats + gyFloats
+            let scratch = try workspace.buffer("conv3d.direct", count: parts * perPart)
+            let sums = try workspace.buffer("conv3d.gradWeightTaps", count: 27 * tapFloats)
+            sums.initialize(repeating: 0, count: 27 * tapFloats)
+            parallelFor(parts) { part in
+                let taps = Threads.range(part, of: parts, total: 27)
+                let ring = scratch + part * perPart
+                let gyp = ring + 3 * g.planeFloats
+                gyp.initialize(repeating: 0, count: gyFloats)
+                var loaded = (-1, -1, -1)
+                for plane in 0..<(s.n * s.d) {
+                    let n = plane / s.d, d = plane % s.d
+                    let slots = ensurePlanes(ring: ring, loaded: &loaded, n: n, d: d, x1: x1, x2: x2, s: s, g: g,
+                                             transform: nil)
+                    let src = gradY + plane * s.h * s.w * s.cout
+                    for h in 0..<s.h {
+                        (gyp + ((h + 1) * g.wp + 1) * s.cout).update(from: src + h * s.w * s.cout, count: s.w * s.cout)
+                    }
+                    // Positions in chunks, so that a chunk of grad_y and of the 3 x planes stays in L2
+                    // while the part's taps sweep it.
+                    var k0 = 0
+                    while k0 < span {
+                        let kc = min(chunkPositions, span - k0)
+                        for t in taps {
+                            let kd = t / 9, kh = (t / 3) % 3, kw = t % 3
+                            let xPlane = kd == 0 ? slots.0 : (kd == 1 ? slots.1 : slots.2)
+                            let b = xPlane + (first + k0 + (kh - 1) * g.wp + (kw - 1)) * g.cin
+                            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(s.cout), Int32(s.cin), Int32(kc),
+                                        1, gyp + (first + k0) * s.cout, Int32(s.cout), b, Int32(g.cin),
+                                        1, sums + t * tapFloats, Int32(s.cin))
+                        }
+                        k0 += kc
+                    }
+                }
+            }
+            for co in 0..<s.cout {
+                for ci in 0..<s.cin {
+                    let dst = gradWeight + (co * s.cin + ci) * 27
+                    for t in 0..<27 { dst[t] += sums[t * tapFloats + co * s.cin + ci] }
                 }
             }
         }
@@ -566,9 +865,10 @@ public enum Conv3d {
         /// One output plane: for each block of 48 output channels and each group of tiles, sweep the
         /// weight chunks, then copy the group's real voxels (+ bias) to y.
         static func computePlane(bases: UnsafePointer<UnsafePointer<Float>>, packed: UnsafePointer<Float>,
-                                 bias: UnsafePointer<Float>?, yPlane: UnsafeMutablePointer<Float>,
+                                 bias: UnsafePointer<Float>?, out: Output, plane: Int,
                                  acc: UnsafeMutablePointer<Float>, s: Shape, g: Geometry,
                                  stats: Statistics?, part: Int, sample: Int) {
+            let planeVoxel0 = plane * s.h * s.w
             let cin = g.cin
             let chunk = tapsPerChunk(cin: cin)
             let cb48 = Conv3d.coutBlock
@@ -596,26 +896,46 @@ public enum Conv3d {
                         tap += chunk
                     }
                     // Copy out the tiles' voxels (+ bias) to y.
+                    let vStart = t0 * Conv3d.tileVoxels
                     let vEnd = min(t1 * Conv3d.tileVoxels, s.h * s.w)
-                    for v in (t0 * Conv3d.tileVoxels)..<vEnd {
-                        let src = acc + (v - t0 * Conv3d.tileVoxels) * cb48
-                        let dst = yPlane + v * s.cout + cb * cb48
-                        if valid == cb48 {
-                            var v0 = cload(src), v1 = cload(src + 16), v2 = cload(src + 32)
-                            if let bias {
-                                let b = bias + cb * cb48
-                                v0 += cload(b); v1 += cload(b + 16); v2 += cload(b + 32)
-                            }
-                            cstore(v0, dst); cstore(v1, dst + 16); cstore(v2, dst + 32)
-                        } else {
-                            for q in 0..<valid { dst[q] = src[q] + (bias?[cb * cb48 + q] ?? 0) }
+                    let lo = cb * cb48
+                    for v in vStart..<vEnd {
+                        let src = acc + (v - vStart) * cb48
+                        let vox = planeVoxel0 + v
+                        if lo + valid <= out.c1 {
+                            copyOut(src, out.y1 + vox * out.c1 + lo, valid, bias.map { $0 + lo }, out.accumulate)
+                        } else if let y2 = out.y2, lo >= out.c1 {
+                            copyOut(src, y2 + vox * out.c2 + lo - out.c1, valid, nil, out.accumulate)
+                        } else if let y2 = out.y2 {
+                            // A block that straddles the two outputs (only input gradients have two).
+                            let first = out.c1 - lo
+                            copyOut(src, out.y1 + vox * out.c1 + lo, first, nil, out.accumulate)
+                            copyOut(src + first, y2 + vox * out.c2, valid - first, nil, out.accumulate)
                         }
                     }
-                    let vStart = t0 * Conv3d.tileVoxels
-                    stats?.add(part: part, sample: sample, rows: yPlane + vStart * s.cout + cb * cb48,
-                               count: vEnd - vStart, stride: s.cout, c0: cb * cb48, channels: valid)
+                    if let stats {
+                        stats.add(part: part, sample: sample, rows: out.y1 + (planeVoxel0 + vStart) * out.c1 + lo,
+                                  count: vEnd - vStart, stride: out.c1, c0: lo, channels: valid)
+                    }
                     t0 = t1
                 }
+            }
+        }
+
+        /// dst[0 ..< count] = (or +=) src + bias.
+        @inline(__always)
+        static func copyOut(_ src: UnsafePointer<Float>, _ dst: UnsafeMutablePointer<Float>, _ count: Int,
+                            _ bias: UnsafePointer<Float>?, _ accumulate: Bool) {
+            if count == 48 {
+                var v0 = cload(src), v1 = cload(src + 16), v2 = cload(src + 32)
+                if let bias { v0 += cload(bias); v1 += cload(bias + 16); v2 += cload(bias + 32) }
+                if accumulate { v0 += cload(dst); v1 += cload(dst + 16); v2 += cload(dst + 32) }
+                cstore(v0, dst); cstore(v1, dst + 16); cstore(v2, dst + 32)
+                return
+            }
+            for q in 0..<count {
+                let v = src[q] + (bias?[q] ?? 0)
+                dst[q] = accumulate ? dst[q] + v : v
             }
         }
 

@@ -132,4 +132,86 @@ public enum ConvTranspose3d {
             }
         }
     }
+
+    // MARK: Backward
+
+    /// Adds the gradients of `forward`: gradX (N x D x H x W x Cin) += dL/dx, gradWeight (Cin x Cout x
+    /// k x k x k, PyTorch layout) += dL/dW, gradBias (Cout) += dL/db; any may be nil. Per block of
+    /// input rows, grad_y is gathered back into the GEMM's row layout G (V x k^3 Cout), then
+    /// dL/dx = G . Wp^T and dL/dWp = X^T . G (per-part partials summed in part order).
+    public static func backward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+                                gradX: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
+                                gradBias: UnsafeMutablePointer<Float>?, shape s: Shape, workspace: Workspace) throws {
+        let k = s.kernel
+        let rowOut = s.taps * s.cout
+        let rows = s.n * s.d * s.h
+        let rowsPerBlock = max(1, min(rows, (64 * 1024) / max(1, s.w * rowOut)))
+        let parts = max(1, min(Threads.count, rows))
+        let segment = k * s.cout
+        let packed = try workspace.buffer("conv_transpose3d.packed", count: packedCount(s))
+        pack(weight: weight, into: packed, shape: s)
+        let blocks = try workspace.buffer("conv_transpose3d.block", count: parts * rowsPerBlock * s.w * rowOut)
+        let wCount = s.cin * rowOut
+        let wStride = (wCount + 15) / 16 * 16  // keeps the Double bias sums 64-byte aligned
+        // Per part: the weight gradient (Cin x k^3 Cout) and the bias gradient (Cout, in Double).
+        let partials = try workspace.buffer("conv_transpose3d.gradParts", count: parts * (wStride + 2 * s.cout))
+        partials.initialize(repeating: 0, count: parts * (wStride + 2 * s.cout))
+        parallelFor(parts) { part in
+            let g = blocks + part * rowsPerBlock * s.w * rowOut
+            let gw = partials + part * (wStride + 2 * s.cout)
+            let gb = UnsafeMutableRawPointer(gw + wStride).bindMemory(to: Double.self, capacity: s.cout)
+            let r = Threads.range(part, of: parts, total: rows)
+            var row0 = r.lowerBound
+            while row0 < r.upperBound {
+                let count = min(rowsPerBlock, r.upperBound - row0)
+                let m = count * s.w
+                for i in 0..<count {
+                    let row = row0 + i
+                    let ih = row % s.h, id = (row / s.h) % s.d, n = row / (s.h * s.d)
+                    for kd in 0..<k {
+                        for kh in 0..<k {
+                            let yRow = gradY + (((n * s.od + k * id + kd) * s.oh + k * ih + kh) * s.ow) * s.cout
+                            let dst0 = g + i * s.w * rowOut + (kd * k + kh) * segment
+                            for iw in 0..<s.w {
+                                (dst0 + iw * rowOut).update(from: yRow + iw * segment, count: segment)
+                            }
+                        }
+                    }
+                }
+                if let gradX {
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(s.cin), Int32(rowOut),
+                                1, g, Int32(rowOut), packed, Int32(rowOut), 1, gradX + row0 * s.w * s.cin, Int32(s.cin))
+                }
+                if gradWeight != nil {
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(s.cin), Int32(rowOut), Int32(m),
+                                1, x + row0 * s.w * s.cin, Int32(s.cin), g, Int32(rowOut), 1, gw, Int32(rowOut))
+                }
+                if gradBias != nil {
+                    // Every output voxel's grad_y is in G exactly once: rows of k^3 segments of Cout.
+                    for v in 0..<m {
+                        let rowG = g + v * rowOut
+                        for t in 0..<s.taps {
+                            let q = rowG + t * s.cout
+                            for co in 0..<s.cout { gb[co] += Double(q[co]) }
+                        }
+                    }
+                }
+                row0 += count
+            }
+        }
+        for part in 0..<parts {
+            let gw = partials + part * (wStride + 2 * s.cout)
+            if let gradWeight {
+                for ci in 0..<s.cin {
+                    for co in 0..<s.cout {
+                        for t in 0..<s.taps { gradWeight[(ci * s.cout + co) * s.taps + t] += gw[(ci * s.taps + t) * s.cout + co] }
+                    }
+                }
+            }
+            if let gradBias {
+                let gb = UnsafeMutableRawPointer(gw + wStride).bindMemory(to: Double.self, capacity: s.cout)
+                for co in 0..<s.cout { gradBias[co] += Float(gb[co]) }
+            }
+        }
+    }
 }

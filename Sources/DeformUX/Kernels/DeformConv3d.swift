@@ -388,34 +388,28 @@ public enum DeformConv3d {
         let cp = g.cp
         let (c0, c1, c2, c3, c4, c5, c6, c7) = g.corner
         for l in 0..<count {
-            // Accumulate the 27 taps into this voxel's row of the tile; per tap the 8 corner weights
-            // are broadcast once and used for every channel vector.
+            // For each group of up to 3 channel vectors, the 27 taps accumulate in registers. Samples
+            // outside the volume are 0: skipping them (rather than weighting corners by 0) also keeps
+            // an inf or NaN in x from leaking into them.
             let row = s.tile + l * cp
-            row.update(from: biasT, count: cp)
-            // Samples outside the volume are 0. Skipping them (rather than weighting corners by 0)
-            // also keeps an inf or NaN in x from leaking into them.
-            for t in 0..<DDCShape.taps where s.valid[t * 16 + l] != 0 {
-                let wts = s.weights + t * 128 + l
-                let w0 = V(repeating: wts[0]), w1 = V(repeating: wts[16]), w2 = V(repeating: wts[32])
-                let w3 = V(repeating: wts[48]), w4 = V(repeating: wts[64]), w5 = V(repeating: wts[80])
-                let w6 = V(repeating: wts[96]), w7 = V(repeating: wts[112])
-                let p = xp + Int(s.index[t * 16 + l]) &* cp
-                let wt = weightT + t &* cp
-                var cc = 0
-                while cc < cp {
-                    let q = p + cc
-                    // Two partial sums shorten the dependency chain.
-                    var s0 = load(q + c0) * w0
-                    var s1 = load(q + c1) * w1
-                    s0 = s0.addingProduct(load(q + c2), w2)
-                    s1 = s1.addingProduct(load(q + c3), w3)
-                    s0 = s0.addingProduct(load(q + c4), w4)
-                    s1 = s1.addingProduct(load(q + c5), w5)
-                    s0 = s0.addingProduct(load(q + c6), w6)
-                    s1 = s1.addingProduct(load(q + c7), w7)
-                    store(load(row + cc).addingProduct(s0 + s1, load(wt + cc)), row + cc)
-                    cc &+= 16
+            var cc = 0
+            while cc < cp {
+                let group = min(3, (cp - cc) / 16)
+                var a0 = load(biasT + cc)
+                var a1 = group > 1 ? load(biasT + cc + 16) : V()
+                var a2 = group > 2 ? load(biasT + cc + 32) : V()
+                for t in 0..<DDCShape.taps where s.valid[t * 16 + l] != 0 {
+                    let cw = CornerWeights(s.weights + t * 128 + l)
+                    let q = xp + (Int(s.index[t * 16 + l]) &* cp &+ cc)
+                    let wt = weightT + (t &* cp &+ cc)
+                    a0 = a0.addingProduct(cw.interpolate(q, g.corner), load(wt))
+                    if group > 1 { a1 = a1.addingProduct(cw.interpolate(q + 16, g.corner), load(wt + 16)) }
+                    if group > 2 { a2 = a2.addingProduct(cw.interpolate(q + 32, g.corner), load(wt + 32)) }
                 }
+                store(a0, row + cc)
+                if group > 1 { store(a1, row + cc + 16) }
+                if group > 2 { store(a2, row + cc + 32) }
+                cc &+= 16 * group
             }
         }
         switch layout {
@@ -455,26 +449,29 @@ public enum DeformConv3d {
             for l in 0..<count { (s.tile + l * cp).update(from: gradY + (v0 + l) * g.c, count: g.c) }
         }
         let one = V(repeating: 1)
+        let wantOffsets = gradOffsets != nil
         for l in 0..<count {
+            let gyRow = s.tile + l * cp
             for cc in stride(from: 0, to: cp, by: 16) {
-                store(load(gradBiasT + cc) + load(s.tile + l * cp + cc), gradBiasT + cc)
+                store(load(gradBiasT + cc) + load(gyRow + cc), gradBiasT + cc)
             }
             for t in 0..<DDCShape.taps where s.valid[t * 16 + l] != 0 {
-                let fdS = s.frac[(t * 3 + 0) * 16 + l]
-                let fd = V(repeating: fdS), fh = V(repeating: s.frac[(t * 3 + 1) * 16 + l])
-                let fw = V(repeating: s.frac[(t * 3 + 2) * 16 + l])
-                let gd0 = one - fd
-                // d(sample)/d(fw) weights the four W-differences by their (D, H) weights.
-                let fh0 = one - fh
-                let wd0h0 = gd0 * fh0, wd0h1 = gd0 * fh, wd1h0 = fd * fh0, wd1h1 = fd * fh
-                let wts = s.weights + t * 128 + l
-                let w0 = V(repeating: wts[0]), w1 = V(repeating: wts[16]), w2 = V(repeating: wts[32])
-                let w3 = V(repeating: wts[48]), w4 = V(repeating: wts[64]), w5 = V(repeating: wts[80])
-                let w6 = V(repeating: wts[96]), w7 = V(repeating: wts[112])
                 let base = Int(s.index[t * 16 + l]) &* cp
+                let wt = weightT + t &* cp
+                let gwt = gradWeightT + t &* cp
+                // Pass 1: the sample and its derivatives along D, H, W from the lerp tree (along W, then
+                // H, then D); weight gradient; offset gradients summed over channels. Two passes keep
+                // each loop's live vectors within the 32 registers.
+                let fd = V(repeating: s.frac[(t * 3 + 0) * 16 + l])
+                let fh = V(repeating: s.frac[(t * 3 + 1) * 16 + l])
+                let fw = V(repeating: s.frac[(t * 3 + 2) * 16 + l])
+                let gd0 = one - fd, fh0 = one - fh
+                // d(sample)/d(fw) weights the four W-differences by their (D, H) weights.
+                let wd0h0 = gd0 * fh0, wd0h1 = gd0 * fh, wd1h0 = fd * fh0, wd1h1 = fd * fh
                 var accD = V(), accH = V(), accW = V()
-                for cc in stride(from: 0, to: cp, by: 16) {
-                    let p = xp + base + cc
+                var cc = 0
+                while cc < cp {
+                    let p = xp + (base &+ cc)
                     let x000 = load(p + c0), x001 = load(p + c1), x010 = load(p + c2), x011 = load(p + c3)
                     let x100 = load(p + c4), x101 = load(p + c5), x110 = load(p + c6), x111 = load(p + c7)
                     let e00 = x001 - x000, e01 = x011 - x010, e10 = x101 - x100, e11 = x111 - x110
@@ -482,28 +479,19 @@ public enum DeformConv3d {
                     let a10 = x100.addingProduct(fw, e10), a11 = x110.addingProduct(fw, e11)
                     let b0 = a00.addingProduct(fh, a01 - a00), b1 = a10.addingProduct(fh, a11 - a10)
                     let sample = b0.addingProduct(fd, b1 - b0)
-                    let gy = load(s.tile + l * cp + cc)
-                    let gw = gy * load(weightT + t * cp + cc)
-                    let gwt = gradWeightT + t * cp + cc
-                    store(load(gwt).addingProduct(gy, sample), gwt)
-                    accD = accD.addingProduct(gw, b1 - b0)
-                    accH = accH.addingProduct(gw, (gd0 * (a01 - a00)).addingProduct(fd, a11 - a10))
-                    var dw = wd0h0 * e00
-                    dw = dw.addingProduct(wd0h1, e01)
-                    dw = dw.addingProduct(wd1h0, e10)
-                    dw = dw.addingProduct(wd1h1, e11)
-                    accW = accW.addingProduct(gw, dw)
-                    if let gx = gradXPad {
-                        let q = gx + base + cc
-                        store(load(q + c0).addingProduct(gw, w0), q + c0)
-                        store(load(q + c1).addingProduct(gw, w1), q + c1)
-                        store(load(q + c2).addingProduct(gw, w2), q + c2)
-                        store(load(q + c3).addingProduct(gw, w3), q + c3)
-                        store(load(q + c4).addingProduct(gw, w4), q + c4)
-                        store(load(q + c5).addingProduct(gw, w5), q + c5)
-                        store(load(q + c6).addingProduct(gw, w6), q + c6)
-                        store(load(q + c7).addingProduct(gw, w7), q + c7)
+                    let gy = load(gyRow + cc)
+                    store(load(gwt + cc).addingProduct(gy, sample), gwt + cc)
+                    if wantOffsets {
+                        let gw = gy * load(wt + cc)
+                        accD = accD.addingProduct(gw, b1 - b0)
+                        accH = accH.addingProduct(gw, (gd0 * (a01 - a00)).addingProduct(fd, a11 - a10))
+                        var dw = wd0h0 * e00
+                        dw = dw.addingProduct(wd0h1, e01)
+                        dw = dw.addingProduct(wd1h0, e10)
+                        dw = dw.addingProduct(wd1h1, e11)
+                        accW = accW.addingProduct(gw, dw)
                     }
+                    cc &+= 16
                 }
                 if let go = gradOffsets {
                     let v = v0 + l
@@ -511,11 +499,61 @@ public enum DeformConv3d {
                     go[(3 * t + 1) * g.voxels + v] += accH.sum()
                     go[(3 * t + 2) * g.voxels + v] += accW.sum()
                 }
+                // Pass 2: the input gradient, scattered to the 8 corners (padded, per part).
+                if let gx = gradXPad {
+                    let cw = CornerWeights(s.weights + t * 128 + l)
+                    var cc = 0
+                    while cc < cp {
+                        let gw = load(gyRow + cc) * load(wt + cc)
+                        let q = gx + (base &+ cc)
+                        store(load(q + c0).addingProduct(gw, cw.w0), q + c0)
+                        store(load(q + c1).addingProduct(gw, cw.w1), q + c1)
+                        store(load(q + c2).addingProduct(gw, cw.w2), q + c2)
+                        store(load(q + c3).addingProduct(gw, cw.w3), q + c3)
+                        store(load(q + c4).addingProduct(gw, cw.w4), q + c4)
+                        store(load(q + c5).addingProduct(gw, cw.w5), q + c5)
+                        store(load(q + c6).addingProduct(gw, cw.w6), q + c6)
+                        store(load(q + c7).addingProduct(gw, cw.w7), q + c7)
+                        cc &+= 16
+                    }
+                }
             }
         }
     }
 
     // MARK: SIMD helpers
+
+    /// The 8 trilinear corner weights of one (voxel, tap), broadcast to all lanes.
+    @usableFromInline struct CornerWeights {
+        let w0: SIMD16<Float>, w1: SIMD16<Float>, w2: SIMD16<Float>, w3: SIMD16<Float>
+        let w4: SIMD16<Float>, w5: SIMD16<Float>, w6: SIMD16<Float>, w7: SIMD16<Float>
+
+        /// From the scratch weights of lane l (stride 16 between corners).
+        @inline(__always) init(_ w: UnsafePointer<Float>) {
+            w0 = SIMD16(repeating: w[0]); w1 = SIMD16(repeating: w[16]); w2 = SIMD16(repeating: w[32])
+            w3 = SIMD16(repeating: w[48]); w4 = SIMD16(repeating: w[64]); w5 = SIMD16(repeating: w[80])
+            w6 = SIMD16(repeating: w[96]); w7 = SIMD16(repeating: w[112])
+        }
+        @inline(__always) init(_ w: UnsafeMutablePointer<Float>) { self.init(UnsafePointer(w)) }
+
+        /// The weighted sum of the 8 corner vectors at q (two partial sums shorten the dependency chain).
+        @inline(__always)
+        func interpolate(_ q: UnsafePointer<Float>, _ c: (Int, Int, Int, Int, Int, Int, Int, Int)) -> SIMD16<Float> {
+            var s0 = DeformConv3d.load(q + c.0) * w0
+            var s1 = DeformConv3d.load(q + c.1) * w1
+            s0 = s0.addingProduct(DeformConv3d.load(q + c.2), w2)
+            s1 = s1.addingProduct(DeformConv3d.load(q + c.3), w3)
+            s0 = s0.addingProduct(DeformConv3d.load(q + c.4), w4)
+            s1 = s1.addingProduct(DeformConv3d.load(q + c.5), w5)
+            s0 = s0.addingProduct(DeformConv3d.load(q + c.6), w6)
+            s1 = s1.addingProduct(DeformConv3d.load(q + c.7), w7)
+            return s0 + s1
+        }
+        @inline(__always)
+        func interpolate(_ q: UnsafeMutablePointer<Float>, _ c: (Int, Int, Int, Int, Int, Int, Int, Int)) -> SIMD16<Float> {
+            interpolate(UnsafePointer(q), c)
+        }
+    }
 
     @inline(__always) static func load(_ p: UnsafePointer<Float>) -> SIMD16<Float> {
         UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float>.self)
