@@ -184,6 +184,12 @@ struct BenchConv: ParsableCommand {
                                         shape: shape, workspace: ws)
         }
         report(name, ms: ms, macs: Double(shape.macs))
+        let gx = try Tensor(zeros: [shape.count]), gw = try Tensor(zeros: [shape.weightCount]), gb = try Tensor(zeros: [c])
+        let bwd = try timeMs {
+            try DepthwiseConv3d.backward(x: x.pointer, weight: weight.pointer, gradY: y.pointer, gradX: gx.pointer,
+                                         gradWeight: gw.pointer, gradBias: gb.pointer, shape: shape, workspace: ws)
+        }
+        report("bwd (all grads) " + name, ms: bwd, macs: 2 * Double(shape.macs))
     }
 
     func grouped(_ name: String, c: Int, expand: Bool, edge: Int) throws {

@@ -105,6 +105,21 @@ func now() -> Double {
     return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
 }
 
+/// The resident set now (VmRSS of /proc/self/status), in MB; 0 where that file is missing.
+func currentRSSMegabytes() -> Double {
+    guard let f = fopen("/proc/self/status", "r") else { return 0 }
+    defer { fclose(f) }
+    var line = [CChar](repeating: 0, count: 256)
+    while fgets(&line, Int32(line.count), f) != nil {
+        let s = String(cString: line)
+        if s.hasPrefix("VmRSS:") {
+            let digits = s.filter { $0.isNumber }
+            return (Double(digits) ?? 0) / 1024
+        }
+    }
+    return 0
+}
+
 func peakRSSMegabytes() -> Double {
     var usage = rusage()
     getrusage(RUSAGE_SELF.rawValue, &usage)

@@ -64,6 +64,7 @@ struct BenchModel: ParsableCommand {
         let x = try Tensor(zeros: [1, config.inChannels, size, size, size])
         for i in 0..<x.count { x.pointer[i] = rng.uniform(-1, 1) }
         let summary = try net.summary(inputShape: x.shape)
+        let builtRSS = currentRSSMegabytes()
         if !noWarmup { _ = try net.forward(x) }
         var samples: [Double] = []
         for _ in 0..<repeats {
@@ -77,6 +78,6 @@ struct BenchModel: ParsableCommand {
         print("  parameters        \(net.parameterCount)")
         print("  multiply-adds     \(decimal(Double(summary.totalMACs) / 1e9, 1)) G")
         print("  forward           \(decimal(seconds, 3, width: 8)) s   (\(decimal(gflop / seconds, 1)) GFLOP/s)")
-        print("  peak RSS          \(decimal(peakRSSMegabytes(), 1, width: 8)) MB")
+        print("  peak RSS          \(decimal(peakRSSMegabytes(), 1, width: 8)) MB   (\(decimal(builtRSS, 1)) MB with the model built, before the first forward)")
     }
 }

@@ -206,21 +206,23 @@ final class Conv3dTests: XCTestCase {
             ("fd 3x3x3 p1 N2 3x2x4 cin2 cout3", 2, 2, 3, 3, 2, 4, 3, 1, 1),
             ("fd 2x2x2 s2 5x3x4 cin3 cout2", 1, 3, 2, 5, 3, 4, 2, 2, 0),
             ("fd 7x7x7 s2 p3 5x4x3 cin1 cout2", 1, 1, 2, 5, 4, 3, 7, 2, 3),
+            ("fd depthwise k3 p1 groups 3 3x2x4 c3", 1, 3, 3, 3, 2, 4, 3, 1, 1),
         ]
         for (i, c) in cases.enumerated() {
             var rng = TestRNG(seed: UInt64(700 + i))
             let x = (0..<(c.n * c.d * c.h * c.w * c.cin)).map { _ in rng.uniform(-1, 1) }
-            let wt = (0..<(c.cout * c.cin * c.k * c.k * c.k)).map { _ in rng.uniform(-1, 1) }
+            let groups = c.0.contains("depthwise") ? c.cin : 1
+            let wt = (0..<(c.cout * c.cin / groups * c.k * c.k * c.k)).map { _ in rng.uniform(-1, 1) }
             let b = (0..<c.cout).map { _ in rng.uniform(-1, 1) }
             func forward(_ x: [Double], _ wt: [Double], _ b: [Double]) -> [Double] {
                 ConvReference.conv3d(x: x, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wt, bias: b, cout: c.cout,
-                                     kernel: c.k, stride: c.stride, padding: c.pad)
+                                     kernel: c.k, stride: c.stride, padding: c.pad, groups: groups)
             }
             let y = forward(x, wt, b)
             let gy = y.map { _ in rng.uniform(-1, 1) }
             func loss(_ y: [Double]) -> Double { zip(y, gy).reduce(0) { $0 + $1.0 * $1.1 } }
             let g = ConvReference.conv3dBackward(x: x, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wt, gradY: gy,
-                                                 cout: c.cout, kernel: c.k, stride: c.stride, padding: c.pad)
+                                                 cout: c.cout, kernel: c.k, stride: c.stride, padding: c.pad, groups: groups)
             let e = 1e-3
             for _ in 0..<8 {
                 let xi = rng.int(0...(x.count - 1)), wi = rng.int(0...(wt.count - 1)), bi = rng.int(0...(c.cout - 1))
@@ -477,10 +479,58 @@ final class Conv3dTests: XCTestCase {
         }
     }
 
+    func testDepthwiseBackwardMatchesReference() throws {
+        let cases: [(String, n: Int, c: Int, d: Int, h: Int, w: Int, k: Int)] = [
+            ("dw bwd k7 7x5x3 c3", 1, 3, 7, 5, 3, 7),
+            ("dw bwd k7 N2 4x9x10 c17", 2, 17, 4, 9, 10, 7),
+            ("dw bwd k7 1x1x1 c16", 1, 16, 1, 1, 1, 7),
+            ("dw bwd k3 3x4x5 c1", 1, 1, 3, 4, 5, 3),
+        ]
+        let guardThreads = ThreadCountGuard()
+        defer { guardThreads.restore() }
+        for (i, c) in cases.enumerated() {
+            var rng = TestRNG(seed: UInt64(1000 + i))
+            let s = try DepthwiseConv3d.Shape(n: c.n, c: c.c, d: c.d, h: c.h, w: c.w, kernel: c.k)
+            let x = rng.floats(s.count), weight = rng.floats(s.weightCount), gy = rng.floats(s.count)
+            let gxInit = rng.floats(x.count), gwInit = rng.floats(weight.count), gbInit = rng.floats(c.c)
+            let xd = x.map(Double.init), wd = weight.map(Double.init), gyd = gy.map(Double.init)
+            let ref = ConvReference.conv3dBackward(x: xd, n: c.n, cin: c.c, d: c.d, h: c.h, w: c.w, weight: wd, gradY: gyd,
+                                                   cout: c.c, kernel: c.k, padding: c.k / 2, groups: c.c)
+            let mag = ConvReference.conv3dBackward(x: xd.map(abs), n: c.n, cin: c.c, d: c.d, h: c.h, w: c.w,
+                                                   weight: wd.map(abs), gradY: gyd.map(abs), cout: c.c, kernel: c.k,
+                                                   padding: c.k / 2, groups: c.c)
+            func plus(_ a: [Float], _ b: [Double]) -> [Double] { zip(a, b).map { Double($0) + $1 } }
+            func plusAbs(_ a: [Float], _ b: [Double]) -> [Double] { zip(a, b).map { Double(abs($0)) + $1 } }
+            for threads in [1, 2] {
+                try Threads.setCount(threads)
+                var gx = gxInit, gw = gwInit, gb = gbInit
+                let xt = try Tensor(shape: [x.count], values: x), wt = try Tensor(shape: [weight.count], values: weight)
+                let gyt = try Tensor(shape: [gy.count], values: gy)
+                try gx.withUnsafeMutableBufferPointer { gxp in
+                    try gw.withUnsafeMutableBufferPointer { gwp in
+                        try gb.withUnsafeMutableBufferPointer { gbp in
+                            try DepthwiseConv3d.backward(x: xt.pointer, weight: wt.pointer, gradY: gyt.pointer,
+                                                         gradX: gxp.baseAddress, gradWeight: gwp.baseAddress,
+                                                         gradBias: gbp.baseAddress, shape: s, workspace: Workspace())
+                        }
+                    }
+                }
+                let label = "\(c.0), \(threads) thread(s)"
+                assertWithinMagnitude(gx, plus(gxInit, ref.gradX), plusAbs(gxInit, mag.gradX), rtol: Self.rtol,
+                                      shape: [c.n, c.d, c.h, c.w, c.c], "\(label): grad x")
+                assertWithinMagnitude(gw, plus(gwInit, ref.gradWeight), plusAbs(gwInit, mag.gradWeight), rtol: Self.rtol,
+                                      shape: [c.c, 1, c.k, c.k, c.k], "\(label): grad weight")
+                assertWithinMagnitude(gb, plus(gbInit, ref.gradBias), plusAbs(gbInit, mag.gradBias), rtol: Self.rtol,
+                                      shape: [c.c], "\(label): grad bias")
+            }
+        }
+    }
+
     // MARK: GroupedPointwise3d (UX-Net's grouped MLP, groups = C)
 
     func testGroupedPointwiseMatchesReference() throws {
-        for (i, (c, voxels)) in [(1, 5), (3, 7), (17, 11), (48, 9000)].enumerated() {
+        // 8192 voxels or more split into 2 parts.
+        for (i, (c, voxels)) in [(1, 5), (3, 7), (17, 11), (48, 50), (8, 9000)].enumerated() {
             var rng = TestRNG(seed: UInt64(500 + i))
             let r = 4
             // pw1: C -> 4C, weight 4C x 1 x 1 x 1 x 1; pw2: 4C -> C, weight C x 4 x 1 x 1 x 1.
@@ -512,6 +562,54 @@ final class Conv3dTests: XCTestCase {
                 }
                 assertWithinMagnitude(y, want, mag, rtol: Self.rtol, shape: [voxels, cout],
                                       "grouped \(expand ? "expand" : "reduce") C=\(c) V=\(voxels)")
+            }
+        }
+    }
+
+    func testGroupedPointwiseBackwardMatchesReference() throws {
+        let guardThreads = ThreadCountGuard()
+        defer { guardThreads.restore() }
+        // 8192 voxels or more split into 2 parts.
+        for (i, (c, voxels)) in [(1, 5), (3, 7), (17, 11), (48, 50), (8, 9000)].enumerated() {
+            var rng = TestRNG(seed: UInt64(1100 + i))
+            let r = 4
+            for expand in [true, false] {
+                let (cin, cout) = expand ? (c, r * c) : (r * c, c)
+                let x = rng.floats(voxels * cin), w = rng.floats(r * c), gy = rng.floats(voxels * cout)
+                let gxInit = rng.floats(x.count), gwInit = rng.floats(w.count), gbInit = rng.floats(cout)
+                let xd = x.map(Double.init), wd = w.map(Double.init), gyd = gy.map(Double.init)
+                let ref = ConvReference.conv3dBackward(x: xd, n: 1, cin: cin, d: voxels, h: 1, w: 1, weight: wd, gradY: gyd,
+                                                       cout: cout, kernel: 1, groups: c)
+                let mag = ConvReference.conv3dBackward(x: xd.map(abs), n: 1, cin: cin, d: voxels, h: 1, w: 1,
+                                                       weight: wd.map(abs), gradY: gyd.map(abs), cout: cout, kernel: 1, groups: c)
+                func plus(_ a: [Float], _ b: [Double]) -> [Double] { zip(a, b).map { Double($0) + $1 } }
+                func plusAbs(_ a: [Float], _ b: [Double]) -> [Double] { zip(a, b).map { Double(abs($0)) + $1 } }
+                for threads in [1, 2] {
+                    try Threads.setCount(threads)
+                    var gx = gxInit, gw = gwInit, gb = gbInit
+                    try x.withUnsafeBufferPointer { xp in
+                        try w.withUnsafeBufferPointer { wp in
+                            try gy.withUnsafeBufferPointer { gyp in
+                                try gx.withUnsafeMutableBufferPointer { gxp in
+                                    try gw.withUnsafeMutableBufferPointer { gwp in
+                                        try gb.withUnsafeMutableBufferPointer { gbp in
+                                            let f = expand ? GroupedPointwise3d.expandBackward : GroupedPointwise3d.reduceBackward
+                                            try f(xp.baseAddress!, wp.baseAddress!, gyp.baseAddress!, gxp.baseAddress,
+                                                  gwp.baseAddress, gbp.baseAddress, voxels, c, r, Workspace())
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let label = "grouped \(expand ? "expand" : "reduce") backward C=\(c) V=\(voxels), \(threads) thread(s)"
+                    assertWithinMagnitude(gx, plus(gxInit, ref.gradX), plusAbs(gxInit, mag.gradX), rtol: Self.rtol,
+                                          shape: [voxels, cin], "\(label): grad x")
+                    assertWithinMagnitude(gw, plus(gwInit, ref.gradWeight), plusAbs(gwInit, mag.gradWeight), rtol: Self.rtol,
+                                          shape: [r * c], "\(label): grad weight")
+                    assertWithinMagnitude(gb, plus(gbInit, ref.gradBias), plusAbs(gbInit, mag.gradBias), rtol: Self.rtol,
+                                          shape: [cout], "\(label): grad bias")
+                }
             }
         }
     }

@@ -169,6 +169,18 @@ final class NetworkTests: XCTestCase {
         }
     }
 
+    /// Activation memory is reused between passes (StoragePool): a second pass, and a pass after one
+    /// of another size, must give identical logits.
+    func testRepeatedForwardsAgree() throws {
+        let net = try DeformUXNet(config: DeformUXNetConfig(outChannels: 2, featureSize: [4, 8, 8, 8], hiddenSize: 8), seed: 6)
+        var rng = TestRNG(seed: 12)
+        let x = try Tensor(shape: [1, 1, 16, 32, 16], values: rng.floats(8192))
+        let first = try net.forward(x).toArray()
+        XCTAssertEqual(try net.forward(x).toArray(), first)
+        _ = try net.forward(try Tensor(shape: [2, 1, 16, 16, 16], values: rng.floats(8192)))
+        XCTAssertEqual(try net.forward(x).toArray(), first)
+    }
+
     func testProgressIsReportedAndCancels() throws {
         let net = try DeformUXNet(config: DeformUXNetConfig(featureSize: [4, 4, 4, 4], hiddenSize: 8))
         let x = try Tensor(zeros: [1, 1, 16, 16, 16])

@@ -1,5 +1,5 @@
 /// Depthwise 3D convolution, kernel k (odd), stride 1, padding k/2, with bias: 3D UX-Net's
-/// `dwconv` (Conv3d(C, C, 7, padding 3, groups C)), forward, channels-last.
+/// `dwconv` (Conv3d(C, C, 7, padding 3, groups C)), forward and backward, channels-last.
 ///
 ///     x       N x D x H x W x C
 ///     weight  C x 1 x k x k x k      (PyTorch layout; `pack` turns it into [tap][C rounded up to 16])
@@ -80,6 +80,124 @@ public enum DepthwiseConv3d {
     /// Writes y (overwrites). Throws only when scratch memory cannot be had.
     public static func forward(x: UnsafePointer<Float>, packedWeight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
                                y: UnsafeMutablePointer<Float>, shape s: Shape, workspace: Workspace) throws {
+        try run(x: x, packedWeight: packedWeight, bias: bias, y: y, shape: s, workspace: workspace, accumulate: false)
+    }
+
+    /// Adds the gradients of `forward`: gradX (N x D x H x W x C) += dL/dx, gradWeight (C x 1 x k x k x k,
+    /// PyTorch layout) += dL/dW, gradBias (C) += dL/db; any may be nil. The input gradient is the same
+    /// kernel on grad_y with the taps flipped; the weight and bias gradients are per-part sums (taps x C)
+    /// over each part's planes, added in part order.
+    public static func backward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+                                gradX: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
+                                gradBias: UnsafeMutablePointer<Float>?, shape s: Shape, workspace: Workspace) throws {
+        let taps = s.taps, cp = s.cp
+        if let gradX {
+            let flipped = try workspace.buffer("depthwise_conv3d.flipped", count: packedCount(s))
+            flipped.initialize(repeating: 0, count: packedCount(s))
+            for c in 0..<s.c {
+                for t in 0..<taps { flipped[(taps - 1 - t) * cp + c] = weight[c * taps + t] }
+            }
+            try run(x: gradY, packedWeight: flipped, bias: nil, y: gradX, shape: s, workspace: workspace, accumulate: true)
+        }
+        if gradWeight == nil && gradBias == nil { return }
+        let k = s.kernel, p = s.padding
+        let hp = s.h + 2 * p, wp = s.w + 2 * p
+        let planeFloats = (hp * wp + 16) * cp
+        let planes = s.n * s.d
+        let parts = max(1, min(Threads.count, planes))
+        let sums = (taps + 1) * cp  // weight gradient [tap][cp], then the bias gradient
+        let perPart = k * planeFloats + sums
+        let scratch = try workspace.buffer("depthwise_conv3d.ring", count: parts * perPart)
+        parallelFor(parts) { part in
+            let ring = scratch + part * perPart
+            let gw = ring + k * planeFloats, gb = gw + taps * cp
+            gw.initialize(repeating: 0, count: sums)
+            withUnsafeTemporaryAllocation(of: Int.self, capacity: k) { loadedBuf in
+                guard let loaded = loadedBuf.baseAddress else { return }
+                loaded.initialize(repeating: -1, count: k)
+                for plane in Threads.range(part, of: parts, total: planes) {
+                    let n = plane / s.d, d = plane % s.d
+                    let lo = max(0, d - p), hi = min(s.d - 1, d + p)
+                    for dIn in lo...hi {
+                        let slot = dIn % k
+                        let key = n * s.d + dIn
+                        if loaded[slot] != key {
+                            fillPlane(ring + slot * planeFloats, x: x + (n * s.d + dIn) * s.h * s.w * s.c, s: s,
+                                      hp: hp, wp: wp, planeFloats: planeFloats)
+                            loaded[slot] = key
+                        }
+                    }
+                    let gyPlane = gradY + plane * s.h * s.w * s.c
+                    for h in 0..<s.h {
+                        var w0 = 0
+                        while w0 < s.w {
+                            let valid = min(8, s.w - w0)
+                            for cv in stride(from: 0, to: cp, by: 16) {
+                                weightTile8(ring: ring, planeFloats: planeFloats, lo: lo, hi: hi, d: d, k: k,
+                                            rowBase: (h * wp + w0) * cp + cv, wp: wp, cp: cp,
+                                            gy: gyPlane + (h * s.w + w0) * s.c + cv, cy: s.c, valid: valid,
+                                            lanes: min(16, s.c - cv), gw: gw + cv, gb: gb + cv)
+                            }
+                            w0 += 8
+                        }
+                    }
+                }
+            }
+        }
+        for part in 0..<parts {
+            let gw = scratch + part * perPart + k * planeFloats, gb = gw + taps * cp
+            if let gradWeight {
+                for c in 0..<s.c {
+                    for t in 0..<taps { gradWeight[c * taps + t] += gw[t * cp + c] }
+                }
+            }
+            if let gradBias {
+                for c in 0..<s.c { gradBias[c] += gb[c] }
+            }
+        }
+    }
+
+    /// For 8 output voxels along W x 16 channels: gw[tap] += sum_j gy_j * x_{j + tap}, gb += sum_j gy_j.
+    @inline(__always)
+    static func weightTile8(ring: UnsafeMutablePointer<Float>, planeFloats: Int, lo: Int, hi: Int, d: Int, k: Int,
+                            rowBase: Int, wp: Int, cp: Int, gy: UnsafePointer<Float>, cy: Int, valid: Int, lanes: Int,
+                            gw: UnsafeMutablePointer<Float>, gb: UnsafeMutablePointer<Float>) {
+        typealias V = SIMD16<Float>
+        @inline(__always) func load(_ j: Int) -> V {
+            if j >= valid { return V() }
+            if lanes == 16 { return cload(gy + j * cy) }
+            var v = V()
+            for l in 0..<lanes { v[l] = gy[j * cy + l] }
+            return v
+        }
+        let g0 = load(0), g1 = load(1), g2 = load(2), g3 = load(3)
+        let g4 = load(4), g5 = load(5), g6 = load(6), g7 = load(7)
+        cstore(cload(gb) + (((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7))), gb)
+        let p = k / 2
+        for dIn in lo...hi {
+            let kd = dIn - d + p
+            let plane = ring + (dIn % k) * planeFloats + rowBase
+            for kh in 0..<k {
+                let xr = plane + kh * wp * cp
+                let wr = gw + (kd * k + kh) * k * cp
+                var x0 = cload(xr), x1 = cload(xr + cp), x2 = cload(xr + 2 * cp), x3 = cload(xr + 3 * cp)
+                var x4 = cload(xr + 4 * cp), x5 = cload(xr + 5 * cp), x6 = cload(xr + 6 * cp)
+                for kw in 0..<k {
+                    let x7 = cload(xr + (kw + 7) * cp)
+                    var a = g0 * x0
+                    var b = g1 * x1
+                    a = a.addingProduct(g2, x2); b = b.addingProduct(g3, x3)
+                    a = a.addingProduct(g4, x4); b = b.addingProduct(g5, x5)
+                    a = a.addingProduct(g6, x6); b = b.addingProduct(g7, x7)
+                    cstore(cload(wr + kw * cp) + (a + b), wr + kw * cp)
+                    x0 = x1; x1 = x2; x2 = x3; x3 = x4; x4 = x5; x5 = x6; x6 = x7
+                }
+            }
+        }
+    }
+
+    static func run(x: UnsafePointer<Float>, packedWeight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
+                    y: UnsafeMutablePointer<Float>, shape s: Shape, workspace: Workspace, accumulate: Bool) throws {
         let k = s.kernel, p = s.padding, cp = s.cp
         let hp = s.h + 2 * p, wp = s.w + 2 * p
         // A padded plane, plus slack: the last tile of a row reads up to 7 voxels past the row's end.
@@ -119,7 +237,7 @@ public enum DepthwiseConv3d {
                                       rowBase: (h * wp + w0) * cp + cv, wp: wp, cp: cp,
                                       w: packedWeight + cv, bias: biasP + cv,
                                       y: yPlane + (h * s.w + w0) * s.c + cv, cy: s.c, valid: valid,
-                                      lanes: min(16, s.c - cv))
+                                      lanes: min(16, s.c - cv), accumulate: accumulate)
                             }
                             w0 += 8
                         }
@@ -150,7 +268,7 @@ public enum DepthwiseConv3d {
     @inline(__always)
     static func tile8(ring: UnsafeMutablePointer<Float>, planeFloats: Int, lo: Int, hi: Int, d: Int, k: Int,
                       rowBase: Int, wp: Int, cp: Int, w: UnsafePointer<Float>, bias: UnsafeMutablePointer<Float>,
-                      y: UnsafeMutablePointer<Float>, cy: Int, valid: Int, lanes: Int) {
+                      y: UnsafeMutablePointer<Float>, cy: Int, valid: Int, lanes: Int, accumulate: Bool) {
         typealias V = SIMD16<Float>
         let b = cload(bias)
         var a0 = b, a1 = b, a2 = b, a3 = b, a4 = b, a5 = b, a6 = b, a7 = b
@@ -175,25 +293,25 @@ public enum DepthwiseConv3d {
                 }
             }
         }
-        storeTile(a0, y, 0, cy, valid, lanes)
-        storeTile(a1, y, 1, cy, valid, lanes)
-        storeTile(a2, y, 2, cy, valid, lanes)
-        storeTile(a3, y, 3, cy, valid, lanes)
-        storeTile(a4, y, 4, cy, valid, lanes)
-        storeTile(a5, y, 5, cy, valid, lanes)
-        storeTile(a6, y, 6, cy, valid, lanes)
-        storeTile(a7, y, 7, cy, valid, lanes)
+        storeTile(a0, y, 0, cy, valid, lanes, accumulate)
+        storeTile(a1, y, 1, cy, valid, lanes, accumulate)
+        storeTile(a2, y, 2, cy, valid, lanes, accumulate)
+        storeTile(a3, y, 3, cy, valid, lanes, accumulate)
+        storeTile(a4, y, 4, cy, valid, lanes, accumulate)
+        storeTile(a5, y, 5, cy, valid, lanes, accumulate)
+        storeTile(a6, y, 6, cy, valid, lanes, accumulate)
+        storeTile(a7, y, 7, cy, valid, lanes, accumulate)
     }
 
     @inline(__always)
     static func storeTile(_ v: SIMD16<Float>, _ y: UnsafeMutablePointer<Float>, _ j: Int, _ cy: Int,
-                          _ valid: Int, _ lanes: Int) {
+                          _ valid: Int, _ lanes: Int, _ accumulate: Bool) {
         if j >= valid { return }
         let dst = y + j * cy
         if lanes == 16 {
-            cstore(v, dst)
+            cstore(accumulate ? cload(dst) + v : v, dst)
         } else {
-            for l in 0..<lanes { dst[l] = v[l] }
+            for l in 0..<lanes { dst[l] = accumulate ? dst[l] + v[l] : v[l] }
         }
     }
 }
@@ -205,7 +323,9 @@ public enum DepthwiseConv3d {
 ///
 /// (PyTorch's grouped conv: group c owns input channels c..., output channels r c ..< r (c+1) for
 /// expand, and input channels r c ..< r (c+1), output c for reduce.) Cheap next to everything else;
-/// plain loops over voxel ranges. `ConvReference.conv3d(..., groups: C)` is the oracle.
+/// plain loops over voxel ranges (expand with r = 4 uses one SIMD16 FMA per 4 channels). Forward and
+/// backward (`expandBackward`, `reduceBackward`). `ConvReference.conv3d(..., groups: C)` is the oracle.
+/// (Kept in this file, beside the other per-channel convolution.)
 public enum GroupedPointwise3d {
     static func parts(_ voxels: Int) -> Int { max(1, min(Threads.count, voxels / 4096)) }
 
@@ -266,6 +386,74 @@ public enum GroupedPointwise3d {
                     yv[ch] = acc
                 }
             }
+        }
+    }
+
+    /// Adds the gradients of `expand` (ratio r): gradX (V x C), gradWeight (rC), gradBias (rC); any may
+    /// be nil. `workspace` holds per-part sums (Double) for the parameter gradients, added in part order.
+    public static func expandBackward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+                                      gradX: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
+                                      gradBias: UnsafeMutablePointer<Float>?, voxels: Int, channels c: Int, ratio r: Int,
+                                      workspace: Workspace) throws {
+        try backward(x: x, weight: weight, gradY: gradY, gradX: gradX, gradWeight: gradWeight, gradBias: gradBias,
+                     voxels: voxels, channels: c, ratio: r, expand: true, workspace: workspace)
+    }
+
+    /// Adds the gradients of `reduce` (ratio r): gradX (V x rC), gradWeight (rC), gradBias (C); any may be nil.
+    public static func reduceBackward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+                                      gradX: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
+                                      gradBias: UnsafeMutablePointer<Float>?, voxels: Int, channels c: Int, ratio r: Int,
+                                      workspace: Workspace) throws {
+        try backward(x: x, weight: weight, gradY: gradY, gradX: gradX, gradWeight: gradWeight, gradBias: gradBias,
+                     voxels: voxels, channels: c, ratio: r, expand: false, workspace: workspace)
+    }
+
+    static func backward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+                         gradX: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
+                         gradBias: UnsafeMutablePointer<Float>?, voxels: Int, channels c: Int, ratio r: Int,
+                         expand: Bool, workspace: Workspace) throws {
+        let parts = parts(voxels)
+        let rc = r * c
+        let cy = expand ? rc : c          // channels of y
+        // Per part: weight sums (rC), then bias sums (cy), in Double.
+        let stride = rc + cy
+        let raw = try workspace.buffer("grouped_pointwise.gradParts", count: 2 * parts * stride)
+        let partials = UnsafeMutableRawPointer(raw).bindMemory(to: Double.self, capacity: parts * stride)
+        partials.initialize(repeating: 0, count: parts * stride)
+        parallelFor(parts) { part in
+            let gw = partials + part * stride, gb = gw + rc
+            for v in Threads.range(part, of: parts, total: voxels) {
+                let gyv = gradY + v &* cy
+                for ch in 0..<c {
+                    let o = ch &* r
+                    if expand {
+                        // y[r c + j] = b + w[r c + j] x[c]
+                        let xs = x[v &* c &+ ch]
+                        var gx: Float = 0
+                        for j in 0..<r {
+                            let g = gyv[o &+ j]
+                            gx += weight[o &+ j] * g
+                            gw[o &+ j] += Double(g * xs)
+                            gb[o &+ j] += Double(g)
+                        }
+                        if let gradX { gradX[v &* c &+ ch] += gx }
+                    } else {
+                        // y[c] = b + sum_j w[r c + j] x[r c + j]
+                        let g = gyv[ch]
+                        let xv = x + v &* rc
+                        for j in 0..<r {
+                            gw[o &+ j] += Double(g * xv[o &+ j])
+                            if let gradX { gradX[v &* rc &+ o &+ j] += weight[o &+ j] * g }
+                        }
+                        gb[ch] += Double(g)
+                    }
+                }
+            }
+        }
+        for part in 0..<parts {
+            let gw = partials + part * stride, gb = gw + rc
+            if let gradWeight { for i in 0..<rc { gradWeight[i] += Float(gw[i]) } }
+            if let gradBias { for i in 0..<cy { gradBias[i] += Float(gb[i]) } }
         }
     }
 }

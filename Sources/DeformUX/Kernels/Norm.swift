@@ -109,4 +109,51 @@ public enum InstanceNorm {
             }
         }
     }
+
+    /// scale = 1/sqrt(var + eps), shift = -mean * scale per sample and channel, from per-sample sums
+    /// (N x 2 x C doubles: C sums, then C sums of squares, as `Conv3d.forward` gathers them).
+    /// The variance is E[x^2] - mean^2 in Double (clamped at 0).
+    public static func affine(fromSums sums: UnsafePointer<Double>, n: Int, channels c: Int, voxels: Int,
+                              scale: UnsafeMutablePointer<Float>, shift: UnsafeMutablePointer<Float>) {
+        for s in 0..<n {
+            let sum = sums + s * 2 * c, sq = sum + c
+            for i in 0..<c {
+                let mean = sum[i] / Double(voxels)
+                let variance = max(sq[i] / Double(voxels) - mean * mean, 0)
+                let r = 1 / (variance + Double(eps)).squareRoot()
+                scale[s * c + i] = Float(r)
+                shift[s * c + i] = Float(-mean * r)
+            }
+        }
+    }
+
+    /// y = act(scale * y + shift + residual) in place, channels-last, with the residual either
+    /// normalised the same way (rScale, rShift given) or added as it is. act = LeakyReLU(leakySlope).
+    public static func applyAffine(_ y: UnsafeMutablePointer<Float>, scale: UnsafePointer<Float>,
+                                   shift: UnsafePointer<Float>, plus r: UnsafePointer<Float>,
+                                   scale rScale: UnsafePointer<Float>?, shift rShift: UnsafePointer<Float>?,
+                                   leakySlope: Float, n: Int, voxels: Int, channels c: Int) {
+        let parts = max(1, min(Threads.count, voxels / 1024))
+        for s in 0..<n {
+            let yS = y + s * voxels * c, rS = r + s * voxels * c
+            let sc = scale + s * c, sh = shift + s * c
+            let rsc = rScale.map { $0 + s * c }, rsh = rShift.map { $0 + s * c }
+            parallelFor(parts) { part in
+                for v in Threads.range(part, of: parts, total: voxels) {
+                    let out = yS + v * c, res = rS + v * c
+                    if let rsc, let rsh {
+                        for i in 0..<c {
+                            let z = out[i] * sc[i] + sh[i] + (res[i] * rsc[i] + rsh[i])
+                            out[i] = z < 0 ? z * leakySlope : z
+                        }
+                    } else {
+                        for i in 0..<c {
+                            let z = out[i] * sc[i] + sh[i] + res[i]
+                            out[i] = z < 0 ? z * leakySlope : z
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

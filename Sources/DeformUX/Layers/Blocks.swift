@@ -19,10 +19,17 @@ public struct Volume5: Equatable, Sendable, CustomStringConvertible {
 public final class RunContext {
     public let parameters: ParameterStore
     public let workspace: Workspace
-    public init(parameters: ParameterStore, workspace: Workspace = Workspace()) {
+    /// Where activations are allocated, so that a pass reuses the memory of the activations released
+    /// before it (and of the previous pass) instead of faulting in new pages.
+    public let pool: StoragePool?
+    public init(parameters: ParameterStore, workspace: Workspace = Workspace(), pool: StoragePool? = nil) {
         self.parameters = parameters
         self.workspace = workspace
+        self.pool = pool
     }
+
+    /// A new activation that a kernel will overwrite in full.
+    public func output(_ shape: [Int]) throws -> Tensor { try Tensor(uninitialized: shape, pool: pool) }
 }
 
 /// Conv3d with parameters `weight` (Cout x Cin x k x k x k) and optionally `bias`.
@@ -38,8 +45,12 @@ final class ConvLayer {
         self.bias = bias ? try layout.add(prefix + "bias", shape: [cout]) : nil
     }
 
-    /// y = conv([x, x2]); x2 (optional) supplies the last `x2Channels` input channels.
-    func forward(_ x: Tensor, _ x2: Tensor? = nil, _ ctx: RunContext) throws -> Tensor {
+    /// y = conv([x, x2]); x2 (optional) supplies the last input channels. `statistics` (N x 2 x Cout
+    /// doubles) receives per-channel sums and sums of squares of y; `transform` is applied to the
+    /// input as the kernel reads it (3x3x3 only): see `Conv3d.forward`.
+    func forward(_ x: Tensor, _ x2: Tensor? = nil, _ ctx: RunContext,
+                 statistics: UnsafeMutablePointer<Double>? = nil,
+                 transform: Conv3d.InputTransform? = nil) throws -> Tensor {
         let v = Volume5(x)
         let c2 = x2.map { Volume5($0).c } ?? 0
         let s = try Conv3d.Shape(n: v.n, cin: v.c + c2, cout: cout, d: v.d, h: v.h, w: v.w,
@@ -49,10 +60,10 @@ final class ConvLayer {
         }
         let packed = try ctx.workspace.buffer("conv.packed", count: Conv3d.packedCount(s))
         Conv3d.pack(weight: ctx.parameters.value(weight), into: packed, shape: s)
-        let y = try Tensor(zeros: [s.n, s.od, s.oh, s.ow, s.cout])
+        let y = try ctx.output([s.n, s.od, s.oh, s.ow, s.cout])
         try Conv3d.forward(x: x.pointer, x2: x2?.pointer, packedWeight: packed,
                            bias: bias.map { ctx.parameters.value($0) }, y: y.pointer, shape: s,
-                           workspace: ctx.workspace)
+                           workspace: ctx.workspace, inputTransform: transform, statistics: statistics)
         return y
     }
 
@@ -88,7 +99,7 @@ final class LayerNormLayer {
 
     func forward(_ x: Tensor, _ ctx: RunContext) throws -> Tensor {
         let v = Volume5(x)
-        let y = try Tensor(zeros: x.shape)
+        let y = try ctx.output(x.shape)
         ChannelLayerNorm.forward(x: x.pointer, weight: ctx.parameters.value(weight), bias: ctx.parameters.value(bias),
                                  y: y.pointer, voxels: v.n * v.voxels, channels: v.c)
         return y
@@ -116,35 +127,44 @@ final class ResBlock {
     }
 
     /// The block on [x, x2] (x2: optional second source of input channels, the UpBlock's skip).
+    ///
+    /// The InstanceNorms cost no passes of their own: each conv gathers its output's statistics as it
+    /// writes it, conv1's norm and LeakyReLU are applied by conv2 as it reads its input, and the last
+    /// norms, the residual add and the LeakyReLU are one pass. conv1's output is released before the
+    /// residual branch runs, so at most four activations of the block's size are alive at once
+    /// (input, skip, conv1's and conv2's outputs).
     func forward(_ x: Tensor, _ x2: Tensor? = nil, _ ctx: RunContext) throws -> Tensor {
-        let a = try conv1.forward(x, x2, ctx)
-        let va = Volume5(a)
-        let c = va.c
-        let stats = try ctx.workspace.buffer("resblock.stats", count: 4 * c)
-        let (m1, r1, m2, r2) = (stats, stats + c, stats + 2 * c, stats + 3 * c)
-        for n in 0..<va.n {
-            let p = a.pointer + n * va.voxels * c
-            try InstanceNorm.statistics(x: p, voxels: va.voxels, channels: c, mean: m1, rstd: r1, workspace: ctx.workspace)
-            InstanceNorm.apply(x: p, mean: m1, rstd: r1, residual: .none, leakySlope: ResBlock.slope, y: p,
-                               voxels: va.voxels, channels: c)
-        }
-        let b = try conv2.forward(a, nil, ctx)
-        // The residual path; a's memory is reused for conv3's output.
-        let residual: Tensor? = try conv3.map { try $0.forward(x, x2, ctx) }
-        for n in 0..<va.n {
-            let off = n * va.voxels * c
-            let p = b.pointer + off
-            try InstanceNorm.statistics(x: p, voxels: va.voxels, channels: c, mean: m1, rstd: r1, workspace: ctx.workspace)
-            let res: InstanceNorm.Residual
-            if let residual {
-                let q = residual.pointer + off
-                try InstanceNorm.statistics(x: q, voxels: va.voxels, channels: c, mean: m2, rstd: r2, workspace: ctx.workspace)
-                res = .normalized(q, mean: m2, rstd: r2)
-            } else {
-                res = .plain(x.pointer + off)
+        let n = x.shape[0], c = conv1.cout
+        // Per sample and channel: statistics (2C doubles), then scale and shift (2C floats) per norm.
+        let stats = try ctx.workspace.buffer("resblock.stats", count: 3 * n * 2 * c * 2 + 3 * n * 2 * c)
+        let raw = UnsafeMutableRawPointer(stats).bindMemory(to: Double.self, capacity: 3 * n * 2 * c)
+        let s1 = raw, s2 = raw + n * 2 * c, s3 = raw + 2 * n * 2 * c
+        let affine = stats + 3 * n * 2 * c * 2
+        let (scale1, shift1) = (affine, affine + n * c)
+        let (scale2, shift2) = (affine + 2 * n * c, affine + 3 * n * c)
+        let (scale3, shift3) = (affine + 4 * n * c, affine + 5 * n * c)
+        let b: Tensor = try {
+            let a = try conv1.forward(x, x2, ctx, statistics: s1)
+            let voxels = a.count / (n * c)
+            InstanceNorm.affine(fromSums: s1, n: n, channels: c, voxels: voxels, scale: scale1, shift: shift1)
+            let transform = Conv3d.InputTransform(scale: scale1, shift: shift1, leakySlope: ResBlock.slope)
+            return try conv2.forward(a, nil, ctx, statistics: s2, transform: transform)
+        }()
+        let voxels = b.count / (n * c)
+        InstanceNorm.affine(fromSums: s2, n: n, channels: c, voxels: voxels, scale: scale2, shift: shift2)
+        if let conv3 {
+            let r = try conv3.forward(x, x2, ctx, statistics: s3)
+            InstanceNorm.affine(fromSums: s3, n: n, channels: c, voxels: voxels, scale: scale3, shift: shift3)
+            InstanceNorm.applyAffine(b.pointer, scale: scale2, shift: shift2, plus: r.pointer,
+                                     scale: scale3, shift: shift3, leakySlope: ResBlock.slope,
+                                     n: n, voxels: voxels, channels: c)
+        } else {
+            guard x2 == nil, x.count == b.count else {
+                throw DeformUXError.internal("res block: an identity residual needs one input of the output's shape")
             }
-            InstanceNorm.apply(x: p, mean: m1, rstd: r1, residual: res, leakySlope: ResBlock.slope, y: p,
-                               voxels: va.voxels, channels: c)
+            InstanceNorm.applyAffine(b.pointer, scale: scale2, shift: shift2, plus: x.pointer,
+                                     scale: nil, shift: nil, leakySlope: ResBlock.slope,
+                                     n: n, voxels: voxels, channels: c)
         }
         return b
     }
@@ -179,7 +199,7 @@ final class UpBlock {
             throw DeformUXError.shapeMismatch("up block: the skip must have shape \(upShape) (N x D x H x W x C), got \(skip.shape)")
         }
         let s = try ConvTranspose3d.Shape(n: v.n, cin: v.c, cout: cout, d: v.d, h: v.h, w: v.w)
-        let up = try Tensor(zeros: upShape)
+        let up = try ctx.output(upShape)
         let packed = try ctx.workspace.buffer("conv.packed", count: ConvTranspose3d.packedCount(s))
         ConvTranspose3d.pack(weight: ctx.parameters.value(transposedWeight), into: packed, shape: s)
         try ConvTranspose3d.forward(x: x.pointer, packedWeight: packed, bias: nil, y: up.pointer,

@@ -229,7 +229,7 @@ public final class DeformableDepthwiseConv3d {
 
     public func forward(_ x: Tensor, parameters p: ParameterStore) throws -> Tensor {
         let s = try shape(of: x)
-        let y = try Tensor(zeros: x.shape)
+        let y = try Tensor(uninitialized: x.shape)
         try DDCLayerOps.forward(x: x.pointer, weight: p.value(weight), bias: p.value(bias),
                                 offsetWeight: p.value(offsetWeight), offsetBias: p.value(offsetBias),
                                 mode: offsetMode, y: y.pointer, offsetsOut: nil, shape: s, workspace: workspace)

@@ -73,7 +73,7 @@ final class EncoderBlock {
     func forward(_ x: Tensor, _ ctx: RunContext) throws -> Tensor {
         let v = Volume5(x)
         let p = ctx.parameters
-        let y = try Tensor(zeros: x.shape)
+        let y = try ctx.output(x.shape)
         switch config.block {
         case .deformux:
             guard let offsetWeight, let offsetBias else {

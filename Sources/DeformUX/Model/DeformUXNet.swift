@@ -13,6 +13,8 @@ public final class DeformUXNet {
     let decoder1: ResBlock
     let head: ConvLayer           // out.conv.conv
     let workspace = Workspace()
+    /// Activation memory reused across the passes of one forward and between forwards.
+    let pool = StoragePool()
 
     /// Builds the network with PyTorch's default initialisation (offset branches zero, gamma 1e-6),
     /// reproducible from `seed`.
@@ -71,9 +73,10 @@ public final class DeformUXNet {
     public func forward(_ x: Tensor, progress: Progress? = nil) throws -> Tensor {
         try validateInput(x.shape)
         try x.requireContiguous("DeformUXNet.forward x")
-        let ctx = RunContext(parameters: parameters, workspace: workspace)
-        let input = try toChannelsLast(x)
-        let y = try forwardChannelsLast(input, ctx, progress: progress)
+        let ctx = RunContext(parameters: parameters, workspace: workspace, pool: pool)
+        // Memory kept for sizes this pass did not use goes back to the system at its end.
+        defer { pool.endPass() }
+        let y = try forwardChannelsLast(try toChannelsLast(x, pool: pool), ctx, progress: progress)
         return try toChannelsFirst(y)
     }
 
@@ -89,24 +92,35 @@ public final class DeformUXNet {
                 throw DeformUXError.cancelled("DeformUXNet.forward: cancelled after step \(step) of \(DeformUXNet.forwardSteps)")
             }
         }
+        // Activations are dropped (set to nil) as soon as nothing needs them: the peak is decoder2 at
+        // full resolution, where only encoder1's output, the upsampled input and the block's two
+        // convolution outputs should be alive.
         // Encoder: skips x2..x5 (normed stage outputs).
-        let skips = try encoder.forward(x, ctx)
+        var skips: [Tensor] = try encoder.forward(x, ctx)
+        // The encoder's scratch (DDC padding and offsets, MLP chunks) is not needed by the decoder.
+        ctx.workspace.release(prefixes: ["ddc.", "standardddc.", "encoderblock."])
         try advance()
-        // Deep to shallow. encoder1 (full resolution) runs last, just before decoder2 needs it, so that
-        // its activation is not held through the whole network.
-        let enc2 = try encoders[1].forward(skips[0], nil, ctx); try advance()
-        let enc3 = try encoders[2].forward(skips[1], nil, ctx); try advance()
-        let enc4 = try encoders[3].forward(skips[2], nil, ctx); try advance()
-        let hidden = try encoders[4].forward(skips[3], nil, ctx); try advance()
-        var d = try decoders[0].forward(hidden, skip: enc4, ctx); try advance()
-        d = try decoders[1].forward(d, skip: enc3, ctx); try advance()
-        d = try decoders[2].forward(d, skip: enc2, ctx); try advance()
+        var enc2: Tensor? = try encoders[1].forward(skips[0], nil, ctx); try advance()
+        var enc3: Tensor? = try encoders[2].forward(skips[1], nil, ctx); try advance()
+        var enc4: Tensor? = try encoders[3].forward(skips[2], nil, ctx); try advance()
+        var d: Tensor = try encoders[4].forward(skips[3], nil, ctx); try advance()
+        skips.removeAll()
+        d = try decoders[0].forward(d, skip: try unwrap(enc4), ctx); enc4 = nil; try advance()
+        d = try decoders[1].forward(d, skip: try unwrap(enc3), ctx); enc3 = nil; try advance()
+        d = try decoders[2].forward(d, skip: try unwrap(enc2), ctx); enc2 = nil; try advance()
+        // encoder1 (full resolution) runs only now, just before decoder2 needs it, so that its
+        // activation is not held through the whole network.
         let enc1 = try encoders[0].forward(x, nil, ctx); try advance()
         d = try decoders[3].forward(d, skip: enc1, ctx); try advance()
         d = try decoder1.forward(d, nil, ctx); try advance()
         let logits = try head.forward(d, nil, ctx); try advance()
         return logits
     }
+}
+
+private func unwrap(_ t: Tensor?) throws -> Tensor {
+    guard let t else { throw DeformUXError.internal("DeformUXNet.forward: an activation was released too early") }
+    return t
 }
 
 /// The encoder (`deformuxnet_3d.` or `uxnet_3d.`): stem, four stages of blocks with downsampling
@@ -171,9 +185,9 @@ final class Encoder {
 }
 
 /// N x C x D x H x W -> N x D x H x W x C (a new tensor).
-public func toChannelsLast(_ x: Tensor) throws -> Tensor {
+public func toChannelsLast(_ x: Tensor, pool: StoragePool? = nil) throws -> Tensor {
     let (n, c, d, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3], x.shape[4])
-    let y = try Tensor(zeros: [n, d, h, w, c])
+    let y = try Tensor(uninitialized: [n, d, h, w, c], pool: pool)
     let v = d * h * w
     for s in 0..<n {
         let src = x.pointer + s * c * v, dst = y.pointer + s * c * v
@@ -190,7 +204,7 @@ public func toChannelsLast(_ x: Tensor) throws -> Tensor {
 /// N x D x H x W x C -> N x C x D x H x W (a new tensor).
 public func toChannelsFirst(_ x: Tensor) throws -> Tensor {
     let (n, d, h, w, c) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3], x.shape[4])
-    let y = try Tensor(zeros: [n, c, d, h, w])
+    let y = try Tensor(uninitialized: [n, c, d, h, w])
     let v = d * h * w
     for s in 0..<n {
         let src = x.pointer + s * c * v, dst = y.pointer + s * c * v

@@ -6,25 +6,37 @@ import Musl
 import Darwin
 #endif
 
-/// Float32 memory, 64-byte aligned (one AVX-512 vector), owned or borrowed.
+/// Float32 memory, 64-byte aligned (one AVX-512 vector), owned, borrowed or taken from a pool.
 public final class TensorStorage: @unchecked Sendable {
     public let pointer: UnsafeMutablePointer<Float>
     public let count: Int
     private let owned: Bool
+    /// Where the memory goes back to when this storage is released (nil: freed).
+    private let pool: StoragePool?
 
-    /// Allocates `count` floats, zero-filled.
-    public init(count: Int) throws {
+    /// Allocates `count` floats, zero-filled, or (zeroed false) left as the allocator gives them, for
+    /// outputs a kernel overwrites in full. With a pool, memory of the same size released earlier is
+    /// reused (its values are then whatever the last user left, unless zeroed).
+    public init(count: Int, zeroed: Bool = true, pool: StoragePool? = nil) throws {
         guard count >= 0, count <= Int.max / 8 else {
             throw DeformUXError.invalidArgument("Tensor: cannot allocate \(count) floats")
         }
-        var raw: UnsafeMutableRawPointer?
-        guard posix_memalign(&raw, 64, max(count, 1) * MemoryLayout<Float>.stride) == 0, let raw else {
-            throw DeformUXError.outOfMemory("Tensor: out of memory allocating \(count) floats (\(count * 4) bytes)")
+        var fresh = false
+        if let reused = pool?.take(count: count) {
+            pointer = reused
+        } else {
+            guard let p = allocateFloats(count) else {
+                pool?.failed(count: count)
+                throw DeformUXError.outOfMemory("Tensor: out of memory allocating \(count) floats (\(count * 4) bytes)")
+            }
+            pointer = p
+            fresh = true
         }
-        pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
-        pointer.initialize(repeating: 0, count: max(count, 1))
+        // Fresh mmap'd memory is already zero.
+        if zeroed && !(fresh && count >= mmapFloats) { pointer.initialize(repeating: 0, count: max(count, 1)) }
         self.count = count
         owned = true
+        self.pool = pool
     }
 
     /// Wraps memory owned by someone else (a NumPy array behind the C ABI). The owner keeps it alive
@@ -33,9 +45,130 @@ public final class TensorStorage: @unchecked Sendable {
         self.pointer = pointer
         self.count = count
         owned = false
+        pool = nil
     }
 
-    deinit { if owned { free(pointer) } }
+    deinit {
+        guard owned else { return }
+        if let pool { pool.give(pointer, count: count) } else { freeFloats(pointer, count) }
+    }
+}
+
+/// Allocations of at least this many floats (4 MB) are whole mmap'd pages, given back to the system
+/// the moment they are freed: malloc would keep them in its heap once its adaptive mmap threshold has
+/// risen, and a process that runs a network grows by every such buffer it ever freed.
+let mmapFloats = 1 << 20
+
+/// 64-byte aligned memory for `count` floats, or nil.
+func allocateFloats(_ count: Int) -> UnsafeMutablePointer<Float>? {
+    let bytes = max(count, 1) * MemoryLayout<Float>.stride
+    if count >= mmapFloats {
+        guard let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+              p != MAP_FAILED else { return nil }
+        return p.bindMemory(to: Float.self, capacity: count)
+    }
+    var raw: UnsafeMutableRawPointer?
+    guard posix_memalign(&raw, 64, bytes) == 0, let raw else { return nil }
+    return raw.bindMemory(to: Float.self, capacity: max(count, 1))
+}
+
+/// Frees memory from `allocateFloats(count)`.
+func freeFloats(_ p: UnsafeMutablePointer<Float>, _ count: Int) {
+    if count >= mmapFloats {
+        munmap(UnsafeMutableRawPointer(p), count * MemoryLayout<Float>.stride)
+    } else {
+        free(p)
+    }
+}
+
+/// Released tensor memory kept for reuse, by exact size: a forward pass allocates the same activation
+/// sizes again and again (and a sliding-window inference, the same ones for every window), so after
+/// the first use they come without allocation, page faults or zeroing.
+///
+/// The pool never makes the process bigger than the largest live set it has seen: when a new size has
+/// to be allocated and the live memory, the retained memory and the new allocation would exceed that
+/// high-water mark, retained memory is freed (smallest first) until they fit. `endPass()` frees the
+/// sizes a pass did not use, so memory held for another input size does not pile up. Thread-safe.
+public final class StoragePool: @unchecked Sendable {
+    private var retained: [Int: [UnsafeMutablePointer<Float>]] = [:]
+    private var retainedFloats = 0
+    /// Floats handed out and not yet given back, and the most there ever were.
+    private var liveFloats = 0
+    private var highWater = 0
+    /// Sizes taken since the last `endPass`.
+    private var used = Set<Int>()
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+
+    public init() { pthread_mutex_init(mutex, nil) }
+
+    deinit {
+        for (count, list) in retained { for p in list { freeFloats(p, count) } }
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    /// Memory of exactly `count` floats released earlier, or nil: the caller then allocates `count`
+    /// floats itself (and calls `failed` if that fails).
+    func take(count: Int) -> UnsafeMutablePointer<Float>? {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        used.insert(count)
+        liveFloats += count
+        if let p = retained[count]?.popLast() {
+            retainedFloats -= count
+            return p
+        }
+        let limit = max(highWater, liveFloats)
+        while liveFloats + retainedFloats > limit, let size = retained.keys.min() {
+            if let p = retained[size]?.popLast() { freeFloats(p, size); retainedFloats -= size }
+            if retained[size]?.isEmpty ?? false { retained[size] = nil }
+        }
+        highWater = max(highWater, liveFloats)
+        return nil
+    }
+
+    /// The allocation after a miss of `take(count:)` failed.
+    func failed(count: Int) {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        liveFloats -= count
+    }
+
+    func give(_ p: UnsafeMutablePointer<Float>, count: Int) {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        liveFloats -= count
+        retained[count, default: []].append(p)
+        retainedFloats += count
+    }
+
+    /// Frees the retained memory of every size not taken since the previous call.
+    public func endPass() {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        for (count, list) in retained where !used.contains(count) {
+            for p in list { freeFloats(p, count) }
+            retainedFloats -= count * list.count
+            retained[count] = nil
+        }
+        used.removeAll()
+    }
+
+    /// Frees all retained memory.
+    public func trim() {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        for (count, list) in retained { for p in list { freeFloats(p, count) } }
+        retained.removeAll()
+        retainedFloats = 0
+    }
+
+    /// Bytes held for reuse.
+    public var retainedBytes: Int {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return retainedFloats * 4
+    }
 }
 
 /// The engine's one tensor type: float32, a shape, strides in elements and a storage.
@@ -55,6 +188,16 @@ public struct Tensor: @unchecked Sendable {
         self.shape = shape
         strides = Tensor.contiguousStrides(shape)
         storage = try TensorStorage(count: count)
+        offset = 0
+    }
+
+    /// A contiguous tensor whose values are unspecified: for outputs that a kernel overwrites in full
+    /// (skips a pass over memory that the kernel is about to write anyway).
+    public init(uninitialized shape: [Int], pool: StoragePool? = nil) throws {
+        let count = try Tensor.elementCount(shape, context: "Tensor")
+        self.shape = shape
+        strides = Tensor.contiguousStrides(shape)
+        storage = try TensorStorage(count: count, zeroed: false, pool: pool)
         offset = 0
     }
 
@@ -195,4 +338,10 @@ public final class Workspace: @unchecked Sendable {
     public var bytes: Int { buffers.values.reduce(0) { $0 + $1.count * 4 } }
 
     public func release() { buffers.removeAll() }
+
+    /// Frees the buffers whose names start with one of `prefixes` (e.g. a phase's scratch that the
+    /// next phase does not use, so that it does not add to the peak).
+    public func release(prefixes: [String]) {
+        for name in buffers.keys where prefixes.contains(where: { name.hasPrefix($0) }) { buffers[name] = nil }
+    }
 }

@@ -57,16 +57,18 @@ public enum ConvReference {
         return y
     }
 
-    /// The gradients of `conv3d` (groups 1) for an output gradient gradY (N x Do x Ho x Wo x Cout):
-    /// dL/dx (N x D x H x W x Cin), dL/dW (Cout x Cin x k x k x k), dL/db (Cout).
+    /// The gradients of `conv3d` for an output gradient gradY (N x Do x Ho x Wo x Cout):
+    /// dL/dx (N x D x H x W x Cin), dL/dW (Cout x Cin/groups x k x k x k), dL/db (Cout).
     public static func conv3dBackward<T: BinaryFloatingPoint>(
         x: [T], n: Int, cin: Int, d: Int, h: Int, w: Int,
-        weight: [T], gradY: [T], cout: Int, kernel k: Int, stride: Int = 1, padding: Int = 0
+        weight: [T], gradY: [T], cout: Int, kernel k: Int, stride: Int = 1, padding: Int = 0, groups: Int = 1
     ) -> (gradX: [T], gradWeight: [T], gradBias: [T]) {
+        precondition(cin % groups == 0 && cout % groups == 0, "conv3d backward reference: channels not divisible by groups")
+        let cinG = cin / groups, coutG = cout / groups
         let od = (d + 2 * padding - k) / stride + 1
         let oh = (h + 2 * padding - k) / stride + 1
         let ow = (w + 2 * padding - k) / stride + 1
-        precondition(x.count == n * d * h * w * cin && weight.count == cout * cin * k * k * k)
+        precondition(x.count == n * d * h * w * cin && weight.count == cout * cinG * k * k * k)
         precondition(gradY.count == n * od * oh * ow * cout)
         var gx = [T](repeating: 0, count: x.count)
         var gw = [T](repeating: 0, count: weight.count)
@@ -79,7 +81,9 @@ public enum ConvReference {
                         for co in 0..<cout {
                             let g = gradY[out + co]
                             gb[co] += g
-                            for ci in 0..<cin {
+                            let group = co / coutG
+                            for cl in 0..<cinG {
+                                let ci = group * cinG + cl
                                 for kd in 0..<k {
                                     let id = zd * stride - padding + kd
                                     if id < 0 || id >= d { continue }
@@ -90,7 +94,7 @@ public enum ConvReference {
                                             let iw = zw * stride - padding + kw
                                             if iw < 0 || iw >= w { continue }
                                             let xi: Int = (((b * d + id) * h + ih) * w + iw) * cin + ci
-                                            let wi: Int = (((co * cin + ci) * k + kd) * k + kh) * k + kw
+                                            let wi: Int = (((co * cinG + cl) * k + kd) * k + kh) * k + kw
                                             gx[xi] += g * weight[wi]
                                             gw[wi] += g * x[xi]
                                         }
