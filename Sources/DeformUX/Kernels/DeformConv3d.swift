@@ -133,6 +133,7 @@ public enum DeformConv3d {
         // Per part: a padded channels-last input gradient, and weight/bias gradients (28 x cp).
         let gxParts: UnsafeMutablePointer<Float>? = gradX == nil ? nil
             : try workspace.buffer("ddc.gradXParts", count: parts * g.paddedCount)
+        let rowScratch = try workspace.buffer("ddc.gradXRows", count: parts * g.w * g.cp)
         let paramStride = (DDCShape.taps + 1) * g.cp
         let gParams = try workspace.buffer("ddc.gradParamParts", count: parts * paramStride)
         gParams.initialize(repeating: 0, count: parts * paramStride)
@@ -154,7 +155,8 @@ public enum DeformConv3d {
                 }
             }
             if let gradX, let gxParts {
-                sumPartsUnpad(gxParts, parts: parts, into: gradX + n * shape.c * g.voxels, layout: layout, g: g)
+                sumPartsUnpad(gxParts, parts: parts, into: gradX + n * shape.c * g.voxels, layout: layout, g: g,
+                              scratch: rowScratch)
             }
         }
         // Parameter gradients: the parts summed in part order, then back to C x 27.
@@ -276,33 +278,36 @@ public enum DeformConv3d {
         }
     }
 
-    /// gradX at (c, v) += sum over parts (in order) of gxParts[part][padded(v)][c].
+    /// gradX at (c, v) += sum over parts (in order) of gxParts[part][padded(v)][c]. Row by row: the
+    /// parts' channel vectors are summed with SIMD into a W x cp tile, which is then transposed into
+    /// the channels-first rows (or added as it is, channels-last).
     static func sumPartsUnpad(_ gxParts: UnsafeMutablePointer<Float>, parts: Int,
-                              into gradX: UnsafeMutablePointer<Float>, layout: Layout, g: Geometry) {
+                              into gradX: UnsafeMutablePointer<Float>, layout: Layout, g: Geometry,
+                              scratch: UnsafeMutablePointer<Float>) {
+        let rowFloats = g.w * g.cp
         parallelFor(parts) { part in
+            let tile = scratch + part * rowFloats
             for d in Threads.range(part, of: parts, total: g.d) {
                 for h in 0..<g.h {
                     let rowBase = (((d + 1) * g.hp + h + 1) * g.wp + 1) * g.cp
+                    var i = 0
+                    while i < rowFloats {
+                        var acc = load(gxParts + rowBase + i)
+                        for q in 1..<max(parts, 1) { acc += load(gxParts + q * g.paddedCount + rowBase + i) }
+                        store(acc, tile + i)
+                        i &+= 16
+                    }
                     switch layout {
                     case .channelsFirst:
                         for c in 0..<g.c {
                             let dst = gradX + (c * g.d + d) * g.h * g.w + h * g.w
-                            for w in 0..<g.w {
-                                var s = dst[w]
-                                let at = rowBase + w * g.cp + c
-                                for q in 0..<parts { s += gxParts[q * g.paddedCount + at] }
-                                dst[w] = s
-                            }
+                            for w in 0..<g.w { dst[w] += tile[w * g.cp + c] }
                         }
                     case .channelsLast:
                         let dstRow = gradX + (d * g.h + h) * g.w * g.c
                         for w in 0..<g.w {
-                            let dst = dstRow + w * g.c
-                            let at = rowBase + w * g.cp
-                            for q in 0..<parts {
-                                let src = gxParts + q * g.paddedCount + at
-                                for c in 0..<g.c { dst[c] += src[c] }
-                            }
+                            let dst = dstRow + w * g.c, src = tile + w * g.cp
+                            for c in 0..<g.c { dst[c] += src[c] }
                         }
                     }
                 }
@@ -495,9 +500,9 @@ public enum DeformConv3d {
                 }
                 if let go = gradOffsets {
                     let v = v0 + l
-                    go[(3 * t + 0) * g.voxels + v] += accD.sum()
-                    go[(3 * t + 1) * g.voxels + v] += accH.sum()
-                    go[(3 * t + 2) * g.voxels + v] += accW.sum()
+                    go[(3 * t + 0) * g.voxels + v] += horizontalSum(accD)
+                    go[(3 * t + 1) * g.voxels + v] += horizontalSum(accH)
+                    go[(3 * t + 2) * g.voxels + v] += horizontalSum(accW)
                 }
                 // Pass 2: the input gradient, scattered to the 8 corners (padded, per part).
                 if let gx = gradXPad {
@@ -522,6 +527,15 @@ public enum DeformConv3d {
     }
 
     // MARK: SIMD helpers
+
+    /// The sum of the 16 lanes as a tree of vector adds (SIMD's `sum()` adds the lanes one after
+    /// another, a chain of 15 dependent scalar adds).
+    @inline(__always) static func horizontalSum(_ v: SIMD16<Float>) -> Float {
+        let a = v.lowHalf + v.highHalf
+        let b = a.lowHalf + a.highHalf
+        let c = b.lowHalf + b.highHalf
+        return c[0] + c[1]
+    }
 
     /// The 8 trilinear corner weights of one (voxel, tap), broadcast to all lanes.
     @usableFromInline struct CornerWeights {

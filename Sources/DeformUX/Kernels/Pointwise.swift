@@ -24,6 +24,9 @@ public enum Pointwise {
         }
     }
 
+    /// Voxels per sgemm call in the forward pass.
+    static let columnBlock = 2048
+
     /// Voxel ranges smaller than this are not worth a thread.
     static let minVoxelsPerPart = 2048
 
@@ -41,9 +44,15 @@ public enum Pointwise {
             let xN = s.x(x, sample: n), yN = s.y(y, sample: n)
             parallelFor(parts) { part in
                 let r = Threads.range(part, of: parts, total: s.voxels)
-                if r.isEmpty { return }
-                fillBias(yN, r, bias)
-                gemm(m: s.cout, n: r.count, k: s.cin, a: weight(w, s), b: xN.columns(r), beta: 1, c: yN.columns(r))
+                // Column blocks: the bias written into a block is still in cache when sgemm adds to it.
+                var v0 = r.lowerBound
+                while v0 < r.upperBound {
+                    let block = v0..<min(v0 + columnBlock, r.upperBound)
+                    fillBias(yN, block, bias)
+                    gemm(m: s.cout, n: block.count, k: s.cin, a: weight(w, s), b: xN.columns(block), beta: 1,
+                         c: yN.columns(block))
+                    v0 = block.upperBound
+                }
             }
         }
     }
@@ -103,10 +112,22 @@ public enum Pointwise {
     static func addRowSums(_ g: ChannelMatrix, _ r: Range<Int>, into sums: UnsafeMutablePointer<Float>) {
         switch g.layout {
         case .channelsFirst:
+            // SIMD Float sums over blocks of 1024 voxels, the blocks added in Double.
             for o in 0..<g.channels {
                 let row = g.pointer + o * g.voxels
                 var acc: Double = 0
-                for v in r { acc += Double(row[v]) }
+                var v = r.lowerBound
+                while v < r.upperBound {
+                    let end = min(v + 1024, r.upperBound)
+                    var lanes = SIMD16<Float>()
+                    while v + 16 <= end {
+                        lanes += UnsafeRawPointer(row + v).loadUnaligned(as: SIMD16<Float>.self)
+                        v += 16
+                    }
+                    var tail: Float = 0
+                    while v < end { tail += row[v]; v += 1 }
+                    acc += Double(DeformConv3d.horizontalSum(lanes)) + Double(tail)
+                }
                 sums[o] += Float(acc)
             }
         case .channelsLast:

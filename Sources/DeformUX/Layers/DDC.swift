@@ -193,6 +193,8 @@ public final class DeformableDepthwiseConv3d {
     public let weight: ParameterRef, bias: ParameterRef
     public let offsetWeight: ParameterRef, offsetBias: ParameterRef
     let workspace = Workspace()
+    /// Memory for the outputs, reused from call to call.
+    let pool = StoragePool()
 
     /// Adds the layer's parameters to `layout` under `prefix` (e.g. "stages.0.0.ddc.").
     public init(channels: Int, offsetMode: OffsetMode = .aligned, prefix: String = "",
@@ -229,7 +231,7 @@ public final class DeformableDepthwiseConv3d {
 
     public func forward(_ x: Tensor, parameters p: ParameterStore) throws -> Tensor {
         let s = try shape(of: x)
-        let y = try Tensor(uninitialized: x.shape)
+        let y = try Tensor(uninitialized: x.shape, pool: pool)
         try DDCLayerOps.forward(x: x.pointer, weight: p.value(weight), bias: p.value(bias),
                                 offsetWeight: p.value(offsetWeight), offsetBias: p.value(offsetBias),
                                 mode: offsetMode, y: y.pointer, offsetsOut: nil, shape: s, workspace: workspace)
@@ -243,7 +245,8 @@ public final class DeformableDepthwiseConv3d {
             throw DeformUXError.shapeMismatch("DDC layer: grad_output must have the shape of x \(x.shape), got \(gradY.shape)")
         }
         try gradY.requireContiguous("DDC layer grad_output")
-        let gx = try Tensor(zeros: x.shape)
+        let gx = Tensor(shape: x.shape, strides: Tensor.contiguousStrides(x.shape),
+                        storage: try TensorStorage(count: x.count, zeroed: true, pool: pool), offset: 0)
         try DDCLayerOps.backward(x: x.pointer, weight: p.value(weight), offsetWeight: p.value(offsetWeight),
                                  offsetBias: p.value(offsetBias), mode: offsetMode, gradY: gradY.pointer,
                                  gradX: gx.pointer, gradWeight: try p.gradient(weight), gradBias: try p.gradient(bias),
