@@ -32,7 +32,7 @@ let package = Package(
         .target(
             name: "DeformUX",
             dependencies: ["COpenBLAS"],
-            exclude: ["README.md", "Tensor/README.md", "Kernels/README.md", "Layers/README.md", "Model/README.md",
+            exclude: ["README.md", "Tensor/README.md", "Kernels/README.md", "Kernels/Reference/README.md", "Layers/README.md", "Model/README.md",
                       "IO/README.md"],
             swiftSettings: engineSettings
         ),
