@@ -55,7 +55,7 @@ struct BenchConv: ParsableCommand {
         try depthwise("depthwise 7x7x7 C48 @\(h) (UX-Net stage 0)", c: 48, edge: h)
         try grouped("grouped pw1 48->192 @\(h) (UX-Net MLP)", c: 48, expand: true, edge: h)
         try grouped("grouped pw2 192->48 @\(h) (UX-Net MLP)", c: 48, expand: false, edge: h)
-        print("  peak RSS \(fixed(peakRSSMegabytes(), 1)) MB")
+        print("  peak RSS \(decimal(peakRSSMegabytes(), 1)) MB")
     }
 
     func selected(_ name: String) -> Bool { only.map { name.contains($0) } ?? true }
@@ -88,7 +88,7 @@ struct BenchConv: ParsableCommand {
         while label.count < 38 { label += " " }
         // CPU-time rate: GFLOP/s if every thread had had a core to itself the whole time.
         let cpuRate = 2 * macs / (BenchConv.lastCPUms / Double(Threads.count)) / 1e6
-        print("  \(label) \(fixed(ms, 1, width: 8))  \(fixed(2 * macs / ms / 1e6, 1, width: 8))  \(fixed(cpuRate, 1, width: 8))  \(extra)")
+        print("  \(label) \(decimal(ms, 1, width: 8))  \(decimal(2 * macs / ms / 1e6, 1, width: 8))  \(decimal(cpuRate, 1, width: 8))  \(extra)")
     }
 
     func conv3(_ name: String, cin: Int, cin2: Int, cout: Int, edge: Int) throws {
@@ -120,7 +120,7 @@ struct BenchConv: ParsableCommand {
                                    statistics: fused ? sp.baseAddress : nil)
             }
         }
-        report(name, ms: ms, macs: Double(shape.macs), extra: "pack \(fixed(packMs, 2)) ms")
+        report(name, ms: ms, macs: Double(shape.macs), extra: "pack \(decimal(packMs, 2)) ms")
     }
 
     func backward(_ name: String, cin: Int, cin2: Int, cout: Int, edge: Int) throws {

@@ -125,6 +125,3 @@ func peakRSSMegabytes() -> Double {
     getrusage(RUSAGE_SELF.rawValue, &usage)
     return Double(usage.ru_maxrss) / 1024  // kilobytes on Linux
 }
-
-/// `value` with `digits` decimals, right-aligned to `width`.
-func fixed(_ value: Double, _ digits: Int, width: Int = 0) -> String { decimal(value, digits, width: width) }

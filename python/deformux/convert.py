@@ -27,9 +27,13 @@ import os
 import re
 import struct
 import sys
-import tempfile
 
 import numpy as np
+
+try:  # a module of the package, or run as a script (python3 python/deformux/convert.py)
+    from ._atomic import atomic_write
+except ImportError:
+    from _atomic import atomic_write
 
 CONFIG_KEY = "deformux.config"
 
@@ -59,24 +63,11 @@ def write_safetensors(path, tensors, metadata=None):
         arrays.append(a)
     h = json.dumps(header, separators=(",", ":")).encode("utf-8")
     h += b" " * (-len(h) % 8)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(h)))
-            f.write(h)
-            for a in arrays:
-                f.write(a.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for a in arrays:
+            f.write(a.tobytes())
 
 
 def read_safetensors(path):

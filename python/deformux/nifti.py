@@ -11,11 +11,12 @@ ValueError) naming the file and the field.
 import gzip
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
+
+from ._atomic import atomic_write
 
 HEADER_SIZE = 348
 # NIfTI-1 datatype codes this reader accepts -> (numpy type code, bits per voxel)
@@ -164,21 +165,9 @@ def write_nifti(path, data, affine, template_header=None, description="deformux"
         hdr[123] = t[123]
     payload = bytes(hdr) + b"\0\0\0\0" + data.ravel(order="F").tobytes()
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            if path.endswith(".gz"):
-                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=4, mtime=0) as gz:
-                    gz.write(payload)
-            else:
-                raw.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as raw:
+        if path.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=4, mtime=0) as gz:
+                gz.write(payload)
+        else:
+            raw.write(payload)

@@ -1,6 +1,5 @@
 """The minimal NIfTI-1 reader/writer and the demo job (python3 -m deformux demo)."""
 import gzip
-import os
 import struct
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import pytest
 
 import deformux
 from deformux import demo, nifti
-from helpers import REPO, f32, rng
+from helpers import f32, rng
 
 T1 = demo.T1_NAME
 MNI_AFFINE = np.array([[1, 0, 0, -98], [0, 1, 0, -134], [0, 0, 1, -72], [0, 0, 0, 1]], dtype=np.float64)

@@ -391,7 +391,6 @@ public enum DeformConv3d {
         let v0 = block * lanes
         let count = min(lanes, g.voxels - v0)
         let cp = g.cp
-        let (c0, c1, c2, c3, c4, c5, c6, c7) = g.corner
         for l in 0..<count {
             // For each group of up to 3 channel vectors, the 27 taps accumulate in registers. Samples
             // outside the volume are 0: skipping them (rather than weighting corners by 0) also keeps
