@@ -30,10 +30,7 @@ import sys
 
 import numpy as np
 
-try:  # a module of the package, or run as a script (python3 python/deformux/convert.py)
-    from ._atomic import atomic_write
-except ImportError:
-    from _atomic import atomic_write
+from ._atomic import atomic_write
 
 CONFIG_KEY = "deformux.config"
 

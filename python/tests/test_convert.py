@@ -1,8 +1,6 @@
 """deformux.convert: checkpoint -> safetensors, names normalised, configuration inferred from shapes.
 
-convert.py is loaded from the source tree by path (it imports nothing from the package), so these tests
-do not depend on the installed copy being rebuilt. Tests needing torch skip without it."""
-import importlib.util
+Tests the installed package, like every test here. Tests needing torch skip without it."""
 import json
 import os
 import sys
@@ -12,9 +10,7 @@ import pytest
 
 from helpers import REPO
 
-_spec = importlib.util.spec_from_file_location("deformux_convert_src", REPO / "python" / "deformux" / "convert.py")
-convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert)
+from deformux import convert
 
 
 def test_numpy_safetensors_round_trip_is_exact_and_atomic(tmp_path):
