@@ -217,9 +217,18 @@ public func dfx_model_forward(_ model: OpaquePointer?, _ x: UnsafePointer<Float>
         try h.net.validateInput(shape)
         let input = try Tensor(borrowing: UnsafeMutablePointer(mutating: x), shape: shape)
         try h.locked {
-            let out = try h.net.forward(input, progress: progress.map { cb in { done, total in cb(user, Int64(done), Int64(total)) == 0 } })
-            y.update(from: out.pointer, count: out.count)
+            try h.net.forward(input, into: y,
+                              progress: progress.map { cb in { done, total in cb(user, Int64(done), Int64(total)) == 0 } })
         }
+    }
+}
+
+/// Frees the memory a model keeps between calls (activations, scratch).
+@_cdecl("dfx_model_release_memory")
+public func dfx_model_release_memory(_ model: OpaquePointer?) -> Int32 {
+    guarded {
+        let h = try handle(model, "model_release_memory")
+        h.locked { h.net.releaseMemory() }
     }
 }
 

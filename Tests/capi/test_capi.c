@@ -48,6 +48,12 @@ static int all_finite(const float *a, int n) {
     return 1;
 }
 
+/* A progress callback that cancels once `done` reaches *(int *)user. */
+static int32_t cancel_at(void *user, int64_t done, int64_t total) {
+    (void)total;
+    return done >= *(int *)user;
+}
+
 int main(void) {
     for (int i = 0; i < N * C * V; i++) { x[i] = (float)((i * 37 % 11) - 5) / 5.0f; gy[i] = 1.0f; }
     for (int i = 0; i < C * 27; i++) weight[i] = (float)((i * 13 % 7) - 3) / 7.0f;
@@ -139,6 +145,42 @@ int main(void) {
     expect_error("layer backward x NULL",
                  dfx_ddc_layer_backward(NULL, weight, ow, ob, DFX_OFFSET_ALIGNED, gy, gx, gw, gb, gow, gob, N, C, D, H, W),
                  DFX_ERR_INVALID_ARGUMENT, "ddc_layer_backward");
+
+    /* the network behind a handle */
+    {
+        static int cancel_after = 3;
+        dfx_model *m = NULL;
+        expect_error("model bad json", dfx_model_create("{\"blocks\": 1}", 0, &m), DFX_ERR_INVALID_ARGUMENT, "unknown key");
+        CHECK(m == NULL, "a failed create left a handle");
+        expect_error("model NULL out", dfx_model_create("{}", 0, NULL), DFX_ERR_INVALID_ARGUMENT, "model_create");
+        const char *config = "{\"out_channels\": 2, \"feature_size\": [4, 8, 8, 8], \"hidden_size\": 8}";
+        CHECK(dfx_model_create(config, 1, &m) == DFX_OK && m != NULL, "model create: %s", dfx_last_error());
+        int64_t count = 0, tensors = 0, needed = 0;
+        CHECK(dfx_model_num_parameters(m, &count) == DFX_OK && count > 0, "num parameters");
+        CHECK(dfx_model_num_tensors(m, &tensors) == DFX_OK && tensors > 0, "num tensors");
+        const char *name = NULL;
+        int32_t rank = 0;
+        int64_t shape[8];
+        CHECK(dfx_model_tensor_info(m, 0, &name, &rank, shape) == DFX_OK && name != NULL && rank >= 1, "tensor info");
+        expect_error("tensor info index", dfx_model_tensor_info(m, tensors, &name, &rank, shape), DFX_ERR_INVALID_ARGUMENT,
+                     "index");
+        CHECK(dfx_model_config_json(m, NULL, 0, &needed) == DFX_OK && needed > 1, "config size");
+        static float mx[16 * 16 * 16], my[2 * 16 * 16 * 16];
+        for (int i = 0; i < 16 * 16 * 16; i++) mx[i] = (float)(i % 7) * 0.1f;
+        CHECK(dfx_model_forward(m, mx, 1, 16, 16, 16, my, NULL, NULL) == DFX_OK, "model forward: %s", dfx_last_error());
+        CHECK(all_finite(my, 2 * 16 * 16 * 16), "model forward finite");
+        expect_error("model forward 24", dfx_model_forward(m, mx, 1, 16, 16, 24, my, NULL, NULL), DFX_ERR_SHAPE, "multiples of 16");
+        expect_error("model forward NULL", dfx_model_forward(m, NULL, 1, 16, 16, 16, my, NULL, NULL), DFX_ERR_INVALID_ARGUMENT,
+                     "model_forward");
+        expect_error("model cancelled", dfx_model_forward(m, mx, 1, 16, 16, 16, my, cancel_at, &cancel_after),
+                     DFX_ERR_CANCELLED, "cancelled");
+        expect_error("model load missing", dfx_model_load(m, "/nonexistent/w.safetensors", 1), DFX_ERR_IO,
+                     "/nonexistent/w.safetensors");
+        CHECK(dfx_model_release_memory(m) == DFX_OK, "release memory");
+        expect_error("model NULL", dfx_model_num_parameters(NULL, &count), DFX_ERR_INVALID_ARGUMENT, "model");
+        dfx_model_free(m);
+        dfx_model_free(NULL);
+    }
 
     /* the last error is per thread and survives successful calls */
     dfx_set_num_threads(0);

@@ -521,6 +521,18 @@ done:
     return result;
 }
 
+static PyObject *py_model_release_memory(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_model_release_memory(m);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
+}
+
 /* model_summary(capsule, n, d, h, w) -> str */
 static PyObject *py_model_summary(PyObject *self, PyObject *args) {
     (void)self;
@@ -565,6 +577,7 @@ static PyMethodDef methods[] = {
     {"model_save", py_model_save, METH_VARARGS, "model_save(handle, path)"},
     {"model_forward", py_model_forward, METH_VARARGS, "model_forward(handle, x, y, progress_or_None)"},
     {"model_summary", py_model_summary, METH_VARARGS, "model_summary(handle, n, d, h, w) -> str"},
+    {"model_release_memory", py_model_release_memory, METH_O, "model_release_memory(handle)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -175,6 +175,12 @@ class DeformUXNet:
         _C.model_load_tensors(self._handle, items, bool(strict))
         return _C.model_last_report(self._handle)
 
+    def release_memory(self):
+        """Frees the memory the model keeps between forwards (activation memory reused from one call to
+        the next, about the size of the largest activations of the last input size). The next forward
+        allocates it again."""
+        _C.model_release_memory(self._handle)
+
     def summary(self, input_size=(96, 96, 96), batch=1):
         """Per-module parameters and multiply-adds for an input of spatial size ``input_size``, as text."""
         d, h, w = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)

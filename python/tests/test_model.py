@@ -172,3 +172,22 @@ def test_forward_releases_the_gil():
 def test_summary():
     s = DeformUXNet().summary(96)
     assert "55790776" in s and "582.088" in s
+
+
+def test_threads_share_a_model_safely_and_release_memory():
+    m = DeformUXNet(**SMALL, seed=2)
+    xs = [np.random.default_rng(i).standard_normal((1, 1, 16, 16, 32)).astype(np.float32) for i in range(4)]
+    want = [m.forward(x) for x in xs]
+    got = [None] * 4
+
+    def run(i):
+        got[i] = m.forward(xs[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
+    m.release_memory()
+    assert np.array_equal(m.forward(xs[0]), want[0])

@@ -71,13 +71,27 @@ public final class DeformUXNet {
 
     /// Logits N x Cout x D x H x W (no softmax) for x N x Cin x D x H x W.
     public func forward(_ x: Tensor, progress: Progress? = nil) throws -> Tensor {
+        let y = try Tensor(uninitialized: [x.shape[0], config.outChannels] + Array(x.shape.dropFirst(2)))
+        try forward(x, into: y.pointer, progress: progress)
+        return y
+    }
+
+    /// Writes the logits (N x Cout x D x H x W) into memory the caller owns (the C ABI's output array).
+    public func forward(_ x: Tensor, into y: UnsafeMutablePointer<Float>, progress: Progress? = nil) throws {
         try validateInput(x.shape)
         try x.requireContiguous("DeformUXNet.forward x")
         let ctx = RunContext(parameters: parameters, workspace: workspace, pool: pool)
         // Memory kept for sizes this pass did not use goes back to the system at its end.
         defer { pool.endPass() }
-        let y = try forwardChannelsLast(try toChannelsLast(x, pool: pool), ctx, progress: progress)
-        return try toChannelsFirst(y)
+        let logits = try forwardChannelsLast(try toChannelsLast(x, pool: pool), ctx, progress: progress)
+        transposeToChannelsFirst(logits, into: y)
+    }
+
+    /// Frees the memory kept between calls (activation pool, scratch): the next forward allocates it
+    /// again. For long-lived processes that run a model once in a while.
+    public func releaseMemory() {
+        pool.trim()
+        workspace.release()
     }
 
     /// Steps reported by a forward pass.
@@ -205,9 +219,16 @@ public func toChannelsLast(_ x: Tensor, pool: StoragePool? = nil) throws -> Tens
 public func toChannelsFirst(_ x: Tensor) throws -> Tensor {
     let (n, d, h, w, c) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3], x.shape[4])
     let y = try Tensor(uninitialized: [n, c, d, h, w])
+    transposeToChannelsFirst(x, into: y.pointer)
+    return y
+}
+
+/// Writes x (N x D x H x W x C, contiguous) as N x C x D x H x W into y.
+func transposeToChannelsFirst(_ x: Tensor, into y: UnsafeMutablePointer<Float>) {
+    let (n, d, h, w, c) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3], x.shape[4])
     let v = d * h * w
     for s in 0..<n {
-        let src = x.pointer + s * c * v, dst = y.pointer + s * c * v
+        let src = x.pointer + s * c * v, dst = y + s * c * v
         let parts = max(1, min(Threads.count, c))
         parallelFor(parts) { part in
             for ch in Threads.range(part, of: parts, total: c) {
@@ -216,5 +237,4 @@ public func toChannelsFirst(_ x: Tensor) throws -> Tensor {
             }
         }
     }
-    return y
 }

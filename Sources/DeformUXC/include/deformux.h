@@ -143,6 +143,10 @@ dfx_status dfx_model_last_report(const dfx_model *model, char *buf, int64_t cap,
 dfx_status dfx_model_forward(dfx_model *model, const float *x, int64_t n, int64_t d, int64_t h, int64_t w,
                              float *y, dfx_progress_fn progress, void *user);
 
+/* Frees the memory a model keeps between forwards (activation memory reused from one call to the
+ * next, scratch buffers); the next forward allocates it again. */
+dfx_status dfx_model_release_memory(dfx_model *model);
+
 /* Per-module parameters and multiply-adds for an input N x Cin x D x H x W, as a text table. */
 dfx_status dfx_model_summary(const dfx_model *model, int64_t n, int64_t d, int64_t h, int64_t w,
                              char *buf, int64_t cap, int64_t *needed);
