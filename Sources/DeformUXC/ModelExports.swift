@@ -91,6 +91,16 @@ public func dfx_model_num_parameters(_ model: OpaquePointer?, _ out: UnsafeMutab
     }
 }
 
+@_cdecl("dfx_model_channels")
+public func dfx_model_channels(_ model: OpaquePointer?, _ inChannels: UnsafeMutablePointer<Int32>?,
+                               _ outChannels: UnsafeMutablePointer<Int32>?) -> Int32 {
+    guarded {
+        let c = try handle(model, "model_channels").net.config
+        inChannels?.pointee = Int32(c.inChannels)
+        outChannels?.pointee = Int32(c.outChannels)
+    }
+}
+
 @_cdecl("dfx_model_num_tensors")
 public func dfx_model_num_tensors(_ model: OpaquePointer?, _ out: UnsafeMutablePointer<Int64>?) -> Int32 {
     guarded {

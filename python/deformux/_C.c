@@ -503,8 +503,16 @@ static PyObject *py_model_forward(PyObject *self, PyObject *args) {
     if (borrow(&b, oy, "DeformUXNet.forward", "y", 1, 0, 5, NULL, &y) < 0) goto done;
     {
         Py_ssize_t *xs = b.views[0].shape, *ys = b.views[1].shape;
-        if (ys[0] != xs[0] || ys[2] != xs[2] || ys[3] != xs[3] || ys[4] != xs[4]) {
-            PyErr_SetString(PyExc_ValueError, "DeformUXNet.forward: y must have the N, D, H, W of x");
+        int32_t cin = 0, cout = 0;
+        dfx_status cs = dfx_model_channels(m, &cin, &cout);
+        if (cs != DFX_OK) { raise_status(cs); goto done; }
+        if (xs[1] != cin) {
+            PyErr_Format(PyExc_ValueError, "DeformUXNet.forward: x must have %d channels, got %zd", (int)cin, xs[1]);
+            goto done;
+        }
+        if (ys[0] != xs[0] || ys[1] != cout || ys[2] != xs[2] || ys[3] != xs[3] || ys[4] != xs[4]) {
+            PyErr_Format(PyExc_ValueError, "DeformUXNet.forward: y must have shape (N, %d, D, H, W) with the N, D, H, W of x",
+                         (int)cout);
             goto done;
         }
         Progress p = {.callable = ocb == Py_None ? NULL : ocb, .failed = 0};

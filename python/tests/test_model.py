@@ -191,3 +191,14 @@ def test_threads_share_a_model_safely_and_release_memory():
         assert np.array_equal(g, w)
     m.release_memory()
     assert np.array_equal(m.forward(xs[0]), want[0])
+
+
+def test_extension_checks_the_output_array():
+    m = DeformUXNet(**SMALL)
+    x = np.zeros((1, 1, 16, 16, 16), np.float32)
+    with pytest.raises(ValueError) as e:
+        deformux._C.model_forward(m._handle, x, np.empty((1, 2, 16, 16, 16), np.float32), None)
+    assert "(N, 3, D, H, W)" in str(e.value)
+    with pytest.raises(ValueError):
+        deformux._C.model_forward(m._handle, np.zeros((1, 2, 16, 16, 16), np.float32),
+                                  np.empty((1, 3, 16, 16, 16), np.float32), None)

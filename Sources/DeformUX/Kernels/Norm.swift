@@ -4,8 +4,11 @@
 ///   over its C values, biased variance, eps inside the square root, per-channel weight and bias.
 /// - InstanceNorm (MONAI's decoder blocks): per sample and channel over all voxels, biased variance,
 ///   eps 1e-5, no affine parameters and no running statistics, so training and inference compute the
-///   same thing. Statistics take two passes (mean, then squared deviations) for accuracy, with Float
-///   sums over blocks of voxels added up in Double.
+///   same thing. In the network the statistics come as sums from the convolution that writes the
+///   tensor (`affine(fromSums:)`) and the norm is applied by the next kernel, fused with the residual
+///   add and LeakyReLU (`applyAffine`) or with the next convolution's input (`Conv3d.InputTransform`).
+///   `statistics` computes them in two passes (mean, then squared deviations) for tensors that no
+///   convolution wrote.
 public enum ChannelLayerNorm {
     /// y = (x - mean) / sqrt(var + eps) * weight + bias per voxel. x and y may be the same buffer.
     ///     x, y  V x C      weight, bias  C
@@ -74,39 +77,6 @@ public enum InstanceNorm {
             var s: Double = 0
             for p in 0..<parts { s += partials[p * c + i] }
             rstd[i] = Float(1 / (s / Double(voxels) + Double(eps)).squareRoot())
-        }
-    }
-
-    /// y = act((x - mean) * rstd + residual), where residual is either another normalised tensor
-    /// ((r - rMean) * rRstd), a plain tensor, or absent, and act is LeakyReLU(slope) or identity.
-    /// y may alias x or r.
-    public enum Residual {
-        case none
-        case plain(UnsafePointer<Float>)
-        case normalized(UnsafePointer<Float>, mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>)
-    }
-
-    public static func apply(x: UnsafePointer<Float>, mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>,
-                             residual: Residual, leakySlope: Float?, y: UnsafeMutablePointer<Float>,
-                             voxels: Int, channels c: Int) {
-        let parts = max(1, min(Threads.count, voxels / 1024))
-        parallelFor(parts) { part in
-            for v in Threads.range(part, of: parts, total: voxels) {
-                let row = x + v * c, out = y + v * c
-                switch residual {
-                case .none:
-                    for i in 0..<c { out[i] = (row[i] - mean[i]) * rstd[i] }
-                case .plain(let r):
-                    let rr = r + v * c
-                    for i in 0..<c { out[i] = (row[i] - mean[i]) * rstd[i] + rr[i] }
-                case .normalized(let r, let rm, let rs):
-                    let rr = r + v * c
-                    for i in 0..<c { out[i] = (row[i] - mean[i]) * rstd[i] + (rr[i] - rm[i]) * rs[i] }
-                }
-                if let slope = leakySlope {
-                    for i in 0..<c { let z = out[i]; out[i] = z < 0 ? z * slope : z }
-                }
-            }
         }
     }
 

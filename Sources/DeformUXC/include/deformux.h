@@ -119,6 +119,8 @@ dfx_status dfx_model_create(const char *config_json, uint64_t seed, dfx_model **
 void dfx_model_free(dfx_model *model);
 dfx_status dfx_model_config_json(const dfx_model *model, char *buf, int64_t cap, int64_t *needed);
 dfx_status dfx_model_num_parameters(const dfx_model *model, int64_t *out);
+/* The input and output channel counts (Cin, Cout); either pointer may be NULL. */
+dfx_status dfx_model_channels(const dfx_model *model, int32_t *in_channels, int32_t *out_channels);
 
 /* Parameters by index 0 ..< num_tensors, in the state-dict order; name stays valid while the model lives. */
 dfx_status dfx_model_num_tensors(const dfx_model *model, int64_t *out);
