@@ -144,6 +144,13 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_release_thread_memory(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    dfx_status status = dfx_release_thread_memory();
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_get_num_threads(PyObject *self, PyObject *noargs) {
     (void)self; (void)noargs;
     return PyLong_FromLong((long)dfx_get_num_threads());
@@ -565,6 +572,8 @@ static PyMethodDef methods[] = {
     {"last_error", py_last_error, METH_NOARGS, "last_error() -> str: dfx_last_error() of this thread"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): dfx_set_num_threads"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
+    {"release_thread_memory", py_release_thread_memory, METH_NOARGS,
+     "release_thread_memory(): frees the scratch the operators keep for this thread"},
     {"deform_conv3d_forward", py_deform_conv3d_forward, METH_VARARGS,
      "deform_conv3d_forward(x, offsets, weight, bias_or_None, y): fills y"},
     {"deform_conv3d_backward", py_deform_conv3d_backward, METH_VARARGS,

@@ -20,7 +20,7 @@ from .model import DeformUXNet
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "DeformUXNet", "DeformUXError", "set_num_threads", "get_num_threads", "engine_version", "__version__"]
+__all__ = ["ops", "DeformUXNet", "DeformUXError", "set_num_threads", "get_num_threads", "release_memory", "engine_version", "__version__"]
 
 
 def set_num_threads(n):
@@ -40,6 +40,13 @@ def set_num_threads(n):
 def get_num_threads():
     """The number of worker threads engine calls use."""
     return _C.get_num_threads()
+
+
+def release_memory():
+    """Frees the scratch memory the operators in :mod:`deformux.ops` keep for the calling thread
+    between calls (about 100 MB for a DDC at 48^3 x 48 channels; it is reused by the next call of a
+    similar size and freed when the thread ends). Models keep their own: ``DeformUXNet.release_memory``."""
+    _C.release_thread_memory()
 
 
 def engine_version():

@@ -202,3 +202,18 @@ def test_extension_checks_the_output_array():
     with pytest.raises(ValueError):
         deformux._C.model_forward(m._handle, np.zeros((1, 2, 16, 16, 16), np.float32),
                                   np.empty((1, 3, 16, 16, 16), np.float32), None)
+
+
+def test_operator_scratch_is_kept_per_thread_and_can_be_released():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 3, 5, 6, 7)).astype(np.float32)
+    off = rng.uniform(-2, 2, (1, 81, 5, 6, 7)).astype(np.float32)
+    w = rng.standard_normal((3, 1, 3, 3, 3)).astype(np.float32)
+    first = deformux.ops.deform_conv3d(x, off, w)
+    deformux.release_memory()
+    assert np.array_equal(deformux.ops.deform_conv3d(x, off, w), first)
+    out = [None]
+    t = threading.Thread(target=lambda: out.__setitem__(0, deformux.ops.deform_conv3d(x, off, w)))
+    t.start()
+    t.join()
+    assert np.array_equal(out[0], first)

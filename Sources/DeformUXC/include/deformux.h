@@ -51,6 +51,10 @@ const char *dfx_version(void);
 dfx_status dfx_set_num_threads(int32_t n);
 int32_t dfx_get_num_threads(void);
 
+/* The operator calls below keep their scratch memory per calling thread between calls (it is freed
+ * when the thread ends); this frees the calling thread's now. */
+dfx_status dfx_release_thread_memory(void);
+
 /*
  * Depthwise deformable 3x3x3 convolution with one offset field shared by all channels.
  *   x        N x C x D x H x W
