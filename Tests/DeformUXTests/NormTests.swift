@@ -81,4 +81,83 @@ final class NormTests: XCTestCase {
         let want = xs.map { x -> Double in let d = Double(x); return d * (1 + Foundation.erf(d / 2.0.squareRoot())) / 2 }
         assertClose(y, want, atol: 1e-6, rtol: 2e-6, "GELU")
     }
+
+    // MARK: Backward: analytic (Float, fast) against central differences of the Double references
+
+    func testChannelLayerNormBackwardMatchesFiniteDifferences() throws {
+        let voxels = 6, c = 5
+        var rng = TestRNG(seed: 21)
+        let x = rng.floats(voxels * c, -2, 3), w = rng.floats(c, 0.5, 1.5), b = rng.floats(c), gy = rng.floats(voxels * c)
+        let xd = x.map(Double.init), wd = w.map(Double.init), bd = b.map(Double.init), gyd = gy.map(Double.init)
+        func loss(_ x: [Double], _ w: [Double], _ b: [Double]) -> Double {
+            zip(NormReference.channelLayerNorm(x, weight: w, bias: b, channels: c), gyd).reduce(0) { $0 + $1.0 * $1.1 }
+        }
+        let h = 1e-6
+        func fd(_ base: [Double], _ f: ([Double]) -> Double) -> [Double] {
+            (0..<base.count).map { i in
+                var p = base, m = base
+                p[i] += h; m[i] -= h
+                return (f(p) - f(m)) / (2 * h)
+            }
+        }
+        var gx = [Float](repeating: 0.25, count: x.count), gw = [Float](repeating: 0, count: c), gb = [Float](repeating: 0, count: c)
+        try x.withUnsafeBufferPointer { xp in try w.withUnsafeBufferPointer { wp in try gy.withUnsafeBufferPointer { gp in
+            try gx.withUnsafeMutableBufferPointer { gxp in try gw.withUnsafeMutableBufferPointer { gwp in try gb.withUnsafeMutableBufferPointer { gbp in
+                try ChannelLayerNorm.backward(x: xp.baseAddress!, weight: wp.baseAddress!, gradY: gp.baseAddress!,
+                                              gradX: gxp.baseAddress!, gradWeight: gwp.baseAddress!, gradBias: gbp.baseAddress!,
+                                              voxels: voxels, channels: c, workspace: Workspace())
+            } } }
+        } } }
+        // gradX started at 0.25: backward adds.
+        assertClose(gx.map { Double($0) - 0.25 }, fd(xd) { loss($0, wd, bd) }, atol: 2e-4, rtol: 1e-3, "LayerNorm dx")
+        assertClose(gw, fd(wd) { loss(xd, $0, bd) }, atol: 2e-4, rtol: 1e-3, "LayerNorm dweight")
+        assertClose(gb, fd(bd) { loss(xd, wd, $0) }, atol: 2e-4, rtol: 1e-3, "LayerNorm dbias")
+    }
+
+    func testInstanceNormBackwardMatchesFiniteDifferences() throws {
+        let n = 2, voxels = 40, c = 3
+        var rng = TestRNG(seed: 22)
+        let x = rng.floats(n * voxels * c, -1, 4), gy = rng.floats(n * voxels * c)
+        let gyd = gy.map(Double.init)
+        func loss(_ x: [Double]) -> Double {
+            zip(NormReference.instanceNorm(x, n: n, voxels: voxels, channels: c), gyd).reduce(0) { $0 + $1.0 * $1.1 }
+        }
+        let h = 1e-6
+        let want: [Double] = (0..<x.count).map { i in
+            var p = x.map(Double.init), m = p
+            p[i] += h; m[i] -= h
+            return (loss(p) - loss(m)) / (2 * h)
+        }
+        var mean = [Float](repeating: 0, count: n * c), rstd = [Float](repeating: 0, count: n * c)
+        var gx = [Float](repeating: 0, count: x.count)
+        let ws = Workspace()
+        try x.withUnsafeBufferPointer { xp in
+            for s in 0..<n {
+                try mean.withUnsafeMutableBufferPointer { mp in try rstd.withUnsafeMutableBufferPointer { rp in
+                    try InstanceNorm.statistics(x: xp.baseAddress! + s * voxels * c, voxels: voxels, channels: c,
+                                                mean: mp.baseAddress! + s * c, rstd: rp.baseAddress! + s * c, workspace: ws)
+                } }
+            }
+            try gy.withUnsafeBufferPointer { gp in try gx.withUnsafeMutableBufferPointer { gxp in
+                try InstanceNorm.backward(x: xp.baseAddress!, mean: mean, rstd: rstd, gradY: gp.baseAddress!,
+                                          gradX: gxp.baseAddress!, n: n, voxels: voxels, channels: c, workspace: ws)
+            } }
+        }
+        assertClose(gx, want, atol: 2e-4, rtol: 1e-3, shape: [n, voxels, c], "InstanceNorm dx")
+    }
+
+    func testGELUBackwardMatchesFiniteDifferences() {
+        let xs: [Float] = stride(from: -6.0, through: 6.0, by: 0.037).map { Float($0) } + [0]
+        let gy = [Float](repeating: 1, count: xs.count)
+        var gx = [Float](repeating: 0, count: xs.count)
+        xs.withUnsafeBufferPointer { a in gy.withUnsafeBufferPointer { g in gx.withUnsafeMutableBufferPointer { o in
+            Activation.geluBackward(x: a.baseAddress!, gradY: g.baseAddress!, gradX: o.baseAddress!, count: xs.count)
+        } } }
+        let h = 1e-6
+        let want = xs.map { x -> Double in
+            let d = Double(x)
+            return (NormReference.gelu(d + h, erf: Foundation.erf) - NormReference.gelu(d - h, erf: Foundation.erf)) / (2 * h)
+        }
+        assertClose(gx, want, atol: 2e-6, rtol: 1e-5, "GELU derivative")
+    }
 }

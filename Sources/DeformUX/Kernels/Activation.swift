@@ -1,3 +1,11 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// Elementwise activations.
 ///
 /// GELU is the exact erf form, x * (1 + erf(x / sqrt 2)) / 2 (PyTorch's default `nn.GELU()`), with erf
@@ -44,6 +52,24 @@ public enum Activation {
             for l in 0..<(count - i) { v[l] = x[i + l] }
             let r = gelu(v)
             for l in 0..<(count - i) { y[i + l] = r[l] }
+        }
+    }
+
+    /// gradX += gradY * GELU'(x), GELU'(x) = Phi(x) + x phi(x), Phi the normal CDF, phi its density.
+    public static func geluBackward(x: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+                                    gradX: UnsafeMutablePointer<Float>, count: Int) {
+        let invSqrt2Pi: Float = 0.3989422804014327
+        var i = 0
+        while i < count {
+            let lanes = min(16, count - i)
+            var v = V(), g = V()
+            for l in 0..<lanes { v[l] = x[i + l]; g[l] = gradY[i + l] }
+            let cdf = (V(repeating: 1) + erf(v * V(repeating: 0.70710678118654752))) * V(repeating: 0.5)
+            var pdf = V()
+            for l in 0..<lanes { pdf[l] = invSqrt2Pi * expf(-0.5 * v[l] * v[l]) }
+            let d = g * cdf.addingProduct(v, pdf)
+            for l in 0..<lanes { gradX[i + l] += d[l] }
+            i += 16
         }
     }
 }

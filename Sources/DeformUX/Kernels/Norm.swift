@@ -28,6 +28,55 @@ public enum ChannelLayerNorm {
             }
         }
     }
+
+    /// Adds the gradients of `forward`: gradX += (per voxel, with xhat = (x - mean) rstd and
+    /// g = gradY * weight) rstd (g - mean(g) - xhat mean(g xhat)); gradWeight += sum_v gradY xhat;
+    /// gradBias += sum_v gradY. Any output may be nil. The statistics are recomputed from x.
+    /// `partials` is scratch for Threads.count x 2C floats (the parameter gradients per part, added in
+    /// part order).
+    public static func backward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+                                gradX: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
+                                gradBias: UnsafeMutablePointer<Float>?, voxels: Int, channels c: Int,
+                                eps: Float = 1e-6, workspace: Workspace) throws {
+        let parts = max(1, min(Threads.count, voxels / 512))
+        let partials = try workspace.buffer("layernorm.gradParts", count: parts * 2 * c)
+        partials.initialize(repeating: 0, count: parts * 2 * c)
+        parallelFor(parts) { part in
+            let dw = partials + part * 2 * c, db = dw + c
+            for v in Threads.range(part, of: parts, total: voxels) {
+                let row = x + v * c, gy = gradY + v * c
+                var sum: Float = 0
+                for i in 0..<c { sum += row[i] }
+                let mean = sum / Float(c)
+                var sq: Float = 0
+                for i in 0..<c { let d = row[i] - mean; sq += d * d }
+                let rstd = 1 / (sq / Float(c) + eps).squareRoot()
+                var meanG: Float = 0, meanGX: Float = 0
+                for i in 0..<c {
+                    let xhat = (row[i] - mean) * rstd
+                    let g = gy[i] * weight[i]
+                    meanG += g
+                    meanGX += g * xhat
+                    dw[i] += gy[i] * xhat
+                    db[i] += gy[i]
+                }
+                meanG /= Float(c)
+                meanGX /= Float(c)
+                if let gradX {
+                    let gx = gradX + v * c
+                    for i in 0..<c {
+                        let xhat = (row[i] - mean) * rstd
+                        gx[i] += rstd * (gy[i] * weight[i] - meanG - xhat * meanGX)
+                    }
+                }
+            }
+        }
+        for part in 0..<parts {
+            let dw = partials + part * 2 * c, db = dw + c
+            if let gradWeight { for i in 0..<c { gradWeight[i] += dw[i] } }
+            if let gradBias { for i in 0..<c { gradBias[i] += db[i] } }
+        }
+    }
 }
 
 public enum InstanceNorm {
@@ -121,6 +170,49 @@ public enum InstanceNorm {
                             let z = out[i] * sc[i] + sh[i] + res[i]
                             out[i] = z < 0 ? z * leakySlope : z
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds the gradient of y = (x - mean) rstd (per sample and channel over the voxels, no affine) to
+    /// gradX: rstd (gradY - mean(gradY) - xhat mean(gradY xhat)), with the forward's mean and rstd
+    /// (N x C each). Two passes: the per-channel sums (per part, in Double, added in part order), then
+    /// the gradient.
+    public static func backward(x: UnsafePointer<Float>, mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>,
+                                gradY: UnsafePointer<Float>, gradX: UnsafeMutablePointer<Float>,
+                                n: Int, voxels: Int, channels c: Int, workspace: Workspace) throws {
+        let parts = max(1, min(Threads.count, voxels / 1024))
+        let raw = try workspace.buffer("instancenorm.gradParts", count: parts * 2 * c * 2)
+        let partials = UnsafeMutableRawPointer(raw).bindMemory(to: Double.self, capacity: parts * 2 * c)
+        for s in 0..<n {
+            let xS = x + s * voxels * c, gS = gradY + s * voxels * c, gxS = gradX + s * voxels * c
+            let m = mean + s * c, r = rstd + s * c
+            partials.initialize(repeating: 0, count: parts * 2 * c)
+            parallelFor(parts) { part in
+                let sumG = partials + part * 2 * c, sumGX = sumG + c
+                for v in Threads.range(part, of: parts, total: voxels) {
+                    let row = xS + v * c, g = gS + v * c
+                    for i in 0..<c {
+                        sumG[i] += Double(g[i])
+                        sumGX[i] += Double(g[i] * (row[i] - m[i]) * r[i])
+                    }
+                }
+            }
+            for i in 0..<c {
+                var a: Double = 0, b: Double = 0
+                for p in 0..<parts { a += partials[p * 2 * c + i]; b += partials[p * 2 * c + c + i] }
+                partials[i] = a / Double(voxels)
+                partials[c + i] = b / Double(voxels)
+            }
+            let meanG = partials, meanGX = partials + c
+            parallelFor(parts) { part in
+                for v in Threads.range(part, of: parts, total: voxels) {
+                    let row = xS + v * c, g = gS + v * c, gx = gxS + v * c
+                    for i in 0..<c {
+                        let xhat = (row[i] - m[i]) * r[i]
+                        gx[i] += r[i] * (g[i] - Float(meanG[i]) - xhat * Float(meanGX[i]))
                     }
                 }
             }

@@ -35,4 +35,7 @@ public enum NormReference {
     }
 
     public static func leakyReLU<T: BinaryFloatingPoint>(_ x: T, slope: T = 0.01) -> T { x < 0 ? x * slope : x }
+
+    /// The exact GELU, x Phi(x), for references (Double via the caller's erf).
+    public static func gelu(_ x: Double, erf: (Double) -> Double) -> Double { x * (1 + erf(x / 2.0.squareRoot())) / 2 }
 }
