@@ -75,6 +75,13 @@ final class TensorTests: XCTestCase {
             }
         }
         XCTAssertEqual(hits, [Int](repeating: 1, count: 37))
+        // Raising and lowering the count: every part still runs exactly once.
+        for n in [4, 1, 3, 2] {
+            try? Threads.setCount(n)
+            var counts = [Int](repeating: 0, count: 23)
+            counts.withUnsafeMutableBufferPointer { h in parallelFor(23) { h[$0] += 1 } }
+            XCTAssertEqual(counts, [Int](repeating: 1, count: 23), "\(n) threads")
+        }
         XCTAssertThrowsError(try Threads.setCount(0))
     }
 }

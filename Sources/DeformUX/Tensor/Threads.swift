@@ -68,6 +68,9 @@ final class ThreadPool: @unchecked Sendable {
 
     var threadCount: Int  // guarded by mutex
     private var workers = 0
+    /// Workers with an index below this take parts of the current job (the others sleep through it,
+    /// so lowering the thread count lowers the concurrency).
+    private var activeHelpers = 0
     private var generation = 0
     private var job: ((Int) -> Void)?
     private var nextPart = 0
@@ -106,6 +109,7 @@ final class ThreadPool: @unchecked Sendable {
             return
         }
         while workers < helpers { spawnWorker() }
+        activeHelpers = helpers
         withoutActuallyEscaping(body) { escapable in
             job = escapable
             nextPart = 0
@@ -144,12 +148,13 @@ final class ThreadPool: @unchecked Sendable {
         }
     }
 
-    private func workerLoop(startGeneration: Int) {
+    private func workerLoop(index: Int, startGeneration: Int) {
         var seen = startGeneration
         lock()
         while true {
             while generation == seen { pthread_cond_wait(wake, mutex) }
             seen = generation
+            if index >= activeHelpers { continue }
             unlock()
             drain()
             lock()
@@ -157,14 +162,15 @@ final class ThreadPool: @unchecked Sendable {
     }
 
     private func spawnWorker() {
+        let index = workers
         workers += 1
         // The worker starts from the generation current now, so it also takes the job about to start.
-        let box = Unmanaged.passRetained(WorkerStart(pool: self, generation: generation)).toOpaque()
+        let box = Unmanaged.passRetained(WorkerStart(pool: self, index: index, generation: generation)).toOpaque()
         var thread = pthread_t()
         let rc = pthread_create(&thread, nil, { arg in
             guard let arg else { return nil }
             let start = Unmanaged<WorkerStart>.fromOpaque(arg).takeRetainedValue()
-            start.pool.workerLoop(startGeneration: start.generation)
+            start.pool.workerLoop(index: start.index, startGeneration: start.generation)
             return nil
         }, box)
         if rc == 0 {
@@ -179,8 +185,9 @@ final class ThreadPool: @unchecked Sendable {
 
 private final class WorkerStart {
     let pool: ThreadPool
+    let index: Int
     let generation: Int
-    init(pool: ThreadPool, generation: Int) { self.pool = pool; self.generation = generation }
+    init(pool: ThreadPool, index: Int, generation: Int) { self.pool = pool; self.index = index; self.generation = generation }
 }
 
 /// A per-thread boolean (pthread TLS, no Foundation).
