@@ -29,6 +29,15 @@ final class ModelHandle {
         mutex.deallocate()
     }
 
+    /// Parameter `index` of the layout, checked.
+    func entry(_ index: Int64, _ op: String) throws -> ParameterLayout.Entry {
+        let entries = net.parameters.layout.entries
+        guard index >= 0, index < Int64(entries.count) else {
+            throw DeformUXError.invalidArgument("\(op): index must be in 0..<\(entries.count), got \(index)")
+        }
+        return entries[Int(index)]
+    }
+
     func locked<T>(_ body: () throws -> T) rethrows -> T {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
@@ -117,11 +126,7 @@ public func dfx_model_tensor_info(_ model: OpaquePointer?, _ index: Int64, _ nam
     guarded {
         let op = "model_tensor_info"
         let h = try handle(model, op)
-        let entries = h.net.parameters.layout.entries
-        guard index >= 0, index < Int64(entries.count) else {
-            throw DeformUXError.invalidArgument("\(op): index must be in 0..<\(entries.count), got \(index)")
-        }
-        let e = entries[Int(index)]
+        let e = try h.entry(index, op)
         guard e.shape.count <= 8 else { throw DeformUXError.internal("\(op): \(e.name) has rank \(e.shape.count) > 8") }
         guard let cName = h.names[Int(index)] else { throw DeformUXError.outOfMemory("\(op): no memory for a name") }
         name?.pointee = UnsafePointer(cName)
@@ -137,11 +142,7 @@ public func dfx_model_get_tensor(_ model: OpaquePointer?, _ index: Int64, _ out:
     guarded {
         let op = "model_get_tensor"
         let h = try handle(model, op)
-        let entries = h.net.parameters.layout.entries
-        guard index >= 0, index < Int64(entries.count) else {
-            throw DeformUXError.invalidArgument("\(op): index must be in 0..<\(entries.count), got \(index)")
-        }
-        let e = entries[Int(index)]
+        let e = try h.entry(index, op)
         guard let out else { throw DeformUXError.invalidArgument("\(op): out must not be NULL") }
         guard count == Int64(e.count) else {
             throw DeformUXError.shapeMismatch("\(op): \(e.name) has \(e.count) values, the buffer holds \(count)")

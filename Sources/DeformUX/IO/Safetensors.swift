@@ -95,16 +95,11 @@ public struct SafetensorsFile: @unchecked Sendable {
                 let known = SafetensorsDType.allCases.map(\.rawValue).joined(separator: ", ")
                 throw DeformUXError.io("\(t): dtype \"\(raw.dtype)\" is not supported (expected one of \(known))")
             }
-            var count = 1
-            for s in raw.shape {
-                guard s >= 0 else {
-                    throw DeformUXError.io("\(t): shape \(raw.shape) has a negative size")
-                }
-                let (p, overflow) = count.multipliedReportingOverflow(by: s)
-                guard !overflow, p <= Int.max / 8 else {
-                    throw DeformUXError.io("\(t): shape \(raw.shape) is too large")
-                }
-                count = p
+            let count: Int
+            do {
+                count = try Tensor.elementCount(raw.shape, context: t)
+            } catch let e as DeformUXError {
+                throw DeformUXError.io(e.message)  // a bad file, not a bad argument
             }
             guard raw.offsets.count == 2 else {
                 throw DeformUXError.io("\(t): data_offsets must be [begin, end], got \(raw.offsets)")

@@ -10,6 +10,17 @@
 ///   `statistics` computes them in two passes (mean, then squared deviations) for tensors that no
 ///   convolution wrote.
 public enum ChannelLayerNorm {
+    /// Mean and 1/sqrt(var + eps) of one voxel's c values (two passes, biased variance).
+    @inline(__always)
+    static func moments(_ row: UnsafePointer<Float>, _ c: Int, _ eps: Float) -> (mean: Float, rstd: Float) {
+        var sum: Float = 0
+        for i in 0..<c { sum += row[i] }
+        let mean = sum / Float(c)
+        var sq: Float = 0
+        for i in 0..<c { let d = row[i] - mean; sq += d * d }
+        return (mean, 1 / (sq / Float(c) + eps).squareRoot())
+    }
+
     /// y = (x - mean) / sqrt(var + eps) * weight + bias per voxel. x and y may be the same buffer.
     ///     x, y  V x C      weight, bias  C
     public static func forward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, bias: UnsafePointer<Float>,
@@ -18,12 +29,7 @@ public enum ChannelLayerNorm {
         parallelFor(parts) { part in
             for v in Threads.range(part, of: parts, total: voxels) {
                 let row = x + v * c, out = y + v * c
-                var sum: Float = 0
-                for i in 0..<c { sum += row[i] }
-                let mean = sum / Float(c)
-                var sq: Float = 0
-                for i in 0..<c { let d = row[i] - mean; sq += d * d }
-                let rstd = 1 / (sq / Float(c) + eps).squareRoot()
+                let (mean, rstd) = moments(row, c, eps)
                 for i in 0..<c { out[i] = (row[i] - mean) * rstd * weight[i] + bias[i] }
             }
         }
@@ -45,12 +51,7 @@ public enum ChannelLayerNorm {
             let dw = partials + part * 2 * c, db = dw + c
             for v in Threads.range(part, of: parts, total: voxels) {
                 let row = x + v * c, gy = gradY + v * c
-                var sum: Float = 0
-                for i in 0..<c { sum += row[i] }
-                let mean = sum / Float(c)
-                var sq: Float = 0
-                for i in 0..<c { let d = row[i] - mean; sq += d * d }
-                let rstd = 1 / (sq / Float(c) + eps).squareRoot()
+                let (mean, rstd) = moments(row, c, eps)
                 var meanG: Float = 0, meanGX: Float = 0
                 for i in 0..<c {
                     let xhat = (row[i] - mean) * rstd
