@@ -10,55 +10,79 @@ import Darwin
 #endif
 import DeformUX
 
-// Status codes: keep in step with deformux.h.
+// Status codes are DeformUXError.Kind's raw values (deformux.h: DFX_ERR_*); 0 is success.
 let DFX_OK: Int32 = 0
-let DFX_ERR_INVALID_ARGUMENT: Int32 = 1
-let DFX_ERR_SHAPE: Int32 = 2
-let DFX_ERR_OUT_OF_MEMORY: Int32 = 3
-let DFX_ERR_IO: Int32 = 4
-let DFX_ERR_CANCELLED: Int32 = 5
-let DFX_ERR_INTERNAL: Int32 = 6
 
 /// The engine's version; a static, NUL-terminated literal so dfx_version can hand it out as it is.
 let engineVersion: StaticString = "0.1.0"
 
 // MARK: Errors
 
-/// The thread's last error message, a malloc'd C string owned by the thread-specific slot.
+/// The calling thread's last error, with its fields as C strings that stay valid until the thread's next
+/// failing call (dfx_last_error, dfx_last_error_field).
+final class LastError {
+    let error: DeformUXError
+    let text: UnsafeMutablePointer<CChar>?
+    let operation: UnsafeMutablePointer<CChar>?
+    let expected: UnsafeMutablePointer<CChar>?
+    let got: UnsafeMutablePointer<CChar>?
+    let path: UnsafeMutablePointer<CChar>?
+    let message: UnsafeMutablePointer<CChar>?
+
+    init(_ e: DeformUXError) {
+        error = e
+        text = strdup(e.description)
+        operation = strdup(e.operation)
+        message = strdup(e.message)
+        expected = e.expected.flatMap { strdup($0) }
+        got = e.got.flatMap { strdup($0) }
+        path = e.path.flatMap { strdup($0) }
+    }
+
+    deinit { for p in [text, operation, expected, got, path, message] { free(p) } }
+}
+
 private let lastErrorKey: pthread_key_t = {
     var key = pthread_key_t()
-    pthread_key_create(&key) { free($0) }
+    pthread_key_create(&key) { p in
+        guard let p else { return }
+        Unmanaged<LastError>.fromOpaque(p).release()
+    }
     return key
 }()
 
-private func setLastError(_ message: String) {
-    if let old = pthread_getspecific(lastErrorKey) { free(old) }
-    pthread_setspecific(lastErrorKey, strdup(message))
+private func setLastError(_ e: DeformUXError) {
+    if let old = pthread_getspecific(lastErrorKey) { Unmanaged<LastError>.fromOpaque(old).release() }
+    pthread_setspecific(lastErrorKey, Unmanaged.passRetained(LastError(e)).toOpaque())
 }
 
-/// Runs `body`, turning every error into a status and a message.
+private func lastError() -> LastError? {
+    pthread_getspecific(lastErrorKey).map { Unmanaged<LastError>.fromOpaque($0).takeUnretainedValue() }
+}
+
+/// Runs `body`, turning every error into a status (the error's kind) and the thread's last error.
 func guarded(_ body: () throws -> Void) -> Int32 {
     do {
         try body()
         return DFX_OK
     } catch let e as DeformUXError {
-        setLastError(e.message)
-        switch e {
-        case .invalidArgument: return DFX_ERR_INVALID_ARGUMENT
-        case .shapeMismatch: return DFX_ERR_SHAPE
-        case .outOfMemory: return DFX_ERR_OUT_OF_MEMORY
-        case .io: return DFX_ERR_IO
-        case .cancelled: return DFX_ERR_CANCELLED
-        case .internal: return DFX_ERR_INTERNAL
-        }
+        setLastError(e)
+        return e.kind.rawValue
     } catch {
-        setLastError("internal error: \(error)")
-        return DFX_ERR_INTERNAL
+        setLastError(.internal("", "internal error: \(error)"))
+        return DeformUXError.Kind.internal.rawValue
     }
 }
 
-private func require<T>(_ p: T?, _ op: String, _ name: String) throws -> T {
-    guard let p else { throw DeformUXError.invalidArgument("\(op): \(name) must not be NULL") }
+/// `guarded`, with every error reported under the entry point's name `op`.
+func guarded(_ op: String, _ body: () throws -> Void) -> Int32 {
+    guarded {
+        do { try body() } catch let e as DeformUXError { throw e.renamed(operation: op) }
+    }
+}
+
+func require<T>(_ p: T?, _ op: String, _ name: String) throws -> T {
+    guard let p else { throw DeformUXError.invalidArgument(op, "\(name) must not be NULL") }
     return p
 }
 
@@ -66,8 +90,8 @@ private func ddcShape(_ op: String, _ n: Int64, _ c: Int64, _ d: Int64, _ h: Int
     // Int64 -> Int is exact on the 64-bit platforms Swift runs on; DDCShape checks sign and overflow.
     do {
         return try DDCShape(n: Int(n), c: Int(c), d: Int(d), h: Int(h), w: Int(w))
-    } catch let DeformUXError.invalidArgument(m) {
-        throw DeformUXError.invalidArgument(m.replacingPrefix("deform_conv3d", with: op))
+    } catch let e as DeformUXError {
+        throw e.renamed(operation: op)
     }
 }
 
@@ -76,15 +100,10 @@ private func offsetMode(_ op: String, _ mode: Int32) throws -> OffsetMode {
     case 0: return .aligned
     case 1: return .official
     default:
-        throw DeformUXError.invalidArgument("\(op): offset_mode must be 0 (aligned) or 1 (official), got \(mode)")
+        throw DeformUXError.invalidArgument(op, "offset_mode must be 0 (aligned) or 1 (official), got \(mode)")
     }
 }
 
-extension String {
-    func replacingPrefix(_ prefix: String, with other: String) -> String {
-        hasPrefix(prefix) ? other + dropFirst(prefix.count) : self
-    }
-}
 
 // MARK: Scratch memory
 
@@ -123,9 +142,28 @@ public func dfx_release_thread_memory() -> Int32 {
 
 @_cdecl("dfx_last_error")
 public func dfx_last_error() -> UnsafePointer<CChar> {
-    if let p = pthread_getspecific(lastErrorKey) { return UnsafePointer(p.assumingMemoryBound(to: CChar.self)) }
-    return emptyCString
+    lastError()?.text.map { UnsafePointer($0) } ?? emptyCString
 }
+
+/// One field of the calling thread's last error (DFX_FIELD_*), "" when the error has none. Never NULL.
+@_cdecl("dfx_last_error_field")
+public func dfx_last_error_field(_ field: Int32) -> UnsafePointer<CChar> {
+    guard let e = lastError() else { return emptyCString }
+    let p: UnsafeMutablePointer<CChar>?
+    switch field {
+    case 0: p = e.operation
+    case 1: p = e.message
+    case 2: p = e.expected
+    case 3: p = e.got
+    case 4: p = e.path
+    default: p = nil
+    }
+    return p.map { UnsafePointer($0) } ?? emptyCString
+}
+
+/// The errno of the calling thread's last error (0 if none): ENOENT for a missing file.
+@_cdecl("dfx_last_error_errno")
+public func dfx_last_error_errno() -> Int32 { lastError()?.error.errno ?? 0 }
 
 private func cString(_ s: StaticString) -> UnsafePointer<CChar> {
     UnsafeRawPointer(s.utf8Start).assumingMemoryBound(to: CChar.self)

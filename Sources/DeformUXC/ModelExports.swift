@@ -33,7 +33,7 @@ final class ModelHandle {
     func entry(_ index: Int64, _ op: String) throws -> ParameterLayout.Entry {
         let entries = net.parameters.layout.entries
         guard index >= 0, index < Int64(entries.count) else {
-            throw DeformUXError.invalidArgument("\(op): index must be in 0..<\(entries.count), got \(index)")
+            throw DeformUXError.invalidArgument(op, "index must be in 0..<\(entries.count), got \(index)")
         }
         return entries[Int(index)]
     }
@@ -46,12 +46,12 @@ final class ModelHandle {
 }
 
 private func handle(_ p: OpaquePointer?, _ op: String) throws -> ModelHandle {
-    guard let p else { throw DeformUXError.invalidArgument("\(op): model must not be NULL") }
+    guard let p else { throw DeformUXError.invalidArgument(op, "model must not be NULL") }
     return Unmanaged<ModelHandle>.fromOpaque(UnsafeRawPointer(p)).takeUnretainedValue()
 }
 
 private func string(_ p: UnsafePointer<CChar>?, _ op: String, _ name: String) throws -> String {
-    guard let p else { throw DeformUXError.invalidArgument("\(op): \(name) must not be NULL") }
+    guard let p else { throw DeformUXError.invalidArgument(op, "\(name) must not be NULL") }
     return String(cString: p)
 }
 
@@ -71,7 +71,7 @@ public func dfx_model_create(_ configJSON: UnsafePointer<CChar>?, _ seed: UInt64
                              _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
     guarded {
         let op = "model_create"
-        guard let out else { throw DeformUXError.invalidArgument("\(op): out must not be NULL") }
+        guard let out else { throw DeformUXError.invalidArgument(op, "out must not be NULL") }
         out.pointee = nil
         let config = try DeformUXNetConfig(json: string(configJSON, op, "config_json"))
         let h = ModelHandle(try DeformUXNet(config: config, seed: seed))
@@ -95,7 +95,7 @@ public func dfx_model_config_json(_ model: OpaquePointer?, _ buf: UnsafeMutableP
 public func dfx_model_num_parameters(_ model: OpaquePointer?, _ out: UnsafeMutablePointer<Int64>?) -> Int32 {
     guarded {
         let h = try handle(model, "model_num_parameters")
-        guard let out else { throw DeformUXError.invalidArgument("model_num_parameters: out must not be NULL") }
+        guard let out else { throw DeformUXError.invalidArgument("model_num_parameters", "out must not be NULL") }
         out.pointee = Int64(h.net.parameterCount)
     }
 }
@@ -114,7 +114,7 @@ public func dfx_model_channels(_ model: OpaquePointer?, _ inChannels: UnsafeMuta
 public func dfx_model_num_tensors(_ model: OpaquePointer?, _ out: UnsafeMutablePointer<Int64>?) -> Int32 {
     guarded {
         let h = try handle(model, "model_num_tensors")
-        guard let out else { throw DeformUXError.invalidArgument("model_num_tensors: out must not be NULL") }
+        guard let out else { throw DeformUXError.invalidArgument("model_num_tensors", "out must not be NULL") }
         out.pointee = Int64(h.net.parameters.layout.entries.count)
     }
 }
@@ -127,8 +127,8 @@ public func dfx_model_tensor_info(_ model: OpaquePointer?, _ index: Int64, _ nam
         let op = "model_tensor_info"
         let h = try handle(model, op)
         let e = try h.entry(index, op)
-        guard e.shape.count <= 8 else { throw DeformUXError.internal("\(op): \(e.name) has rank \(e.shape.count) > 8") }
-        guard let cName = h.names[Int(index)] else { throw DeformUXError.outOfMemory("\(op): no memory for a name") }
+        guard e.shape.count <= 8 else { throw DeformUXError.internal(op, "\(e.name) has rank \(e.shape.count) > 8") }
+        guard let cName = h.names[Int(index)] else { throw DeformUXError.outOfMemory(op, "no memory for a name") }
         name?.pointee = UnsafePointer(cName)
         rank?.pointee = Int32(e.shape.count)
         if let shape { for (i, s) in e.shape.enumerated() { shape[i] = Int64(s) } }
@@ -143,9 +143,9 @@ public func dfx_model_get_tensor(_ model: OpaquePointer?, _ index: Int64, _ out:
         let op = "model_get_tensor"
         let h = try handle(model, op)
         let e = try h.entry(index, op)
-        guard let out else { throw DeformUXError.invalidArgument("\(op): out must not be NULL") }
+        guard let out else { throw DeformUXError.invalidArgument(op, "out must not be NULL") }
         guard count == Int64(e.count) else {
-            throw DeformUXError.shapeMismatch("\(op): \(e.name) has \(e.count) values, the buffer holds \(count)")
+            throw DeformUXError.shapeMismatch(op, "\(e.name) has \(e.count) values, the buffer holds \(count)")
         }
         h.locked { out.update(from: h.net.parameters.values.pointer + e.offset, count: e.count) }
     }
@@ -161,17 +161,17 @@ public func dfx_model_load_tensors(_ model: OpaquePointer?, _ count: Int64,
     guarded {
         let op = "model_load_state_dict"
         let h = try handle(model, op)
-        guard count >= 0 else { throw DeformUXError.invalidArgument("\(op): count must be >= 0, got \(count)") }
+        guard count >= 0 else { throw DeformUXError.invalidArgument(op, "count must be >= 0, got \(count)") }
         var items: [Safetensors.Item] = []
         if count > 0 {
             guard let names, let data, let ranks, let shapes else {
-                throw DeformUXError.invalidArgument("\(op): names, data, ranks and shapes must not be NULL")
+                throw DeformUXError.invalidArgument(op, "names, data, ranks and shapes must not be NULL")
             }
             for i in 0..<Int(count) {
                 let name = try string(names[i], op, "names[\(i)]")
-                guard let values = data[i] else { throw DeformUXError.invalidArgument("\(op): data for \(name) is NULL") }
+                guard let values = data[i] else { throw DeformUXError.invalidArgument(op, "data for \(name) is NULL") }
                 let r = Int(ranks[i])
-                guard (0...8).contains(r) else { throw DeformUXError.invalidArgument("\(op): \(name) has rank \(r), at most 8") }
+                guard (0...8).contains(r) else { throw DeformUXError.invalidArgument(op, "\(name) has rank \(r), at most 8") }
                 let shape = (0..<r).map { Int(shapes[8 * i + $0]) }
                 items.append(Safetensors.Item(name: name, shape: shape, values: values))
             }
@@ -222,7 +222,7 @@ public func dfx_model_forward(_ model: OpaquePointer?, _ x: UnsafePointer<Float>
     guarded {
         let op = "model_forward"
         let h = try handle(model, op)
-        guard let x, let y else { throw DeformUXError.invalidArgument("\(op): x and y must not be NULL") }
+        guard let x, let y else { throw DeformUXError.invalidArgument(op, "x and y must not be NULL") }
         let c = h.net.config
         let shape = [Int(n), c.inChannels, Int(d), Int(hh), Int(w)]
         try h.net.validateInput(shape)

@@ -20,7 +20,7 @@ struct DDCFixture {
         for line in manifest.split(separator: "\n") where !line.hasPrefix("#") {
             let f = line.split(separator: " ").map(String.init)
             guard f.count > 8, let n = Int(f[2]), let c = Int(f[3]), let d = Int(f[4]), let h = Int(f[5]), let w = Int(f[6]) else {
-                throw DeformUXError.io("fixture manifest: bad line '\(line)'")
+                throw DeformUXError.io("fixture manifest", "bad line '\(line)'")
             }
             let data = try Data(contentsOf: directory.appendingPathComponent(f[0] + ".bin"))
             var arrays: [String: [Float]] = [:]
@@ -28,14 +28,14 @@ struct DDCFixture {
             for field in f[8...] {
                 let kv = field.split(separator: ":")
                 guard kv.count == 2, let count = Int(kv[1]), at + count * 4 <= data.count else {
-                    throw DeformUXError.io("fixture \(f[0]): bad array '\(field)' or file too short")
+                    throw DeformUXError.io("fixture \(f[0])", "bad array '\(field)' or file too short")
                 }
                 arrays[String(kv[0])] = data.withUnsafeBytes { raw in
                     (0..<count).map { Float(bitPattern: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: at + 4 * $0, as: UInt32.self))) }
                 }
                 at += count * 4
             }
-            guard at == data.count else { throw DeformUXError.io("fixture \(f[0]): \(data.count - at) trailing bytes") }
+            guard at == data.count else { throw DeformUXError.io("fixture \(f[0])", "\(data.count - at) trailing bytes") }
             out.append(DDCFixture(name: f[0], kind: f[1], shape: try DDCShape(n: n, c: c, d: d, h: h, w: w), mode: f[7], arrays: arrays))
         }
         return out

@@ -222,11 +222,11 @@ final class DDCLayerTests: XCTestCase {
         let store = try ParameterStore(layout: layout)
         for bad in [[1, 3, 2, 2, 2], [4, 2, 2, 2]] {
             XCTAssertThrowsError(try layer.forward(Tensor(zeros: bad), parameters: store)) { e in
-                XCTAssertTrue((e as? DeformUXError)?.message.contains("DDC layer") == true, "x \(bad): \(e)")
+                XCTAssertTrue((e as? DeformUXError)?.description.contains("DDC layer") == true, "x \(bad): \(e)")
             }
         }
         XCTAssertThrowsError(try layer.backward(Tensor(zeros: [1, 4, 2, 2, 2]), gradY: Tensor(zeros: [1, 4, 2, 2, 3]), parameters: store)) { e in
-            XCTAssertTrue((e as? DeformUXError)?.message.contains("grad_output") == true, "\(e)")
+            XCTAssertTrue((e as? DeformUXError)?.description.contains("grad_output") == true, "\(e)")
         }
         XCTAssertThrowsError(try DeformableDepthwiseConv3d(channels: 0, layout: &layout))
     }

@@ -237,7 +237,7 @@ final class DeformConv3dTests: XCTestCase {
                     XCTFail("case '\(c.name)': forward accepted it")
                 } catch let e as DeformUXError {
                     for word in c.expect {
-                        XCTAssertTrue(e.message.contains(word), "case '\(c.name)': forward error does not name '\(word)': \(e.message)")
+                        XCTAssertTrue(e.description.contains(word), "case '\(c.name)': forward error does not name '\(word)': \(e.description)")
                     }
                 } catch { XCTFail("case '\(c.name)': forward threw a non-DeformUXError \(error)") }
             }
@@ -247,7 +247,7 @@ final class DeformConv3dTests: XCTestCase {
                 XCTFail("case '\(c.name)': backward accepted it")
             } catch let e as DeformUXError {
                 for word in c.expect {
-                    XCTAssertTrue(e.message.contains(word), "case '\(c.name)': backward error does not name '\(word)': \(e.message)")
+                    XCTAssertTrue(e.description.contains(word), "case '\(c.name)': backward error does not name '\(word)': \(e.description)")
                 }
             } catch { XCTFail("case '\(c.name)': backward threw a non-DeformUXError \(error)") }
         }

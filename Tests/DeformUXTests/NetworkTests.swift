@@ -113,7 +113,7 @@ final class NetworkTests: XCTestCase {
         } catch let e as DeformUXError {
             for name in ["decoder1.layer.conv2.conv.weight", "out.conv.conv.bias", "decoder0.surplus.weight",
                          "deformuxnet_3d.norm0.weight expected [8] got [9]"] {
-                XCTAssertTrue(e.message.contains(name), "the error should name \(name):\n\(e.message)")
+                XCTAssertTrue(e.description.contains(name), "the error should name \(name):\n\(e.description)")
             }
         }
         XCTAssertEqual(try net.parameters.tensor("encoder1.layer.conv1.conv.weight").toArray(), before,
@@ -148,7 +148,7 @@ final class NetworkTests: XCTestCase {
         for (shape, word) in [([1, 1, 16, 16, 24], "W = 24"), ([1, 1, 8, 16, 16], "D = 8"), ([1, 2, 16, 16, 16], "1 channels"),
                               ([1, 1, 16, 16], "N x 1 x D x H x W")] {
             XCTAssertThrowsError(try net.forward(try Tensor(zeros: shape)), "\(shape)") { error in
-                let m = (error as? DeformUXError)?.message ?? "\(error)"
+                let m = (error as? DeformUXError)?.description ?? "\(error)"
                 XCTAssertTrue(m.contains(word), "\(shape): \(m)")
             }
         }
@@ -163,7 +163,7 @@ final class NetworkTests: XCTestCase {
                              (#"{"feature_size": [1, 2]}"#, "feature_size"), (#"{"in_channels": "one"}"#, "in_channels"),
                              ("[1, 2]", "JSON object"), (#"{"kernel_size": 4, "block": "uxnet"}"#, "kernel_size")] {
             XCTAssertThrowsError(try DeformUXNetConfig(json: json), json) { error in
-                let m = (error as? DeformUXError)?.message ?? "\(error)"
+                let m = (error as? DeformUXError)?.description ?? "\(error)"
                 XCTAssertTrue(m.contains(word), "\(json): \(m)")
             }
         }
@@ -188,7 +188,7 @@ final class NetworkTests: XCTestCase {
         _ = try net.forward(x) { done, total in steps.append(done); XCTAssertEqual(total, 12); return true }
         XCTAssertEqual(steps, Array(1...12))
         XCTAssertThrowsError(try net.forward(x) { done, _ in done < 3 }) { error in
-            guard case .cancelled = error as? DeformUXError else { return XCTFail("expected cancelled, got \(error)") }
+            guard (error as? DeformUXError)?.kind == .cancelled else { return XCTFail("expected cancelled, got \(error)") }
         }
     }
 }

@@ -42,9 +42,9 @@ final class SafetensorsTests: XCTestCase {
             _ = try SafetensorsFile(bytes: bytes, path: "case.safetensors")
             XCTFail("\(label): parsed without error", file: file, line: line)
         } catch let e as DeformUXError {
-            if ProcessInfo.processInfo.environment["PRINT_ERRORS"] != nil { print("\(label): \(e.message)") }
-            for f in fragments + ["case.safetensors"] where !e.message.contains(f) {
-                XCTFail("\(label): message does not mention \"\(f)\": \(e.message)", file: file, line: line)
+            if ProcessInfo.processInfo.environment["PRINT_ERRORS"] != nil { print("\(label): \(e.description)") }
+            for f in fragments + ["case.safetensors"] where !e.description.contains(f) {
+                XCTFail("\(label): message does not mention \"\(f)\": \(e.description)", file: file, line: line)
             }
         } catch {
             XCTFail("\(label): threw a non-DeformUXError \(error)", file: file, line: line)
@@ -104,7 +104,7 @@ final class SafetensorsTests: XCTestCase {
     func testWriteErrorsAreThrownNotTrapped() throws {
         let t = try Tensor(shape: [2], values: [1, 2])
         XCTAssertThrowsError(try Safetensors.write(["x": t], to: tempDir.path + "/no/such/dir/x.safetensors")) { e in
-            XCTAssertTrue((e as? DeformUXError)?.message.contains("no/such/dir") ?? false, "\(e)")
+            XCTAssertTrue((e as? DeformUXError)?.description.contains("no/such/dir") ?? false, "\(e)")
         }
         XCTAssertThrowsError(try Safetensors.write(["__metadata__": t], to: tempDir.path + "/m.safetensors"))
         let p = UnsafePointer(t.pointer)
@@ -237,7 +237,7 @@ final class SafetensorsTests: XCTestCase {
         d["decoder9.bogus"] = ([1], [0])                             // unexpected
         d["module.another.bogus"] = ([1], [0])                       // unexpected
         XCTAssertThrowsError(try store.load(d)) { e in
-            let m = (e as? DeformUXError)?.message ?? "not a DeformUXError: \(e)"
+            let m = (e as? DeformUXError)?.description ?? "not a DeformUXError: \(e)"
             for fragment in ["missing (2): deformuxnet_3d.norm0.weight, out.conv.conv.bias",
                              "unexpected (2): decoder9.bogus, module.another.bogus",
                              "wrong shape (1): encoder1.layer.conv1.conv.weight expected [2, 1, 3, 3, 3] got [2, 1, 1, 1, 1]",

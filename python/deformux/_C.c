@@ -8,9 +8,8 @@
  * policy and friendly messages live in deformux/ops.py, which validates before calling here; the
  * checks below are the backstop that keeps a wrong call from becoming a wild write.
  *
- * Status mapping: DFX_ERR_INVALID_ARGUMENT and DFX_ERR_SHAPE -> ValueError,
- * DFX_ERR_OUT_OF_MEMORY -> MemoryError, anything else -> deformux.DeformUXError (a RuntimeError).
- * The message is dfx_last_error() of the calling thread.
+ * Status mapping: see raise_status (ValueError, MemoryError, OSError subclasses for files,
+ * deformux.DeformUXError otherwise). The message is dfx_last_error() of the calling thread.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,7 +20,8 @@
 #define OFFSET_CHANNELS 81
 #define MAX_BUFFERS 12
 
-static PyObject *DeformUXError; /* deformux.DeformUXError, a RuntimeError */
+static PyObject *DeformUXError;   /* deformux.DeformUXError, a RuntimeError */
+static PyObject *FileFormatError; /* deformux.FileFormatError, an OSError: a damaged or foreign file */
 
 /* The buffers one call borrows; released together by release_all. */
 typedef struct {
@@ -92,17 +92,62 @@ static int borrow(Borrowed *b, PyObject *obj, const char *op, const char *name, 
     return 0;
 }
 
+/* Sets attribute `name` of exception `exc` to the last error's field (None when empty). */
+static void set_field(PyObject *exc, const char *name, int32_t field) {
+    const char *v = dfx_last_error_field(field);
+    PyObject *o = (v != NULL && v[0] != '\0') ? PyUnicode_DecodeUTF8(v, (Py_ssize_t)strlen(v), "replace")
+                                             : Py_NewRef(Py_None);
+    if (o == NULL) { PyErr_Clear(); return; }
+    if (PyObject_SetAttrString(exc, name, o) < 0) PyErr_Clear();
+    Py_DECREF(o);
+}
+
+/*
+ * Raises the exception for a failed call, from the calling thread's last error:
+ *   invalid argument, shape   -> ValueError
+ *   out of memory             -> MemoryError
+ *   io with an errno          -> OSError(errno, message, path): FileNotFoundError for ENOENT, etc.
+ *   io without an errno       -> deformux.FileFormatError (an OSError) with .filename: a damaged file
+ *   anything else             -> deformux.DeformUXError (a RuntimeError)
+ * Every exception also carries .status (the DFX_ERR_* code), .operation, .expected and .got (None when
+ * the engine gave none).
+ */
 static PyObject *raise_status(dfx_status status) {
     const char *message = dfx_last_error();
     if (message == NULL || message[0] == '\0') message = "deformux: the engine failed without a message";
-    PyObject *type;
-    switch (status) {
-    case DFX_ERR_INVALID_ARGUMENT:
-    case DFX_ERR_SHAPE: type = PyExc_ValueError; break;
-    case DFX_ERR_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
-    default: type = DeformUXError; break;
+    PyObject *type, *exc;
+    if (status == DFX_ERR_IO) {
+        const char *path = dfx_last_error_field(DFX_FIELD_PATH);
+        int32_t err = dfx_last_error_errno();
+        if (err != 0)
+            exc = PyObject_CallFunction(PyExc_OSError, "isz", (int)err, message,
+                                        (path != NULL && path[0] != '\0') ? path : NULL);
+        else {
+            exc = PyObject_CallFunction(FileFormatError, "s", message);
+            if (exc != NULL && path != NULL && path[0] != '\0') {
+                PyObject *f = PyUnicode_FromString(path);
+                if (f == NULL || PyObject_SetAttrString(exc, "filename", f) < 0) PyErr_Clear();
+                Py_XDECREF(f);
+            }
+        }
+    } else {
+        switch (status) {
+        case DFX_ERR_INVALID_ARGUMENT:
+        case DFX_ERR_SHAPE: type = PyExc_ValueError; break;
+        case DFX_ERR_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
+        default: type = DeformUXError; break;
+        }
+        exc = PyObject_CallFunction(type, "s", message);
     }
-    PyErr_Format(type, "%s (status %d)", message, (int)status);
+    if (exc == NULL) return NULL;
+    set_field(exc, "operation", DFX_FIELD_OPERATION);
+    set_field(exc, "expected", DFX_FIELD_EXPECTED);
+    set_field(exc, "got", DFX_FIELD_GOT);
+    PyObject *code = PyLong_FromLong((long)status);
+    if (code == NULL || PyObject_SetAttrString(exc, "status", code) < 0) PyErr_Clear();
+    Py_XDECREF(code);
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
     return NULL;
 }
 
@@ -610,7 +655,12 @@ PyMODINIT_FUNC PyInit__C(void) {
         "deformux.DeformUXError",
         "An error reported by the deformux engine (other than bad arguments or out of memory).",
         PyExc_RuntimeError, NULL);
+    FileFormatError = PyErr_NewExceptionWithDoc(
+        "deformux.FileFormatError",
+        "A file that is damaged, truncated or not in the expected format (an OSError; .filename is the path).",
+        PyExc_OSError, NULL);
     if (DeformUXError == NULL || PyModule_AddObjectRef(m, "DeformUXError", DeformUXError) < 0 ||
+        FileFormatError == NULL || PyModule_AddObjectRef(m, "FileFormatError", FileFormatError) < 0 ||
         PyModule_AddIntConstant(m, "OFFSET_ALIGNED", DFX_OFFSET_ALIGNED) < 0 ||
         PyModule_AddIntConstant(m, "OFFSET_OFFICIAL", DFX_OFFSET_OFFICIAL) < 0 ||
         PyModule_AddStringConstant(m, "__version__", dfx_version()) < 0) {

@@ -14,13 +14,13 @@ Errors: bad arguments raise TypeError/ValueError naming the argument, out of mem
 engine failures :class:`DeformUXError` (a RuntimeError).
 """
 from . import _C
-from ._C import DeformUXError
+from ._C import DeformUXError, FileFormatError
 from . import ops
 from .model import DeformUXNet
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "DeformUXNet", "DeformUXError", "set_num_threads", "get_num_threads", "release_memory", "engine_version", "__version__"]
+__all__ = ["ops", "DeformUXNet", "DeformUXError", "FileFormatError", "set_num_threads", "get_num_threads", "release_memory", "engine_version", "__version__"]
 
 
 def set_num_threads(n):

@@ -71,16 +71,16 @@ public struct SafetensorsFile: @unchecked Sendable {
     public init(bytes: [UInt8], path: String) throws {
         let what = "safetensors \(path)"
         guard bytes.count >= 8 else {
-            throw DeformUXError.io("\(what): file is \(bytes.count) bytes, too short for the 8-byte header length")
+            throw DeformUXError.io(what, "file is \(bytes.count) bytes, too short for the 8-byte header length")
         }
         var n: UInt64 = 0
         for i in 0..<8 { n |= UInt64(bytes[i]) << (8 * UInt64(i)) }
         guard n <= UInt64(SafetensorsFile.maxHeaderBytes) else {
-            throw DeformUXError.io("\(what): header length \(n) bytes is larger than the \(SafetensorsFile.maxHeaderBytes)-byte limit (not a safetensors file?)")
+            throw DeformUXError.io(what, "header length \(n) bytes is larger than the \(SafetensorsFile.maxHeaderBytes)-byte limit (not a safetensors file?)")
         }
         let headerLength = Int(n)
         guard headerLength <= bytes.count - 8 else {
-            throw DeformUXError.io("\(what): header length \(headerLength) bytes runs past the end of the file (\(bytes.count) bytes; truncated?)")
+            throw DeformUXError.io(what, "header length \(headerLength) bytes runs past the end of the file (\(bytes.count) bytes; truncated?)")
         }
         let dataStart = 8 + headerLength
         let dataLength = bytes.count - dataStart
@@ -93,27 +93,29 @@ public struct SafetensorsFile: @unchecked Sendable {
             let t = "\(what): tensor \(raw.name)"
             guard let dtype = SafetensorsDType(rawValue: raw.dtype) else {
                 let known = SafetensorsDType.allCases.map(\.rawValue).joined(separator: ", ")
-                throw DeformUXError.io("\(t): dtype \"\(raw.dtype)\" is not supported (expected one of \(known))")
+                throw DeformUXError.io(t, "dtype \"\(raw.dtype)\" is not supported (expected one of \(known))")
             }
             let count: Int
             do {
                 count = try Tensor.elementCount(raw.shape, context: t)
             } catch let e as DeformUXError {
-                throw DeformUXError.io(e.message)  // a bad file, not a bad argument
+                var bad = e  // a bad file, not a bad argument
+                bad.kind = .io
+                throw bad
             }
             guard raw.offsets.count == 2 else {
-                throw DeformUXError.io("\(t): data_offsets must be [begin, end], got \(raw.offsets)")
+                throw DeformUXError.io(t, "data_offsets must be [begin, end], got \(raw.offsets)")
             }
             let begin = raw.offsets[0], end = raw.offsets[1]
             guard begin >= 0, begin <= end else {
-                throw DeformUXError.io("\(t): data_offsets [\(begin), \(end)] are not an increasing pair of non-negative offsets")
+                throw DeformUXError.io(t, "data_offsets [\(begin), \(end)] are not an increasing pair of non-negative offsets")
             }
             guard end <= dataLength else {
-                throw DeformUXError.io("\(t): data_offsets [\(begin), \(end)] run past the data section (\(dataLength) bytes; truncated file?)")
+                throw DeformUXError.io(t, "data_offsets [\(begin), \(end)] run past the data section (\(dataLength) bytes; truncated file?)")
             }
             let expected = count * dtype.size
             guard end - begin == expected else {
-                throw DeformUXError.io("\(t): \(end - begin) data bytes for shape \(raw.shape) of \(dtype.rawValue), expected \(count) x \(dtype.size) = \(expected)")
+                throw DeformUXError.io(t, "\(end - begin) data bytes for shape \(raw.shape) of \(dtype.rawValue), expected \(count) x \(dtype.size) = \(expected)")
             }
             entries.append(Entry(name: raw.name, dtype: dtype, shape: raw.shape, byteRange: begin..<end, count: count))
         }
@@ -125,7 +127,7 @@ public struct SafetensorsFile: @unchecked Sendable {
         if byStart.count > 1 {
             for i in 1..<byStart.count where byStart[i].byteRange.lowerBound < byStart[i - 1].byteRange.upperBound {
                 let a = byStart[i - 1], b = byStart[i]
-                throw DeformUXError.io("\(what): tensors \(a.name) (bytes \(a.byteRange.lowerBound)..<\(a.byteRange.upperBound)) and \(b.name) (bytes \(b.byteRange.lowerBound)..<\(b.byteRange.upperBound)) overlap")
+                throw DeformUXError.io(what, "tensors \(a.name) (bytes \(a.byteRange.lowerBound)..<\(a.byteRange.upperBound)) and \(b.name) (bytes \(b.byteRange.lowerBound)..<\(b.byteRange.upperBound)) overlap")
             }
         }
 
@@ -148,10 +150,10 @@ public struct SafetensorsFile: @unchecked Sendable {
     /// element count, checked).
     public func copy(_ name: String, into destination: UnsafeMutablePointer<Float>, count: Int) throws {
         guard let e = entry(name) else {
-            throw DeformUXError.invalidArgument("safetensors \(path): no tensor named \(name)")
+            throw DeformUXError.invalidArgument("safetensors \(path)", "no tensor named \(name)")
         }
         guard count == e.count else {
-            throw DeformUXError.shapeMismatch("safetensors \(path): tensor \(name) has \(e.count) elements (shape \(e.shape)), destination holds \(count)")
+            throw DeformUXError.shapeMismatch("safetensors \(path)", "tensor \(name) has \(e.count) elements (shape \(e.shape)), destination holds \(count)")
         }
         bytes.withUnsafeBytes { raw in
             guard let base = raw.baseAddress else { return }
@@ -162,7 +164,7 @@ public struct SafetensorsFile: @unchecked Sendable {
     /// The tensor `name` as Float values, row-major.
     public func floats(_ name: String) throws -> [Float] {
         guard let e = entry(name) else {
-            throw DeformUXError.invalidArgument("safetensors \(path): no tensor named \(name)")
+            throw DeformUXError.invalidArgument("safetensors \(path)", "no tensor named \(name)")
         }
         var out = [Float](repeating: 0, count: e.count)
         try out.withUnsafeMutableBufferPointer { b in
@@ -174,7 +176,7 @@ public struct SafetensorsFile: @unchecked Sendable {
     /// The tensor `name` as a new contiguous Tensor.
     public func tensor(_ name: String) throws -> Tensor {
         guard let e = entry(name) else {
-            throw DeformUXError.invalidArgument("safetensors \(path): no tensor named \(name)")
+            throw DeformUXError.invalidArgument("safetensors \(path)", "no tensor named \(name)")
         }
         let t = try Tensor(zeros: e.shape)
         try copy(name, into: t.pointer, count: e.count)
@@ -217,10 +219,10 @@ public enum Safetensors {
         var counts: [Int] = []
         for i in sorted.indices {
             if i > 0, sorted[i].name == sorted[i - 1].name {
-                throw DeformUXError.invalidArgument("\(what): tensor \(sorted[i].name) is given twice")
+                throw DeformUXError.invalidArgument(what, "tensor \(sorted[i].name) is given twice")
             }
             if sorted[i].name == "__metadata__" {
-                throw DeformUXError.invalidArgument("\(what): \"__metadata__\" is reserved and cannot name a tensor")
+                throw DeformUXError.invalidArgument(what, "\"__metadata__\" is reserved and cannot name a tensor")
             }
             counts.append(try Tensor.elementCount(sorted[i].shape, context: "\(what): tensor \(sorted[i].name)"))
         }
@@ -236,7 +238,7 @@ public enum Safetensors {
         let temp = "\(directory)/.\(base).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else {
-            throw DeformUXError.io("\(what): cannot create a temporary file in \(directory): \(errnoText())")
+            throw DeformUXError.io(what, "cannot create a temporary file in \(directory): \(errnoText())", path: path, errno: Glibc.errno)
         }
         var closed = false
         var renamed = false
@@ -261,11 +263,11 @@ public enum Safetensors {
             }
             #endif
         }
-        guard fsync(fd) == 0 else { throw DeformUXError.io("\(what): fsync failed: \(errnoText())") }
+        guard fsync(fd) == 0 else { throw DeformUXError.io(what, "fsync failed: \(errnoText())", path: path, errno: Glibc.errno) }
         closed = true
-        guard close(fd) == 0 else { throw DeformUXError.io("\(what): close failed: \(errnoText())") }
+        guard close(fd) == 0 else { throw DeformUXError.io(what, "close failed: \(errnoText())", path: path, errno: Glibc.errno) }
         guard rename(temp, path) == 0 else {
-            throw DeformUXError.io("\(what): cannot rename the temporary file to \(path): \(errnoText())")
+            throw DeformUXError.io(what, "cannot rename the temporary file to \(path): \(errnoText())", path: path, errno: Glibc.errno)
         }
         renamed = true
     }
@@ -318,11 +320,11 @@ public enum Safetensors {
     static func readFile(_ path: String) throws -> [UInt8] {
         let what = "safetensors \(path)"
         let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw DeformUXError.io("\(what): cannot open: \(errnoText())") }
+        guard fd >= 0 else { throw DeformUXError.io(what, "cannot open: \(errnoText())", path: path, errno: Glibc.errno) }
         defer { close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0 else { throw DeformUXError.io("\(what): cannot stat: \(errnoText())") }
-        guard (st.st_mode & S_IFMT) == S_IFREG else { throw DeformUXError.io("\(what): not a regular file") }
+        guard fstat(fd, &st) == 0 else { throw DeformUXError.io(what, "cannot stat: \(errnoText())", path: path, errno: Glibc.errno) }
+        guard (st.st_mode & S_IFMT) == S_IFREG else { throw DeformUXError.io(what, "not a regular file") }
         let size = Int(st.st_size)
         var bytes = [UInt8](repeating: 0, count: size)
         var done = 0
@@ -332,14 +334,14 @@ public enum Safetensors {
                 let r = read(fd, base + done, size - done)
                 if r < 0 {
                     if errno == EINTR { continue }
-                    throw DeformUXError.io("\(what): read failed after \(done) of \(size) bytes: \(errnoText())")
+                    throw DeformUXError.io(what, "read failed after \(done) of \(size) bytes: \(errnoText())", path: path, errno: Glibc.errno)
                 }
                 if r == 0 { break }
                 done += r
             }
         }
         guard done == size else {
-            throw DeformUXError.io("\(what): file shrank while reading (\(done) of \(size) bytes)")
+            throw DeformUXError.io(what, "file shrank while reading (\(done) of \(size) bytes)")
         }
         return bytes
     }
@@ -396,21 +398,21 @@ public enum Safetensors {
 
     static func parseHeader(_ header: ArraySlice<UInt8>, what: String) throws -> ParsedHeader {
         guard String(validating: header, as: UTF8.self) != nil else {
-            throw DeformUXError.io("\(what): header is not valid UTF-8")
+            throw DeformUXError.io(what, "header is not valid UTF-8")
         }
         // Must be a JSON object (JSONDecoder would also accept e.g. a top-level array into a keyed container error).
         guard let first = header.first(where: { $0 != 0x20 && $0 != 0x09 && $0 != 0x0A && $0 != 0x0D }), first == UInt8(ascii: "{") else {
-            throw DeformUXError.io("\(what): header is not a JSON object")
+            throw DeformUXError.io(what, "header is not a JSON object")
         }
         let object: HeaderObject
         do {
             object = try JSONDecoder().decode(HeaderObject.self, from: Data(header))
         } catch {
-            throw DeformUXError.io("\(what): header is not valid JSON: \(describe(error))")
+            throw DeformUXError.io(what, "header is not valid JSON: \(describe(error))")
         }
         if let (name, problem) = object.problems.sorted(by: { $0.0 < $1.0 }).first {
             let subject = name == "__metadata__" ? "" : "tensor \(name): "
-            throw DeformUXError.io("\(what): \(subject)\(problem)")
+            throw DeformUXError.io(what, "\(subject)\(problem)")
         }
         return ParsedHeader(tensors: object.tensors, metadata: object.metadata ?? [:])
     }
@@ -478,7 +480,7 @@ public enum Safetensors {
             let w = posixWrite(fd, p, left)
             if w < 0 {
                 if errno == EINTR { continue }
-                throw DeformUXError.io("\(what): write failed: \(errnoText())")
+                throw DeformUXError.io(what, "write failed: \(errnoText())", errno: Glibc.errno)
             }
             p += w
             left -= w

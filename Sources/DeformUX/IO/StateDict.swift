@@ -94,7 +94,7 @@ extension ParameterStore {
 
     private func checkStrict(_ report: StateDictReport, strict: Bool, source: String) throws {
         guard strict, !report.isComplete else { return }
-        throw DeformUXError.invalidArgument("load state dict from \(source): the tensors do not match the model's parameters; nothing was loaded\n\(report)")
+        throw DeformUXError.invalidArgument("load state dict from \(source)", "the tensors do not match the model's parameters; nothing was loaded\n\(report)")
     }
 
     /// Loads the parameters from a safetensors file (F32, F16, BF16 or F64, converted to Float).
@@ -123,7 +123,7 @@ extension ParameterStore {
             guard let t = tensors[name] else { continue }
             let n = try Tensor.elementCount(t.shape, context: "load state dict: tensor \(name)")
             guard n == t.values.count else {
-                throw DeformUXError.invalidArgument("load state dict: tensor \(name) has shape \(t.shape) (\(n) values) but \(t.values.count) values")
+                throw DeformUXError.invalidArgument("load state dict", "tensor \(name) has shape \(t.shape) (\(n) values) but \(t.values.count) values")
             }
             sources.append((name, t.shape))
         }

@@ -60,18 +60,18 @@ public enum Conv3d {
             let op = "conv3d"
             for (name, v) in [("N", n), ("Cin", cin), ("Cout", cout), ("D", d), ("H", h), ("W", w),
                               ("kernel", kernel), ("stride", stride)] where v < 1 {
-                throw DeformUXError.invalidArgument("\(op): \(name) must be >= 1, got \(v)")
+                throw DeformUXError.invalidArgument(op, "\(name) must be >= 1, got \(v)")
             }
             guard padding >= 0 else {
-                throw DeformUXError.invalidArgument("\(op): padding must be >= 0, got \(padding)")
+                throw DeformUXError.invalidArgument(op, "padding must be >= 0, got \(padding)")
             }
             guard cin2 >= 0, cin2 < cin else {
-                throw DeformUXError.invalidArgument("\(op): the second input's channels must be in 0..<Cin (\(cin)), got \(cin2)")
+                throw DeformUXError.invalidArgument(op, "the second input's channels must be in 0..<Cin (\(cin)), got \(cin2)")
             }
             self.n = n; self.cin = cin; self.cout = cout; self.d = d; self.h = h; self.w = w
             self.kernel = kernel; self.stride = stride; self.padding = padding; self.cin2 = cin2
             guard od >= 1, oh >= 1, ow >= 1 else {
-                throw DeformUXError.invalidArgument("\(op): input \(d) x \(h) x \(w) with kernel \(kernel), stride \(stride), padding \(padding) gives an empty output")
+                throw DeformUXError.invalidArgument(op, "input \(d) x \(h) x \(w) with kernel \(kernel), stride \(stride), padding \(padding) gives an empty output")
             }
             _ = try Tensor.elementCount([n, d + 2 * padding + 16, h + 2 * padding + 1, w + 2 * padding + 1, max(cin, cout), 2],
                                         context: op)
@@ -158,7 +158,7 @@ public enum Conv3d {
     public static func pack(weight: Tensor, shape s: Shape) throws -> Tensor {
         let expect = [s.cout, s.cin, s.kernel, s.kernel, s.kernel]
         guard weight.shape == expect else {
-            throw DeformUXError.shapeMismatch("conv3d: weight must have shape \(expect) (Cout x Cin x k x k x k), got \(weight.shape)")
+            throw DeformUXError.shapeMismatch("conv3d", "weight must have shape \(expect) (Cout x Cin x k x k x k), got \(weight.shape)")
         }
         try weight.requireContiguous("conv3d weight")
         let p = try Tensor(zeros: [packedCount(s)])
@@ -175,25 +175,25 @@ public enum Conv3d {
                                stride: Int = 1, padding: Int = 0, workspace: Workspace? = nil) throws -> Tensor {
         let op = "conv3d"
         guard x.rank == 5 else {
-            throw DeformUXError.shapeMismatch("\(op): x must be N x D x H x W x C (channels-last, rank 5), got shape \(x.shape)")
+            throw DeformUXError.shapeMismatch(op, "x must be N x D x H x W x C (channels-last, rank 5), got shape \(x.shape)")
         }
         guard weight.rank == 5, weight.shape[2] == weight.shape[3], weight.shape[3] == weight.shape[4] else {
-            throw DeformUXError.shapeMismatch("\(op): weight must be Cout x Cin x k x k x k, got shape \(weight.shape)")
+            throw DeformUXError.shapeMismatch(op, "weight must be Cout x Cin x k x k x k, got shape \(weight.shape)")
         }
         var c2 = 0
         if let x2 {
             guard x2.rank == 5, Array(x2.shape[0..<4]) == Array(x.shape[0..<4]) else {
-                throw DeformUXError.shapeMismatch("\(op): x2 must be N x D x H x W x C2 with the N, D, H, W of x \(x.shape), got \(x2.shape)")
+                throw DeformUXError.shapeMismatch(op, "x2 must be N x D x H x W x C2 with the N, D, H, W of x \(x.shape), got \(x2.shape)")
             }
             c2 = x2.shape[4]
         }
         let s = try Shape(n: x.shape[0], cin: x.shape[4] + c2, cout: weight.shape[0], d: x.shape[1], h: x.shape[2],
                           w: x.shape[3], kernel: weight.shape[2], stride: stride, padding: padding, cin2: c2)
         guard weight.shape[1] == s.cin else {
-            throw DeformUXError.shapeMismatch("\(op): weight has \(weight.shape[1]) input channels, the input has \(s.cin)")
+            throw DeformUXError.shapeMismatch(op, "weight has \(weight.shape[1]) input channels, the input has \(s.cin)")
         }
         if let bias, bias.shape != [s.cout] {
-            throw DeformUXError.shapeMismatch("\(op): bias must have shape [\(s.cout)], got \(bias.shape)")
+            throw DeformUXError.shapeMismatch(op, "bias must have shape [\(s.cout)], got \(bias.shape)")
         }
         try x.requireContiguous("\(op) x")
         try x2?.requireContiguous("\(op) x2")
@@ -237,10 +237,10 @@ public enum Conv3d {
                                inputTransform: InputTransform? = nil,
                                statistics: UnsafeMutablePointer<Double>? = nil) throws {
         if s.cin2 > 0 && x2 == nil {
-            throw DeformUXError.invalidArgument("conv3d: shape \(s) has a second input, but x2 is nil")
+            throw DeformUXError.invalidArgument("conv3d", "shape \(s) has a second input, but x2 is nil")
         }
         if inputTransform != nil && s.path != .direct3x3x3 {
-            throw DeformUXError.invalidArgument("conv3d: an input transform needs the 3x3x3 stride 1 padding 1 path, got \(s)")
+            throw DeformUXError.invalidArgument("conv3d", "an input transform needs the 3x3x3 stride 1 padding 1 path, got \(s)")
         }
         let x2p: UnsafePointer<Float>? = s.cin2 > 0 ? x2 : nil
         let parts = Threads.count
@@ -348,10 +348,10 @@ public enum Conv3d {
                                 shape s: Shape, workspace: Workspace) throws {
         let op = "conv3d backward"
         if s.cin2 > 0 && x2 == nil {
-            throw DeformUXError.invalidArgument("\(op): shape \(s) has a second input, but x2 is nil")
+            throw DeformUXError.invalidArgument(op, "shape \(s) has a second input, but x2 is nil")
         }
         if s.cin2 > 0 && (gradX == nil) != (gradX2 == nil) {
-            throw DeformUXError.invalidArgument("\(op): with two inputs, give both input gradients or neither")
+            throw DeformUXError.invalidArgument(op, "with two inputs, give both input gradients or neither")
         }
         let x2p: UnsafePointer<Float>? = s.cin2 > 0 ? x2 : nil
         let gx2: UnsafeMutablePointer<Float>? = s.cin2 > 0 ? gradX2 : nil

@@ -22,7 +22,7 @@ public enum ConvTranspose3d {
         public init(n: Int, cin: Int, cout: Int, d: Int, h: Int, w: Int, kernel: Int = 2) throws {
             for (name, v) in [("N", n), ("Cin", cin), ("Cout", cout), ("D", d), ("H", h), ("W", w), ("kernel", kernel)]
             where v < 1 {
-                throw DeformUXError.invalidArgument("conv_transpose3d: \(name) must be >= 1, got \(v)")
+                throw DeformUXError.invalidArgument("conv_transpose3d", "\(name) must be >= 1, got \(v)")
             }
             _ = try Tensor.elementCount([n, d * kernel, h * kernel, w * kernel, max(cin, cout)], context: "conv_transpose3d")
             _ = try Tensor.elementCount([cin, kernel * kernel * kernel, cout, 2], context: "conv_transpose3d")
@@ -61,16 +61,16 @@ public enum ConvTranspose3d {
     public static func forward(x: Tensor, weight: Tensor, bias: Tensor?, workspace: Workspace? = nil) throws -> Tensor {
         let op = "conv_transpose3d"
         guard x.rank == 5 else {
-            throw DeformUXError.shapeMismatch("\(op): x must be N x D x H x W x C (channels-last, rank 5), got shape \(x.shape)")
+            throw DeformUXError.shapeMismatch(op, "x must be N x D x H x W x C (channels-last, rank 5), got shape \(x.shape)")
         }
         guard weight.rank == 5, weight.shape[0] == x.shape[4], weight.shape[2] == weight.shape[3],
               weight.shape[3] == weight.shape[4] else {
-            throw DeformUXError.shapeMismatch("\(op): weight must be Cin x Cout x k x k x k with Cin = \(x.shape[4]), got shape \(weight.shape)")
+            throw DeformUXError.shapeMismatch(op, "weight must be Cin x Cout x k x k x k with Cin = \(x.shape[4]), got shape \(weight.shape)")
         }
         let s = try Shape(n: x.shape[0], cin: x.shape[4], cout: weight.shape[1], d: x.shape[1], h: x.shape[2],
                           w: x.shape[3], kernel: weight.shape[2])
         if let bias, bias.shape != [s.cout] {
-            throw DeformUXError.shapeMismatch("\(op): bias must have shape [\(s.cout)], got \(bias.shape)")
+            throw DeformUXError.shapeMismatch(op, "bias must have shape [\(s.cout)], got \(bias.shape)")
         }
         try x.requireContiguous("\(op) x")
         try weight.requireContiguous("\(op) weight")

@@ -10,7 +10,7 @@ public struct DDCShape: Equatable, Sendable, CustomStringConvertible {
     public init(n: Int, c: Int, d: Int, h: Int, w: Int) throws {
         for (name, v) in [("N", n), ("C", c), ("D", d), ("H", h), ("W", w)] {
             guard v >= 1 else {
-                throw DeformUXError.invalidArgument("deform_conv3d: size \(name) must be >= 1, got \(v) (shape N=\(n) C=\(c) D=\(d) H=\(h) W=\(w))")
+                throw DeformUXError.invalidArgument("deform_conv3d", "size \(name) must be >= 1, got \(v) (shape N=\(n) C=\(c) D=\(d) H=\(h) W=\(w))")
             }
         }
         _ = try Tensor.elementCount([n, max(c, DDCShape.offsetChannels), d + 2, h + 2, w + 2], context: "deform_conv3d")

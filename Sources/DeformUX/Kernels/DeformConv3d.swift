@@ -58,21 +58,21 @@ public enum DeformConv3d {
                                 gradY: Tensor?) throws -> DDCShape {
         let op = "deform_conv3d"
         guard x.rank == 5 else {
-            throw DeformUXError.shapeMismatch("\(op): x must be N x C x D x H x W (rank 5), got shape \(x.shape)")
+            throw DeformUXError.shapeMismatch(op, "x must be N x C x D x H x W (rank 5), got shape \(x.shape)")
         }
         let shape = try DDCShape(n: x.shape[0], c: x.shape[1], d: x.shape[2], h: x.shape[3], w: x.shape[4])
         let expectOffsets = [shape.n, DDCShape.offsetChannels, shape.d, shape.h, shape.w]
         guard offsets.shape == expectOffsets else {
-            throw DeformUXError.shapeMismatch("\(op): offsets must have shape \(expectOffsets) for x of shape \(x.shape), got \(offsets.shape)")
+            throw DeformUXError.shapeMismatch(op, "offsets must have shape \(expectOffsets) for x of shape \(x.shape), got \(offsets.shape)")
         }
         guard weight.shape == [shape.c, 1, 3, 3, 3] else {
-            throw DeformUXError.shapeMismatch("\(op): weight must have shape [\(shape.c), 1, 3, 3, 3], got \(weight.shape)")
+            throw DeformUXError.shapeMismatch(op, "weight must have shape [\(shape.c), 1, 3, 3, 3], got \(weight.shape)")
         }
         if let bias, bias.shape != [shape.c] {
-            throw DeformUXError.shapeMismatch("\(op): bias must have shape [\(shape.c)], got \(bias.shape)")
+            throw DeformUXError.shapeMismatch(op, "bias must have shape [\(shape.c)], got \(bias.shape)")
         }
         if let gradY, gradY.shape != x.shape {
-            throw DeformUXError.shapeMismatch("\(op): grad_output must have the shape of x \(x.shape), got \(gradY.shape)")
+            throw DeformUXError.shapeMismatch(op, "grad_output must have the shape of x \(x.shape), got \(gradY.shape)")
         }
         try x.requireContiguous("\(op) x")
         try offsets.requireContiguous("\(op) offsets")
@@ -196,7 +196,7 @@ public enum DeformConv3d {
             paddedVoxels = (s.d + 2) * hp * wp
             // Padded voxel indices are computed in Int32 lanes.
             guard paddedVoxels < Int(Int32.max) else {
-                throw DeformUXError.invalidArgument("deform_conv3d: volume \(s.d) x \(s.h) x \(s.w) is too large (at most 2^31 padded voxels)")
+                throw DeformUXError.invalidArgument("deform_conv3d", "volume \(s.d) x \(s.h) x \(s.w) is too large (at most 2^31 padded voxels)")
             }
             _ = try Tensor.elementCount([paddedVoxels, cp, 2], context: "deform_conv3d")
             blocks = (voxels + DeformConv3d.lanes - 1) / DeformConv3d.lanes

@@ -16,10 +16,10 @@ public enum DepthwiseConv3d {
 
         public init(n: Int, c: Int, d: Int, h: Int, w: Int, kernel: Int = 7) throws {
             for (name, v) in [("N", n), ("C", c), ("D", d), ("H", h), ("W", w), ("kernel", kernel)] where v < 1 {
-                throw DeformUXError.invalidArgument("depthwise_conv3d: \(name) must be >= 1, got \(v)")
+                throw DeformUXError.invalidArgument("depthwise_conv3d", "\(name) must be >= 1, got \(v)")
             }
             guard kernel % 2 == 1 else {
-                throw DeformUXError.invalidArgument("depthwise_conv3d: the kernel must be odd (padding k/2 keeps the size), got \(kernel)")
+                throw DeformUXError.invalidArgument("depthwise_conv3d", "the kernel must be odd (padding k/2 keeps the size), got \(kernel)")
             }
             _ = try Tensor.elementCount([n, d + kernel, h + kernel, w + kernel + 16, c + 16, kernel], context: "depthwise_conv3d")
             self.n = n; self.c = c; self.d = d; self.h = h; self.w = w; self.kernel = kernel
@@ -53,16 +53,16 @@ public enum DepthwiseConv3d {
     public static func forward(x: Tensor, weight: Tensor, bias: Tensor?, workspace: Workspace? = nil) throws -> Tensor {
         let op = "depthwise_conv3d"
         guard x.rank == 5 else {
-            throw DeformUXError.shapeMismatch("\(op): x must be N x D x H x W x C (channels-last, rank 5), got shape \(x.shape)")
+            throw DeformUXError.shapeMismatch(op, "x must be N x D x H x W x C (channels-last, rank 5), got shape \(x.shape)")
         }
         let c = x.shape[4]
         guard weight.rank == 5, weight.shape[0] == c, weight.shape[1] == 1, weight.shape[2] == weight.shape[3],
               weight.shape[3] == weight.shape[4] else {
-            throw DeformUXError.shapeMismatch("\(op): weight must be C x 1 x k x k x k with C = \(c), got shape \(weight.shape)")
+            throw DeformUXError.shapeMismatch(op, "weight must be C x 1 x k x k x k with C = \(c), got shape \(weight.shape)")
         }
         let s = try Shape(n: x.shape[0], c: c, d: x.shape[1], h: x.shape[2], w: x.shape[3], kernel: weight.shape[2])
         if let bias, bias.shape != [c] {
-            throw DeformUXError.shapeMismatch("\(op): bias must have shape [\(c)], got \(bias.shape)")
+            throw DeformUXError.shapeMismatch(op, "bias must have shape [\(c)], got \(bias.shape)")
         }
         try x.requireContiguous("\(op) x")
         try weight.requireContiguous("\(op) weight")

@@ -56,7 +56,7 @@ final class ConvLayer {
         let s = try Conv3d.Shape(n: v.n, cin: v.c + c2, cout: cout, d: v.d, h: v.h, w: v.w,
                                  kernel: kernel, stride: stride, padding: padding, cin2: c2)
         guard s.cin == cin else {
-            throw DeformUXError.shapeMismatch("conv3d: layer expects \(cin) input channels, got \(s.cin)")
+            throw DeformUXError.shapeMismatch("conv3d", "layer expects \(cin) input channels, got \(s.cin)")
         }
         let packed = try ctx.workspace.buffer("conv.packed", count: Conv3d.packedCount(s))
         Conv3d.pack(weight: ctx.parameters.value(weight), into: packed, shape: s)
@@ -160,7 +160,7 @@ final class ResBlock {
                                      n: n, voxels: voxels, channels: c)
         } else {
             guard x2 == nil, x.count == b.count else {
-                throw DeformUXError.internal("res block: an identity residual needs one input of the output's shape")
+                throw DeformUXError.internal("res block", "an identity residual needs one input of the output's shape")
             }
             InstanceNorm.applyAffine(b.pointer, scale: scale2, shift: shift2, plus: x.pointer,
                                      scale: nil, shift: nil, leakySlope: ResBlock.slope,
@@ -192,11 +192,11 @@ final class UpBlock {
     func forward(_ x: Tensor, skip: Tensor, _ ctx: RunContext) throws -> Tensor {
         let v = Volume5(x)
         guard v.c == cin else {
-            throw DeformUXError.shapeMismatch("up block: expects \(cin) channels, got \(v.c)")
+            throw DeformUXError.shapeMismatch("up block", "expects \(cin) channels, got \(v.c)")
         }
         let upShape = [v.n, 2 * v.d, 2 * v.h, 2 * v.w, cout]
         guard skip.shape == upShape else {
-            throw DeformUXError.shapeMismatch("up block: the skip must have shape \(upShape) (N x D x H x W x C), got \(skip.shape)")
+            throw DeformUXError.shapeMismatch("up block", "the skip must have shape \(upShape) (N x D x H x W x C), got \(skip.shape)")
         }
         let s = try ConvTranspose3d.Shape(n: v.n, cin: v.c, cout: cout, d: v.d, h: v.h, w: v.w)
         let up = try ctx.output(upShape)

@@ -110,7 +110,7 @@ public enum DDCLayerOps {
         let aligned = try workspace.buffer("ddc.offsets", count: shape.offsetCount)
         if offsetKernel == 3 {
             guard mode == .aligned, layout == .channelsLast else {
-                throw DeformUXError.invalidArgument("DDC layer: a 3x3x3 offset branch needs aligned offsets and channels-last input")
+                throw DeformUXError.invalidArgument("DDC layer", "a 3x3x3 offset branch needs aligned offsets and channels-last input")
             }
             let cs = try Conv3d.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, d: shape.d, h: shape.h,
                                       w: shape.w, kernel: 3, padding: 1)
@@ -200,7 +200,7 @@ public final class DeformableDepthwiseConv3d {
     public init(channels: Int, offsetMode: OffsetMode = .aligned, prefix: String = "",
                 layout: inout ParameterLayout) throws {
         guard channels >= 1 else {
-            throw DeformUXError.invalidArgument("DDC layer: channels must be >= 1, got \(channels)")
+            throw DeformUXError.invalidArgument("DDC layer", "channels must be >= 1, got \(channels)")
         }
         self.channels = channels
         self.offsetMode = offsetMode
@@ -223,7 +223,7 @@ public final class DeformableDepthwiseConv3d {
 
     func shape(of x: Tensor) throws -> DDCShape {
         guard x.rank == 5, x.shape[1] == channels else {
-            throw DeformUXError.shapeMismatch("DDC layer: expected x of shape N x \(channels) x D x H x W, got \(x.shape)")
+            throw DeformUXError.shapeMismatch("DDC layer", "expected x of shape N x \(channels) x D x H x W, got \(x.shape)")
         }
         try x.requireContiguous("DDC layer x")
         return try DDCShape(n: x.shape[0], c: x.shape[1], d: x.shape[2], h: x.shape[3], w: x.shape[4])
@@ -242,7 +242,7 @@ public final class DeformableDepthwiseConv3d {
     public func backward(_ x: Tensor, gradY: Tensor, parameters p: ParameterStore) throws -> Tensor {
         let s = try shape(of: x)
         guard gradY.shape == x.shape else {
-            throw DeformUXError.shapeMismatch("DDC layer: grad_output must have the shape of x \(x.shape), got \(gradY.shape)")
+            throw DeformUXError.shapeMismatch("DDC layer", "grad_output must have the shape of x \(x.shape), got \(gradY.shape)")
         }
         try gradY.requireContiguous("DDC layer grad_output")
         let gx = Tensor(shape: x.shape, strides: Tensor.contiguousStrides(x.shape),

@@ -77,7 +77,7 @@ final class EncoderBlock {
         switch config.block {
         case .deformux:
             guard let offsetWeight, let offsetBias else {
-                throw DeformUXError.internal("encoder block: the DeformUX block has no offset branch")
+                throw DeformUXError.internal("encoder block", "the DeformUX block has no offset branch")
             }
             let s = try DDCShape(n: v.n, c: v.c, d: v.d, h: v.h, w: v.w)
             let offsets = try DDCLayerOps.computeOffsets(x: x.pointer, offsetWeight: p.value(offsetWeight),

@@ -23,7 +23,7 @@ public struct ParameterLayout: Sendable {
     /// Adds a tensor. Names are unique.
     public mutating func add(_ name: String, shape: [Int]) throws -> ParameterRef {
         guard indexByName[name] == nil else {
-            throw DeformUXError.invalidArgument("parameters: \(name) is defined twice")
+            throw DeformUXError.invalidArgument("parameters", "\(name) is defined twice")
         }
         let n = try Tensor.elementCount(shape, context: "parameter \(name)")
         // Each tensor starts on a 16-float (64-byte) boundary.
@@ -74,7 +74,7 @@ public final class ParameterStore: @unchecked Sendable {
     /// A view of the parameter called `name` (shares memory with the store).
     public func tensor(_ name: String) throws -> Tensor {
         guard let e = layout.entry(named: name) else {
-            throw DeformUXError.invalidArgument("parameters: no parameter named \(name)")
+            throw DeformUXError.invalidArgument("parameters", "no parameter named \(name)")
         }
         return Tensor(shape: e.shape, strides: Tensor.contiguousStrides(e.shape), storage: values, offset: e.offset)
     }
@@ -82,7 +82,7 @@ public final class ParameterStore: @unchecked Sendable {
     /// A view of the gradient of the parameter called `name`.
     public func gradientTensor(_ name: String) throws -> Tensor {
         guard let e = layout.entry(named: name) else {
-            throw DeformUXError.invalidArgument("parameters: no parameter named \(name)")
+            throw DeformUXError.invalidArgument("parameters", "no parameter named \(name)")
         }
         return Tensor(shape: e.shape, strides: Tensor.contiguousStrides(e.shape), storage: try gradients(), offset: e.offset)
     }
@@ -91,7 +91,7 @@ public final class ParameterStore: @unchecked Sendable {
     public func set(_ name: String, shape: [Int], values src: [Float]) throws {
         let t = try tensor(name)
         guard t.shape == shape, src.count == t.count else {
-            throw DeformUXError.shapeMismatch("parameters: \(name) has shape \(t.shape), got shape \(shape) with \(src.count) values")
+            throw DeformUXError.shapeMismatch("parameters", "\(name) has shape \(t.shape), got shape \(shape) with \(src.count) values")
         }
         src.withUnsafeBufferPointer { b in
             if let base = b.baseAddress { t.pointer.update(from: base, count: t.count) }

@@ -50,7 +50,7 @@ public struct DeformUXNetConfig: Sendable, Equatable, Codable {
 
     /// Checks every field; the message names the field, what was expected and what came.
     public func validate() throws {
-        func fail(_ m: String) -> DeformUXError { DeformUXError.invalidArgument("DeformUXNet config: \(m)") }
+        func fail(_ m: String) -> DeformUXError { DeformUXError.invalidArgument("DeformUXNet config", "\(m)") }
         guard inChannels >= 1 else { throw fail("in_channels must be >= 1, got \(inChannels)") }
         guard outChannels >= 1 else { throw fail("out_channels must be >= 1, got \(outChannels)") }
         guard featureSize.count == 4, featureSize.allSatisfy({ $0 >= 1 }) else {

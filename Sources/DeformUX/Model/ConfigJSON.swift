@@ -16,7 +16,7 @@ extension DeformUXNetConfig {
         } catch let e as DeformUXError {
             throw e
         } catch {
-            throw DeformUXError.invalidArgument("DeformUXNet config: not a valid JSON object: \(json.prefix(200))")
+            throw DeformUXError.invalidArgument("DeformUXNet config", "not a valid JSON object: \(json.prefix(200))")
         }
         self = parsed.config
         try validate()
@@ -34,7 +34,7 @@ extension DeformUXNetConfig {
         var config = DeformUXNetConfig()
 
         init(from decoder: Decoder) throws {
-            func fail(_ m: String) -> DeformUXError { DeformUXError.invalidArgument("DeformUXNet config: \(m)") }
+            func fail(_ m: String) -> DeformUXError { DeformUXError.invalidArgument("DeformUXNet config", "\(m)") }
             let o = try decoder.container(keyedBy: Key.self)
             let unknown = o.allKeys.map(\.stringValue).filter { !DeformUXNetConfig.jsonKeys.contains($0) }.sorted()
             guard unknown.isEmpty else {

@@ -55,13 +55,13 @@ public final class DeformUXNet {
     /// halves the grid four times; padding to a multiple of 16 is the pipeline's job).
     public func validateInput(_ shape: [Int]) throws {
         guard shape.count == 5, shape[0] >= 1 else {
-            throw DeformUXError.shapeMismatch("DeformUXNet.forward: x must be N x \(config.inChannels) x D x H x W, got shape \(shape)")
+            throw DeformUXError.shapeMismatch("DeformUXNet.forward", "x must be N x \(config.inChannels) x D x H x W, got shape \(shape)")
         }
         guard shape[1] == config.inChannels else {
-            throw DeformUXError.shapeMismatch("DeformUXNet.forward: x must have \(config.inChannels) channels (shape N x \(config.inChannels) x D x H x W), got shape \(shape)")
+            throw DeformUXError.shapeMismatch("DeformUXNet.forward", "x must have \(config.inChannels) channels (shape N x \(config.inChannels) x D x H x W), got shape \(shape)")
         }
         for (name, s) in zip(["D", "H", "W"], shape[2...]) where s < 16 || s % 16 != 0 {
-            throw DeformUXError.shapeMismatch("DeformUXNet.forward: spatial sizes must be positive multiples of 16 (pad the volume first), got \(name) = \(s) in shape \(shape)")
+            throw DeformUXError.shapeMismatch("DeformUXNet.forward", "spatial sizes must be positive multiples of 16 (pad the volume first), got \(name) = \(s) in shape \(shape)")
         }
     }
 
@@ -103,7 +103,7 @@ public final class DeformUXNet {
         func advance() throws {
             step += 1
             if let progress, !progress(step, DeformUXNet.forwardSteps) {
-                throw DeformUXError.cancelled("DeformUXNet.forward: cancelled after step \(step) of \(DeformUXNet.forwardSteps)")
+                throw DeformUXError.cancelled("DeformUXNet.forward", "cancelled after step \(step) of \(DeformUXNet.forwardSteps)")
             }
         }
         // Activations are dropped (set to nil) as soon as nothing needs them: the peak is decoder2 at
@@ -133,7 +133,7 @@ public final class DeformUXNet {
 }
 
 private func unwrap(_ t: Tensor?) throws -> Tensor {
-    guard let t else { throw DeformUXError.internal("DeformUXNet.forward: an activation was released too early") }
+    guard let t else { throw DeformUXError.internal("DeformUXNet.forward", "an activation was released too early") }
     return t
 }
 

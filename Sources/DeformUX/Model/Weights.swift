@@ -27,7 +27,7 @@ extension DeformUXNet {
         }
         let (report, plan) = parameters.planLoad(sources)
         if strict && !report.isComplete {
-            throw DeformUXError.invalidArgument("load_state_dict: the tensors do not match the model's parameters; nothing was loaded\n\(report)")
+            throw DeformUXError.invalidArgument("load_state_dict", "the tensors do not match the model's parameters; nothing was loaded\n\(report)")
         }
         for (entry, source) in plan {
             let e = parameters.layout.entries[entry]

@@ -19,7 +19,7 @@ public final class TensorStorage: @unchecked Sendable {
     /// reused (its values are then whatever the last user left, unless zeroed).
     public init(count: Int, zeroed: Bool = true, pool: StoragePool? = nil) throws {
         guard count >= 0, count <= Int.max / 8 else {
-            throw DeformUXError.invalidArgument("Tensor: cannot allocate \(count) floats")
+            throw DeformUXError.invalidArgument("Tensor", "cannot allocate \(count) floats")
         }
         var fresh = false
         if let reused = pool?.take(count: count) {
@@ -27,7 +27,7 @@ public final class TensorStorage: @unchecked Sendable {
         } else {
             guard let p = allocateFloats(count) else {
                 pool?.failed(count: count)
-                throw DeformUXError.outOfMemory("Tensor: out of memory allocating \(count) floats (\(count * 4) bytes)")
+                throw DeformUXError.outOfMemory("Tensor", "out of memory allocating \(count) floats (\(count * 4) bytes)")
             }
             pointer = p
             fresh = true
@@ -205,7 +205,7 @@ public struct Tensor: @unchecked Sendable {
     public init(shape: [Int], values: [Float]) throws {
         let count = try Tensor.elementCount(shape, context: "Tensor")
         guard values.count == count else {
-            throw DeformUXError.shapeMismatch("Tensor: shape \(shape) holds \(count) values, got \(values.count)")
+            throw DeformUXError.shapeMismatch("Tensor", "shape \(shape) holds \(count) values, got \(values.count)")
         }
         try self.init(zeros: shape)
         values.withUnsafeBufferPointer { src in
@@ -241,7 +241,7 @@ public struct Tensor: @unchecked Sendable {
         try requireContiguous("reshape")
         let n = try Tensor.elementCount(newShape, context: "reshape")
         guard n == count else {
-            throw DeformUXError.shapeMismatch("reshape: \(shape) has \(count) elements, \(newShape) has \(n)")
+            throw DeformUXError.shapeMismatch("reshape", "\(shape) has \(count) elements, \(newShape) has \(n)")
         }
         return Tensor(shape: newShape, strides: Tensor.contiguousStrides(newShape), storage: storage, offset: offset)
     }
@@ -287,7 +287,7 @@ public struct Tensor: @unchecked Sendable {
 
     public func requireContiguous(_ operation: String) throws {
         guard isContiguous else {
-            throw DeformUXError.invalidArgument("\(operation): expected a contiguous tensor, got strides \(strides) for shape \(shape)")
+            throw DeformUXError.invalidArgument(operation, "expected a contiguous tensor, got strides \(strides) for shape \(shape)")
         }
     }
 
@@ -306,11 +306,11 @@ public struct Tensor: @unchecked Sendable {
         var n = 1
         for s in shape {
             guard s >= 0 else {
-                throw DeformUXError.invalidArgument("\(context): negative size in shape \(shape)")
+                throw DeformUXError.invalidArgument(context, "negative size in shape \(shape)")
             }
             let (p, overflow) = n.multipliedReportingOverflow(by: s)
             guard !overflow, p <= Int.max / 8 else {
-                throw DeformUXError.invalidArgument("\(context): shape \(shape) is too large")
+                throw DeformUXError.invalidArgument(context, "shape \(shape) is too large")
             }
             n = p
         }

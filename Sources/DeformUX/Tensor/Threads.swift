@@ -24,7 +24,7 @@ public enum Threads {
     /// Sets the number of worker threads (>= 1).
     public static func setCount(_ n: Int) throws {
         guard n >= 1, n <= 1024 else {
-            throw DeformUXError.invalidArgument("set_num_threads: expected 1...1024 threads, got \(n)")
+            throw DeformUXError.invalidArgument("set_num_threads", "expected 1...1024 threads, got \(n)")
         }
         pool.lock(); defer { pool.unlock() }
         pool.threadCount = n

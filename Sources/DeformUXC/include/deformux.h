@@ -32,7 +32,17 @@ enum {
     DFX_ERR_OUT_OF_MEMORY = 3,
     DFX_ERR_IO = 4,
     DFX_ERR_CANCELLED = 5,
-    DFX_ERR_INTERNAL = 6
+    DFX_ERR_INTERNAL = 6,
+    DFX_ERR_BUSY = 7              /* the object is in use by another call (or re-entrantly by this thread) */
+};
+
+/* Fields of the last error (dfx_last_error_field). */
+enum {
+    DFX_FIELD_OPERATION = 0, /* the operation that failed, e.g. "model_forward" */
+    DFX_FIELD_MESSAGE = 1,   /* what was wrong, without the operation */
+    DFX_FIELD_EXPECTED = 2,  /* what was expected ("" if not given) */
+    DFX_FIELD_GOT = 3,       /* what came ("" if not given) */
+    DFX_FIELD_PATH = 4       /* the file concerned ("" if none) */
 };
 
 /* Offset modes of the DDC layer (ARCHITECTURE.md section 3). */
@@ -41,8 +51,14 @@ enum {
     DFX_OFFSET_OFFICIAL = 1  /* the released code: padding 1, first N*81*D*H*W values of the padded output */
 };
 
-/* The message of the last failing call on this thread ("" if none). Never NULL. */
+/* The message of the last failing call on this thread ("" if none): "operation: message[: expected E,
+ * got G]". Never NULL. */
 const char *dfx_last_error(void);
+/* One field (DFX_FIELD_*) of the last failing call's error on this thread; "" if absent. Never NULL.
+ * Valid until the thread's next failing call. */
+const char *dfx_last_error_field(int32_t field);
+/* The system errno of the last failing call's error on this thread (ENOENT: no such file), or 0. */
+int32_t dfx_last_error_errno(void);
 
 /* The engine's version, e.g. "0.1.0". Never NULL. */
 const char *dfx_version(void);
