@@ -74,13 +74,6 @@ func guarded(_ body: () throws -> Void) -> Int32 {
     }
 }
 
-/// `guarded`, with every error reported under the entry point's name `op`.
-func guarded(_ op: String, _ body: () throws -> Void) -> Int32 {
-    guarded {
-        do { try body() } catch let e as DeformUXError { throw e.renamed(operation: op) }
-    }
-}
-
 func require<T>(_ p: T?, _ op: String, _ name: String) throws -> T {
     guard let p else { throw DeformUXError.invalidArgument(op, "\(name) must not be NULL") }
     return p
@@ -105,38 +98,65 @@ private func offsetMode(_ op: String, _ mode: Int32) throws -> OffsetMode {
 }
 
 
-// MARK: Scratch memory
+// MARK: Workspaces
 
-/// The calling thread's scratch for the operator calls: kept between calls (a DDC at 48^3 x 48 needs
-/// about 100 MB of padding, offsets and per-part gradients; allocating them anew on every call costs
-/// more than half the operator's time in page faults), freed with the thread or by
-/// dfx_release_thread_memory.
-private let workspaceKey: pthread_key_t = {
-    var key = pthread_key_t()
-    pthread_key_create(&key) { p in
-        guard let p else { return }
-        Unmanaged<Workspace>.fromOpaque(p).release()
-    }
-    return key
-}()
-
-func threadWorkspace() -> Workspace {
-    if let p = pthread_getspecific(workspaceKey) {
-        return Unmanaged<Workspace>.fromOpaque(p).takeUnretainedValue()
-    }
-    let w = Workspace()
-    pthread_setspecific(workspaceKey, Unmanaged.passRetained(w).toOpaque())
-    return w
+/// A caller-owned workspace for the operator calls (dfx_workspace_*): scratch kept between calls (a DDC
+/// at 48^3 x 48 needs about 100 MB of padding, offsets and per-part gradients; allocating them anew on
+/// every call costs more than half the operator's time in page faults). One call at a time uses it.
+final class WorkspaceHandle {
+    let workspace = Workspace()
+    let lock = OwnedLock("workspace")
 }
 
-// MARK: Exports
+/// Runs an operator with the caller's workspace (or, for NULL, one made for this call) and the
+/// progress callback as its cancellation.
+private func withWorkspace(_ p: OpaquePointer?, _ op: String, _ progress: ProgressCallback?,
+                           _ user: UnsafeMutableRawPointer?, _ body: (Workspace) throws -> Void) throws {
+    let cancellation = progress.map { f in Cancellation(poll: { f(user, 0, 1) == 0 }) }
+    func run(_ ws: Workspace) throws {
+        ws.cancellation = cancellation
+        defer { ws.cancellation = nil }
+        try body(ws)
+    }
+    if let p {
+        let h = Unmanaged<WorkspaceHandle>.fromOpaque(UnsafeRawPointer(p)).takeUnretainedValue()
+        try h.lock.withLock(op) { try run(h.workspace) }
+    } else {
+        try run(Workspace())
+    }
+}
 
-@_cdecl("dfx_release_thread_memory")
-public func dfx_release_thread_memory() -> Int32 {
+@_cdecl("dfx_workspace_create")
+public func dfx_workspace_create(_ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
     guarded {
-        if let p = pthread_getspecific(workspaceKey) {
-            Unmanaged<Workspace>.fromOpaque(p).takeUnretainedValue().release()
-        }
+        guard let out else { throw DeformUXError.invalidArgument("workspace_create", "out must not be NULL") }
+        out.pointee = OpaquePointer(Unmanaged.passRetained(WorkspaceHandle()).toOpaque())
+    }
+}
+
+@_cdecl("dfx_workspace_free")
+public func dfx_workspace_free(_ ws: OpaquePointer?) {
+    guard let ws else { return }
+    Unmanaged<WorkspaceHandle>.fromOpaque(UnsafeRawPointer(ws)).release()
+}
+
+/// Frees the scratch a workspace keeps (it stays usable).
+@_cdecl("dfx_workspace_release")
+public func dfx_workspace_release(_ ws: OpaquePointer?) -> Int32 {
+    guarded {
+        guard let ws else { throw DeformUXError.invalidArgument("workspace_release", "workspace must not be NULL") }
+        let h = Unmanaged<WorkspaceHandle>.fromOpaque(UnsafeRawPointer(ws)).takeUnretainedValue()
+        try h.lock.withLock("workspace_release") { h.workspace.release() }
+    }
+}
+
+/// Bytes of scratch a workspace keeps.
+@_cdecl("dfx_workspace_bytes")
+public func dfx_workspace_bytes(_ ws: OpaquePointer?, _ out: UnsafeMutablePointer<Int64>?) -> Int32 {
+    guarded {
+        guard let ws, let out else { throw DeformUXError.invalidArgument("workspace_bytes", "workspace and out must not be NULL") }
+        let h = Unmanaged<WorkspaceHandle>.fromOpaque(UnsafeRawPointer(ws)).takeUnretainedValue()
+        out.pointee = Int64(try h.lock.withLock("workspace_bytes") { h.workspace.bytes })
     }
 }
 
@@ -184,26 +204,30 @@ public func dfx_get_num_threads() -> Int32 { Int32(Threads.count) }
 
 @_cdecl("dfx_deform_conv3d_forward")
 public func dfx_deform_conv3d_forward(
-    _ x: UnsafePointer<Float>?, _ offsets: UnsafePointer<Float>?, _ weight: UnsafePointer<Float>?,
+    _ ws: OpaquePointer?, _ x: UnsafePointer<Float>?, _ offsets: UnsafePointer<Float>?, _ weight: UnsafePointer<Float>?,
     _ bias: UnsafePointer<Float>?, _ y: UnsafeMutablePointer<Float>?,
-    _ n: Int64, _ c: Int64, _ d: Int64, _ h: Int64, _ w: Int64
+    _ n: Int64, _ c: Int64, _ d: Int64, _ h: Int64, _ w: Int64,
+    _ progress: ProgressCallback?, _ user: UnsafeMutableRawPointer?
 ) -> Int32 {
     guarded {
         let op = "deform_conv3d"
         let shape = try ddcShape(op, n, c, d, h, w)
-        try DeformConv3d.forward(x: require(x, op, "x"), offsets: require(offsets, op, "offsets"),
-                                 weight: require(weight, op, "weight"), bias: bias,
-                                 y: require(y, op, "y"), shape: shape, workspace: threadWorkspace())
+        let x = try require(x, op, "x"), offsets = try require(offsets, op, "offsets")
+        let weight = try require(weight, op, "weight"), y = try require(y, op, "y")
+        try withWorkspace(ws, op, progress, user) { ws in
+            try DeformConv3d.forward(x: x, offsets: offsets, weight: weight, bias: bias, y: y, shape: shape, workspace: ws)
+        }
     }
 }
 
 @_cdecl("dfx_deform_conv3d_backward")
 public func dfx_deform_conv3d_backward(
-    _ x: UnsafePointer<Float>?, _ offsets: UnsafePointer<Float>?, _ weight: UnsafePointer<Float>?,
+    _ ws: OpaquePointer?, _ x: UnsafePointer<Float>?, _ offsets: UnsafePointer<Float>?, _ weight: UnsafePointer<Float>?,
     _ gradY: UnsafePointer<Float>?,
     _ gradX: UnsafeMutablePointer<Float>?, _ gradOffsets: UnsafeMutablePointer<Float>?,
     _ gradWeight: UnsafeMutablePointer<Float>?, _ gradBias: UnsafeMutablePointer<Float>?,
-    _ n: Int64, _ c: Int64, _ d: Int64, _ h: Int64, _ w: Int64
+    _ n: Int64, _ c: Int64, _ d: Int64, _ h: Int64, _ w: Int64,
+    _ progress: ProgressCallback?, _ user: UnsafeMutableRawPointer?
 ) -> Int32 {
     guarded {
         let op = "deform_conv3d_backward"
@@ -215,39 +239,45 @@ public func dfx_deform_conv3d_backward(
         gradOffsets?.initialize(repeating: 0, count: shape.offsetCount)
         gradWeight?.initialize(repeating: 0, count: shape.weightCount)
         gradBias?.initialize(repeating: 0, count: shape.c)
-        try DeformConv3d.backward(x: x, offsets: offsets, weight: weight, gradY: gradY,
-                                  gradX: gradX, gradOffsets: gradOffsets, gradWeight: gradWeight,
-                                  gradBias: gradBias, shape: shape, workspace: threadWorkspace())
+        try withWorkspace(ws, op, progress, user) { ws in
+            try DeformConv3d.backward(x: x, offsets: offsets, weight: weight, gradY: gradY,
+                                      gradX: gradX, gradOffsets: gradOffsets, gradWeight: gradWeight,
+                                      gradBias: gradBias, shape: shape, workspace: ws)
+        }
     }
 }
 
 @_cdecl("dfx_ddc_layer_forward")
 public func dfx_ddc_layer_forward(
-    _ x: UnsafePointer<Float>?, _ weight: UnsafePointer<Float>?, _ bias: UnsafePointer<Float>?,
+    _ ws: OpaquePointer?, _ x: UnsafePointer<Float>?, _ weight: UnsafePointer<Float>?, _ bias: UnsafePointer<Float>?,
     _ offsetWeight: UnsafePointer<Float>?, _ offsetBias: UnsafePointer<Float>?, _ mode: Int32,
     _ y: UnsafeMutablePointer<Float>?, _ offsetsOut: UnsafeMutablePointer<Float>?,
-    _ n: Int64, _ c: Int64, _ d: Int64, _ h: Int64, _ w: Int64
+    _ n: Int64, _ c: Int64, _ d: Int64, _ h: Int64, _ w: Int64,
+    _ progress: ProgressCallback?, _ user: UnsafeMutableRawPointer?
 ) -> Int32 {
     guarded {
         let op = "ddc_layer"
         let shape = try ddcShape(op, n, c, d, h, w)
         let mode = try offsetMode(op, mode)
-        try DDCLayerOps.forward(x: require(x, op, "x"), weight: require(weight, op, "weight"), bias: bias,
-                                offsetWeight: require(offsetWeight, op, "offset_weight"),
-                                offsetBias: require(offsetBias, op, "offset_bias"), mode: mode,
-                                y: require(y, op, "y"), offsetsOut: offsetsOut, shape: shape,
-                                workspace: threadWorkspace())
+        let x = try require(x, op, "x"), weight = try require(weight, op, "weight")
+        let offsetWeight = try require(offsetWeight, op, "offset_weight")
+        let offsetBias = try require(offsetBias, op, "offset_bias"), y = try require(y, op, "y")
+        try withWorkspace(ws, op, progress, user) { ws in
+            try DDCLayerOps.forward(x: x, weight: weight, bias: bias, offsetWeight: offsetWeight, offsetBias: offsetBias,
+                                    mode: mode, y: y, offsetsOut: offsetsOut, shape: shape, workspace: ws)
+        }
     }
 }
 
 @_cdecl("dfx_ddc_layer_backward")
 public func dfx_ddc_layer_backward(
-    _ x: UnsafePointer<Float>?, _ weight: UnsafePointer<Float>?, _ offsetWeight: UnsafePointer<Float>?,
+    _ ws: OpaquePointer?, _ x: UnsafePointer<Float>?, _ weight: UnsafePointer<Float>?, _ offsetWeight: UnsafePointer<Float>?,
     _ offsetBias: UnsafePointer<Float>?, _ mode: Int32, _ gradY: UnsafePointer<Float>?,
     _ gradX: UnsafeMutablePointer<Float>?, _ gradWeight: UnsafeMutablePointer<Float>?,
     _ gradBias: UnsafeMutablePointer<Float>?, _ gradOffsetWeight: UnsafeMutablePointer<Float>?,
     _ gradOffsetBias: UnsafeMutablePointer<Float>?,
-    _ n: Int64, _ c: Int64, _ d: Int64, _ h: Int64, _ w: Int64
+    _ n: Int64, _ c: Int64, _ d: Int64, _ h: Int64, _ w: Int64,
+    _ progress: ProgressCallback?, _ user: UnsafeMutableRawPointer?
 ) -> Int32 {
     guarded {
         let op = "ddc_layer_backward"
@@ -262,9 +292,11 @@ public func dfx_ddc_layer_backward(
         gradBias?.initialize(repeating: 0, count: shape.c)
         gradOffsetWeight?.initialize(repeating: 0, count: DDCShape.offsetChannels * shape.c)
         gradOffsetBias?.initialize(repeating: 0, count: DDCShape.offsetChannels)
-        try DDCLayerOps.backward(x: x, weight: weight, offsetWeight: offsetWeight, offsetBias: offsetBias,
-                                 mode: mode, gradY: gradY, gradX: gradX, gradWeight: gradWeight,
-                                 gradBias: gradBias, gradOffsetWeight: gradOffsetWeight,
-                                 gradOffsetBias: gradOffsetBias, shape: shape, workspace: threadWorkspace())
+        try withWorkspace(ws, op, progress, user) { ws in
+            try DDCLayerOps.backward(x: x, weight: weight, offsetWeight: offsetWeight, offsetBias: offsetBias,
+                                     mode: mode, gradY: gradY, gradX: gradX, gradWeight: gradWeight,
+                                     gradBias: gradBias, gradOffsetWeight: gradOffsetWeight,
+                                     gradOffsetBias: gradOffsetBias, shape: shape, workspace: ws)
+        }
     }
 }

@@ -137,14 +137,15 @@ struct BenchConv: ParsableCommand {
         let gx2 = cin2 > 0 ? try Tensor(zeros: [voxels * cin2]) : nil
         let gw = try Tensor(zeros: [shape.weightCount])
         let ws = Workspace()
+        let packed = try Conv3d.pack(weight: try weight.reshaped([cout, cin, 3, 3, 3]), shape: shape)
         let dgrad = try timeMs {
-            try Conv3d.backward(x: x1.pointer, x2: x2?.pointer, weight: weight.pointer, gradY: gy.pointer,
+            try Conv3d.backward(x: x1.pointer, x2: x2?.pointer, packedWeight: packed.pointer, gradY: gy.pointer,
                                 gradX: gx1.pointer, gradX2: gx2?.pointer, gradWeight: nil, gradBias: nil,
                                 shape: shape, workspace: ws)
         }
         report("bwd input grad " + name, ms: dgrad, macs: Double(shape.macs))
         let wgrad = try timeMs {
-            try Conv3d.backward(x: x1.pointer, x2: x2?.pointer, weight: weight.pointer, gradY: gy.pointer,
+            try Conv3d.backward(x: x1.pointer, x2: x2?.pointer, packedWeight: packed.pointer, gradY: gy.pointer,
                                 gradX: nil, gradX2: nil, gradWeight: gw.pointer, gradBias: nil,
                                 shape: shape, workspace: ws)
         }
@@ -186,7 +187,7 @@ struct BenchConv: ParsableCommand {
         report(name, ms: ms, macs: Double(shape.macs))
         let gx = try Tensor(zeros: [shape.count]), gw = try Tensor(zeros: [shape.weightCount]), gb = try Tensor(zeros: [c])
         let bwd = try timeMs {
-            try DepthwiseConv3d.backward(x: x.pointer, weight: weight.pointer, gradY: y.pointer, gradX: gx.pointer,
+            try DepthwiseConv3d.backward(x: x.pointer, packedWeight: packed.pointer, gradY: y.pointer, gradX: gx.pointer,
                                          gradWeight: gw.pointer, gradBias: gb.pointer, shape: shape, workspace: ws)
         }
         report("bwd (all grads) " + name, ms: bwd, macs: 2 * Double(shape.macs))

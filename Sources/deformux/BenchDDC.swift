@@ -60,10 +60,14 @@ struct BenchDDC: ParsableCommand {
             return (sorted[sorted.count / 2], sorted[0])
         }
 
-        let fwd = try timeMs { _ = try layer.forward(x, parameters: params) }
+        // The layer as the network runs it: channels-last activations, a runner's context.
+        let ctx = try RunContext.standalone(store: params, gradients: true)
+        let xl = try toChannelsLast(x), gyl = try toChannelsLast(gy)
+        let gxl = try Tensor(zeros: xl.shape)
+        let fwd = try timeMs { _ = try layer.forward(xl, ctx) }
         let fwdBwd = try timeMs {
-            _ = try layer.forward(x, parameters: params)
-            _ = try layer.backward(x, gradY: gy, parameters: params)
+            _ = try layer.forward(xl, ctx)
+            try layer.backward(xl, gradY: gyl, ctx, gradX: gxl)
         }
         // The operator alone, on the offsets the layer computes.
         let offsets = try Tensor(zeros: [batch, 81, size, size, size])
@@ -82,7 +86,7 @@ struct BenchDDC: ParsableCommand {
         let opBwd = try timeMs {
             try DeformConv3d.backward(x: x.pointer, offsets: offsets.pointer, weight: params.value(layer.weight),
                                       gradY: gy.pointer, gradX: gx.pointer, gradOffsets: go.pointer,
-                                      gradWeight: try params.gradient(layer.weight), gradBias: try params.gradient(layer.bias),
+                                      gradWeight: params.gradient(layer.weight), gradBias: params.gradient(layer.bias),
                                       shape: s, workspace: ws)
         }
         let voxels = Double(batch * size * size * size)

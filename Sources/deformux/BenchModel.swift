@@ -60,19 +60,12 @@ struct BenchModel: ParsableCommand {
         try Threads.setCount(threads)
         let config = try model.config()
         let net = try DeformUXNet(config: config, seed: 1)
-        var rng = SplitMix64(seed: 7)
-        let x = try Tensor(zeros: [1, config.inChannels, size, size, size])
-        for i in 0..<x.count { x.pointer[i] = rng.uniform(-1, 1) }
+        let session = try Session(model: net)
+        let x = try benchInput(config, size: size)
         let summary = try net.summary(inputShape: x.shape)
         let builtRSS = currentRSSMegabytes()
-        if !noWarmup { _ = try net.forward(x) }
-        var samples: [Double] = []
-        for _ in 0..<repeats {
-            let t0 = now()
-            _ = try net.forward(x)
-            samples.append(now() - t0)
-        }
-        let seconds = samples.sorted()[samples.count / 2]
+        if !noWarmup { _ = try session.forward(x) }
+        let seconds = try median(repeats) { _ = try session.forward(x) }
         let gflop = 2 * Double(summary.totalMACs) / 1e9
         print("deformux bench model: \(config.block.rawValue) mlp \(config.mlp.rawValue) offsets \(config.offsetMode.rawValue), \(size)^3, batch 1, \(Threads.count) threads")
         print("  parameters        \(net.parameterCount)")
@@ -80,4 +73,66 @@ struct BenchModel: ParsableCommand {
         print("  forward           \(decimal(seconds, 3, width: 8)) s   (\(decimal(gflop / seconds, 1)) GFLOP/s)")
         print("  peak RSS          \(decimal(peakRSSMegabytes(), 1, width: 8)) MB   (\(decimal(builtRSS, 1)) MB with the model built, before the first forward)")
     }
+}
+
+/// `deformux bench backward`: one forward and backward of the whole network (the gradients of every
+/// parameter, as a training step needs them), batch 1, a random input and output gradient.
+struct BenchBackward: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "backward",
+        abstract: "Time the network's forward + backward and print seconds, GFLOP/s and peak RSS (issue 7's benchmark)."
+    )
+
+    @OptionGroup var model: ModelOptions
+    @Option(help: "Edge of the cubic input (a multiple of 16).") var size = 96
+    @Option(help: "Worker threads.") var threads = 2
+    @Option(help: "Timed runs (the median is printed).") var repeats = 1
+    @Flag(help: "Skip the warm-up run.") var noWarmup = false
+    @Flag(help: "Also compute the input's gradient.") var inputGradient = false
+
+    func run() throws {
+        try Threads.setCount(threads)
+        let config = try model.config()
+        let net = try DeformUXNet(config: config, seed: 1)
+        let session = try Session(model: net)
+        let x = try benchInput(config, size: size)
+        let gy = try Tensor(zeros: [1, config.outChannels, size, size, size])
+        var rng = SplitMix64(seed: 8)
+        for i in 0..<gy.count { gy.pointer[i] = rng.uniform(-1, 1) }
+        let gx = inputGradient ? try Tensor(zeros: x.shape) : nil
+        let summary = try net.summary(inputShape: x.shape)
+        let builtRSS = currentRSSMegabytes()
+        func step() throws {
+            net.parameters.zeroGradients()
+            try session.backward(x, gradOutput: gy, gradInput: gx?.pointer)
+        }
+        if !noWarmup { try step() }
+        let seconds = try median(repeats) { try step() }
+        // A backward is two passes of the forward's multiply-adds (input and weight gradients).
+        let gflop = 3 * 2 * Double(summary.totalMACs) / 1e9
+        print("deformux bench backward: \(config.block.rawValue) mlp \(config.mlp.rawValue) offsets \(config.offsetMode.rawValue), \(size)^3, batch 1, \(Threads.count) threads")
+        print("  parameters        \(net.parameterCount)")
+        print("  multiply-adds     \(decimal(3 * Double(summary.totalMACs) / 1e9, 1)) G (forward and backward, counted as 3 x forward)")
+        print("  forward+backward  \(decimal(seconds, 3, width: 8)) s   (\(decimal(gflop / seconds, 1)) GFLOP/s)")
+        print("  peak RSS          \(decimal(peakRSSMegabytes(), 1, width: 8)) MB   (\(decimal(builtRSS, 1)) MB with the model built)")
+    }
+}
+
+/// A random input N=1 x Cin x size^3 (seeded).
+func benchInput(_ config: DeformUXNetConfig, size: Int) throws -> Tensor {
+    var rng = SplitMix64(seed: 7)
+    let x = try Tensor(zeros: [1, config.inChannels, size, size, size])
+    for i in 0..<x.count { x.pointer[i] = rng.uniform(-1, 1) }
+    return x
+}
+
+/// The median duration of `repeats` runs of `body`, in seconds.
+func median(_ repeats: Int, _ body: () throws -> Void) rethrows -> Double {
+    var samples: [Double] = []
+    for _ in 0..<max(1, repeats) {
+        let t0 = now()
+        try body()
+        samples.append(now() - t0)
+    }
+    return samples.sorted()[samples.count / 2]
 }

@@ -50,14 +50,14 @@ final class AblationTests: XCTestCase {
                                  weight: w.map(Double.init), bias: b.map(Double.init), cout: 81, kernel: 3, padding: 1),
             n: s.n, c: 81, voxels: s.voxels)
         let ws = Workspace()
+        let packed = try Conv3d.pack(weight: try Tensor(shape: [81, s.c, 3, 3, 3], values: w),
+                                     shape: try Conv3d.Shape(n: 1, cin: s.c, cout: 81, d: 1, h: 1, w: 1, kernel: 3, padding: 1))
         let got: [Float] = try xl.withUnsafeBufferPointer { xp in
-            try w.withUnsafeBufferPointer { wp in
-                try b.withUnsafeBufferPointer { bp in
-                    let p = try DDCLayerOps.computeOffsets(x: xp.baseAddress!, offsetWeight: wp.baseAddress!,
-                                                           offsetBias: bp.baseAddress!, mode: .aligned, shape: s,
-                                                           layout: .channelsLast, offsetKernel: 3, workspace: ws)
-                    return Array(UnsafeBufferPointer(start: p, count: s.offsetCount))
-                }
+            try b.withUnsafeBufferPointer { bp in
+                let p = try DDCLayerOps.computeOffsets(x: xp.baseAddress!, branch: .conv3(packedWeight: packed.pointer, bias: bp.baseAddress!),
+                                                       mode: .aligned, shape: s, layout: .channelsLast, heldAxis: nil,
+                                                       workspace: ws)
+                return Array(UnsafeBufferPointer(start: p, count: s.offsetCount))
             }
         }
         assertClose(got, want, atol: 1e-4, rtol: 1e-5, shape: [s.n, 81, s.d, s.h, s.w], "3x3x3 offset branch")
@@ -85,7 +85,7 @@ final class AblationTests: XCTestCase {
             XCTAssertEqual(net.parameterCount, count, label)
             // Non-zero offsets, so that the ablation's offset path matters.
             for e in net.parameters.layout.entries where e.name.contains("conv_offset") {
-                let p = net.parameters.values.pointer + e.offset
+                let p = net.parameters.values + e.offset
                 for i in 0..<e.count { p[i] = Float(rng.uniform(-0.5, 0.5)) }
             }
             let y = try net.forward(x)
@@ -101,14 +101,14 @@ final class AblationTests: XCTestCase {
         let net = try DeformUXNet(config: config, seed: 4)
         var rng = TestRNG(seed: 10)
         for e in net.parameters.layout.entries where e.name.contains("conv_offset") {
-            let p = net.parameters.values.pointer + e.offset
+            let p = net.parameters.values + e.offset
             for i in 0..<e.count { p[i] = Float(rng.uniform(-0.5, 0.5)) }
         }
         let x = try Tensor(shape: [1, 1, 16, 16, 16], values: rng.floats(4096))
         let before = try net.forward(x).toArray()
         // Change only the weights of the W-axis offset channels (3t + 2).
         for e in net.parameters.layout.entries where e.name.hasSuffix("conv_offset.weight") {
-            let p = net.parameters.values.pointer + e.offset
+            let p = net.parameters.values + e.offset
             let c = e.shape[1]
             for t in 0..<27 { for ci in 0..<c { p[(3 * t + 2) * c + ci] += 3 } }
         }

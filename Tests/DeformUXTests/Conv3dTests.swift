@@ -299,12 +299,13 @@ final class Conv3dTests: XCTestCase {
                 var gx1 = gx1Init, gx2 = gx2Init, gw = gwInit, gb = gbInit
                 let x1t = try Tensor(shape: [max(x1.count, 1)], values: x1.isEmpty ? [0] : x1)
                 let x2t = try Tensor(shape: [max(x2.count, 1)], values: x2.isEmpty ? [0] : x2)
-                let wt = try Tensor(shape: [weight.count], values: weight), gyt = try Tensor(shape: [gy.count], values: gy)
+                let wt = try Conv3d.pack(weight: try Tensor(shape: [c.cout, c.cin, c.k, c.k, c.k], values: weight), shape: shape)
+                let gyt = try Tensor(shape: [gy.count], values: gy)
                 try gx1.withUnsafeMutableBufferPointer { g1 in
                     try gx2.withUnsafeMutableBufferPointer { g2 in
                         try gw.withUnsafeMutableBufferPointer { gwp in
                             try gb.withUnsafeMutableBufferPointer { gbp in
-                                try Conv3d.backward(x: x1t.pointer, x2: c.cin2 > 0 ? x2t.pointer : nil, weight: wt.pointer,
+                                try Conv3d.backward(x: x1t.pointer, x2: c.cin2 > 0 ? x2t.pointer : nil, packedWeight: wt.pointer,
                                                     gradY: gyt.pointer, gradX: g1.baseAddress,
                                                     gradX2: c.cin2 > 0 ? g2.baseAddress : nil,
                                                     gradWeight: gwp.baseAddress, gradBias: gbp.baseAddress,
@@ -392,11 +393,13 @@ final class Conv3dTests: XCTestCase {
                 try Threads.setCount(threads)
                 var gx = gxInit, gw = gwInit, gb = gbInit
                 let xt = try Tensor(shape: [x.count], values: x), wt = try Tensor(shape: [weight.count], values: weight)
+                let packed = try Tensor(zeros: [ConvTranspose3d.packedCount(s)])
+                ConvTranspose3d.pack(weight: wt.pointer, into: packed.pointer, shape: s)
                 let gyt = try Tensor(shape: [gy.count], values: gy)
                 try gx.withUnsafeMutableBufferPointer { gxp in
                     try gw.withUnsafeMutableBufferPointer { gwp in
                         try gb.withUnsafeMutableBufferPointer { gbp in
-                            try ConvTranspose3d.backward(x: xt.pointer, weight: wt.pointer, gradY: gyt.pointer,
+                            try ConvTranspose3d.backward(x: xt.pointer, packedWeight: packed.pointer, gradY: gyt.pointer,
                                                          gradX: gxp.baseAddress, gradWeight: gwp.baseAddress,
                                                          gradBias: gbp.baseAddress, shape: s, workspace: Workspace())
                         }
@@ -505,11 +508,13 @@ final class Conv3dTests: XCTestCase {
                 try Threads.setCount(threads)
                 var gx = gxInit, gw = gwInit, gb = gbInit
                 let xt = try Tensor(shape: [x.count], values: x), wt = try Tensor(shape: [weight.count], values: weight)
+                let packed = try Tensor(zeros: [DepthwiseConv3d.packedCount(s)])
+                DepthwiseConv3d.pack(weight: wt.pointer, into: packed.pointer, shape: s)
                 let gyt = try Tensor(shape: [gy.count], values: gy)
                 try gx.withUnsafeMutableBufferPointer { gxp in
                     try gw.withUnsafeMutableBufferPointer { gwp in
                         try gb.withUnsafeMutableBufferPointer { gbp in
-                            try DepthwiseConv3d.backward(x: xt.pointer, weight: wt.pointer, gradY: gyt.pointer,
+                            try DepthwiseConv3d.backward(x: xt.pointer, packedWeight: packed.pointer, gradY: gyt.pointer,
                                                          gradX: gxp.baseAddress, gradWeight: gwp.baseAddress,
                                                          gradBias: gbp.baseAddress, shape: s, workspace: Workspace())
                         }

@@ -179,8 +179,9 @@ final class DDCLayerTests: XCTestCase {
         }
     }
 
-    /// The layer class: a fresh layer (zero offset branch) is a plain depthwise conv; with parameters
-    /// set it equals the functional ops; backward adds into the store's gradients.
+    /// The layer class, as the network runs it (channels-last, computing with a runner's context): a
+    /// fresh layer (zero offset branch) is a plain depthwise conv; with parameters set it equals the
+    /// functional ops; backward adds into the store's gradients.
     func testLayerClass() throws {
         let s = ddcShape(2, 17, 3, 4, 5)
         let data = LayerData(s, seed: 540)
@@ -191,41 +192,50 @@ final class DDCLayerTests: XCTestCase {
             let store = try ParameterStore(layout: layout)
             var rng = SplitMix64(seed: 1)
             layer.initialize(store, rng: &rng)
-            let x = try Tensor(shape: xs, values: data.x)
+            let x = try toChannelsLast(try Tensor(shape: xs, values: data.x))
             let w = Array(UnsafeBufferPointer(start: store.value(layer.weight), count: s.weightCount))
             let b = Array(UnsafeBufferPointer(start: store.value(layer.bias), count: s.c))
             let plain = DeformConv3dReferenceTests.depthwiseConv(data.d(data.x), w.map(Double.init), b.map(Double.init), s)
+            var ctx = try RunContext.standalone(store: store, gradients: true)
+            func run() throws -> [Float] { try toChannelsFirst(try layer.forward(x, ctx)).toArray() }
             // In official mode a zero offset branch still gives zero offsets (P is all zeros).
-            assertClose(try layer.forward(x, parameters: store).toArray(), plain, atol: 1e-5, rtol: 1e-5, shape: xs,
-                        "fresh layer (\(mode)) vs depthwise conv")
+            assertClose(try run(), plain, atol: 1e-5, rtol: 1e-5, shape: xs, "fresh layer (\(mode)) vs depthwise conv")
 
             try store.set("ddc.weight", shape: [s.c, 1, 3, 3, 3], values: data.weight)
             try store.set("ddc.bias", shape: [s.c], values: data.bias)
             try store.set("ddc.conv_offset.weight", shape: [81, s.c, 1, 1, 1], values: data.offsetWeight)
             try store.set("ddc.conv_offset.bias", shape: [81], values: data.offsetBias)
+            try ctx.refresh(from: store)
             let ops = try data.fast(mode)
-            assertIdentical(try layer.forward(x, parameters: store).toArray(), ops.y, shape: xs, "layer class (\(mode)) y vs DDCLayerOps")
+            assertIdentical(try run(), ops.y, shape: xs, "layer class (\(mode)) y vs DDCLayerOps")
             store.zeroGradients()
-            let gy = try Tensor(shape: xs, values: data.gradY)
-            let gx = try layer.backward(x, gradY: gy, parameters: store).toArray()
-            _ = try layer.backward(x, gradY: gy, parameters: store)  // a second step adds
-            assertIdentical(gx, ops.gradX, shape: xs, "layer class (\(mode)) grad x vs DDCLayerOps")
+            let gy = try toChannelsLast(try Tensor(shape: xs, values: data.gradY))
+            let gx = try Tensor(zeros: x.shape)
+            try layer.backward(x, gradY: gy, ctx, gradX: gx)
+            let gxOnce = try toChannelsFirst(gx).toArray()
+            try layer.backward(x, gradY: gy, ctx, gradX: gx)  // a second step adds
+            assertClose(gxOnce, ops.gradX, atol: 1e-5, rtol: 1e-5, shape: xs, "layer class (\(mode)) grad x vs DDCLayerOps")
+            assertClose(try toChannelsFirst(gx).toArray(), ops.gradX.map { 2 * $0 }, atol: 2e-5, rtol: 1e-5, shape: xs,
+                        "layer class (\(mode)) grad x, two steps")
             func grad(_ name: String) throws -> [Float] { try store.gradientTensor(name).toArray() }
             assertClose(try grad("ddc.weight"), ops.gradWeight.map { 2 * $0 }, atol: 1e-5, rtol: 1e-6, "layer class (\(mode)) grad weight, two steps")
             assertClose(try grad("ddc.bias"), ops.gradBias.map { 2 * $0 }, atol: 1e-5, rtol: 1e-6, "layer class (\(mode)) grad bias, two steps")
             assertClose(try grad("ddc.conv_offset.weight"), ops.gradOffsetWeight.map { 2 * $0 }, atol: 1e-5, rtol: 1e-6, "layer class (\(mode)) grad offset weight, two steps")
             assertClose(try grad("ddc.conv_offset.bias"), ops.gradOffsetBias.map { 2 * $0 }, atol: 1e-5, rtol: 1e-6, "layer class (\(mode)) grad offset bias, two steps")
+            ctx = try RunContext.standalone(store: store)
         }
         // Validation names the layer and the argument.
         var layout = ParameterLayout()
         let layer = try DeformableDepthwiseConv3d(channels: 4, layout: &layout)
         let store = try ParameterStore(layout: layout)
-        for bad in [[1, 3, 2, 2, 2], [4, 2, 2, 2]] {
-            XCTAssertThrowsError(try layer.forward(Tensor(zeros: bad), parameters: store)) { e in
+        let ctx = try RunContext.standalone(store: store, gradients: true)
+        for bad in [[1, 2, 2, 2, 3], [4, 2, 2, 2]] {
+            XCTAssertThrowsError(try layer.forward(Tensor(zeros: bad), ctx)) { e in
                 XCTAssertTrue((e as? DeformUXError)?.description.contains("DDC layer") == true, "x \(bad): \(e)")
             }
         }
-        XCTAssertThrowsError(try layer.backward(Tensor(zeros: [1, 4, 2, 2, 2]), gradY: Tensor(zeros: [1, 4, 2, 2, 3]), parameters: store)) { e in
+        XCTAssertThrowsError(try layer.backward(Tensor(zeros: [1, 2, 2, 2, 4]), gradY: Tensor(zeros: [1, 2, 2, 3, 4]), ctx,
+                                                gradX: nil)) { e in
             XCTAssertTrue((e as? DeformUXError)?.description.contains("grad_output") == true, "\(e)")
         }
         XCTAssertThrowsError(try DeformableDepthwiseConv3d(channels: 0, layout: &layout))

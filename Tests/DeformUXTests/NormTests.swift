@@ -138,9 +138,11 @@ final class NormTests: XCTestCase {
                                                 mean: mp.baseAddress! + s * c, rstd: rp.baseAddress! + s * c, workspace: ws)
                 } }
             }
+            let shift = zip(mean, rstd).map { -$0 * $1 }
             try gy.withUnsafeBufferPointer { gp in try gx.withUnsafeMutableBufferPointer { gxp in
-                try InstanceNorm.backward(x: xp.baseAddress!, mean: mean, rstd: rstd, gradY: gp.baseAddress!,
-                                          gradX: gxp.baseAddress!, n: n, voxels: voxels, channels: c, workspace: ws)
+                try InstanceNorm.backward(x: xp.baseAddress!, scale: rstd, shift: shift, rstd: rstd, leakySlope: nil,
+                                          gradY: gp.baseAddress!, gradX: gxp.baseAddress!, accumulate: true,
+                                          n: n, voxels: voxels, channels: c, workspace: ws)
             } }
         }
         assertClose(gx, want, atol: 2e-4, rtol: 1e-3, shape: [n, voxels, c], "InstanceNorm dx")

@@ -301,7 +301,7 @@ final class SafetensorsTests: XCTestCase {
         let back = try ParameterStore(layout: layout(params))
         let r = try back.load(safetensors: path)
         XCTAssertTrue(r.isComplete)
-        let a = store.stateDict(), b = back.stateDict()
+        let a = try store.stateDict(), b = try back.stateDict()
         XCTAssertEqual(Set(a.keys), Set(b.keys))
         for (k, v) in a {
             XCTAssertEqual(b[k]?.shape, v.shape, k)

@@ -61,6 +61,9 @@ int main(void) {
     for (int i = 0; i < N * 81 * V; i++) offsets[i] = 0.0f;
     for (int i = 0; i < 81 * C; i++) ow[i] = 0.0f;
     for (int i = 0; i < 81; i++) ob[i] = 0.0f;
+    /* The operator calls' scratch: a caller-owned workspace (NULL would make a temporary one). */
+    dfx_workspace *ws = NULL;
+    CHECK(dfx_workspace_create(&ws) == DFX_OK && ws != NULL, "workspace create");
 
     /* version, last error, threads */
     const char *version = dfx_version();
@@ -77,7 +80,7 @@ int main(void) {
 
     /* operator forward: zero offsets = depthwise conv; check one interior-free value by hand:
        y[c] at voxel 0 = bias[c] + sum over taps inside the volume of weight * x */
-    CHECK(dfx_deform_conv3d_forward(x, offsets, weight, bias, y, N, C, D, H, W) == DFX_OK, "forward: %s", dfx_last_error());
+    CHECK(dfx_deform_conv3d_forward(ws, x, offsets, weight, bias, y, N, C, D, H, W, NULL, NULL) == DFX_OK, "forward: %s", dfx_last_error());
     for (int c = 0; c < C; c++) {
         double expect = bias[c];
         for (int i = 0; i < 3; i++)
@@ -89,61 +92,61 @@ int main(void) {
                 }
         CHECK(fabs(y[c * V] - expect) < 1e-5, "forward y[%d, voxel 0] = %g, expected %g", c, y[c * V], expect);
     }
-    CHECK(dfx_deform_conv3d_forward(x, offsets, weight, NULL, y, N, C, D, H, W) == DFX_OK, "forward without bias");
-    expect_error("forward x NULL", dfx_deform_conv3d_forward(NULL, offsets, weight, bias, y, N, C, D, H, W),
+    CHECK(dfx_deform_conv3d_forward(ws, x, offsets, weight, NULL, y, N, C, D, H, W, NULL, NULL) == DFX_OK, "forward without bias");
+    expect_error("forward x NULL", dfx_deform_conv3d_forward(ws, NULL, offsets, weight, bias, y, N, C, D, H, W, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
-    expect_error("forward offsets NULL", dfx_deform_conv3d_forward(x, NULL, weight, bias, y, N, C, D, H, W),
+    expect_error("forward offsets NULL", dfx_deform_conv3d_forward(ws, x, NULL, weight, bias, y, N, C, D, H, W, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
-    expect_error("forward y NULL", dfx_deform_conv3d_forward(x, offsets, weight, bias, NULL, N, C, D, H, W),
+    expect_error("forward y NULL", dfx_deform_conv3d_forward(ws, x, offsets, weight, bias, NULL, N, C, D, H, W, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
-    expect_error("forward c 0", dfx_deform_conv3d_forward(x, offsets, weight, bias, y, N, 0, D, H, W),
+    expect_error("forward c 0", dfx_deform_conv3d_forward(ws, x, offsets, weight, bias, y, N, 0, D, H, W, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
-    expect_error("forward d -1", dfx_deform_conv3d_forward(x, offsets, weight, bias, y, N, C, -1, H, W),
+    expect_error("forward d -1", dfx_deform_conv3d_forward(ws, x, offsets, weight, bias, y, N, C, -1, H, W, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
 
     /* operator backward: all outputs, then with some skipped */
-    CHECK(dfx_deform_conv3d_backward(x, offsets, weight, gy, gx, goff, gw, gb, N, C, D, H, W) == DFX_OK,
+    CHECK(dfx_deform_conv3d_backward(ws, x, offsets, weight, gy, gx, goff, gw, gb, N, C, D, H, W, NULL, NULL) == DFX_OK,
           "backward: %s", dfx_last_error());
     CHECK(all_finite(gx, N * C * V) && all_finite(goff, N * 81 * V) && all_finite(gw, C * 27), "backward finite");
     CHECK(fabsf(gb[0] - (float)V) < 1e-5f && fabsf(gb[1] - (float)V) < 1e-5f,
           "grad_bias = sum of grad_y = %d, got %g %g", V, gb[0], gb[1]);
-    CHECK(dfx_deform_conv3d_backward(x, offsets, weight, gy, NULL, goff, NULL, NULL, N, C, D, H, W) == DFX_OK,
+    CHECK(dfx_deform_conv3d_backward(ws, x, offsets, weight, gy, NULL, goff, NULL, NULL, N, C, D, H, W, NULL, NULL) == DFX_OK,
           "backward with NULL outputs: %s", dfx_last_error());
     expect_error("backward grad_y NULL",
-                 dfx_deform_conv3d_backward(x, offsets, weight, NULL, gx, goff, gw, gb, N, C, D, H, W),
+                 dfx_deform_conv3d_backward(ws, x, offsets, weight, NULL, gx, goff, gw, gb, N, C, D, H, W, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "deform_conv3d_backward");
     expect_error("backward w 0",
-                 dfx_deform_conv3d_backward(x, offsets, weight, gy, gx, goff, gw, gb, N, C, D, H, 0),
+                 dfx_deform_conv3d_backward(ws, x, offsets, weight, gy, gx, goff, gw, gb, N, C, D, H, 0, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "deform_conv3d_backward");
 
     /* layer: zero offset conv -> the operator with zero offsets, in both modes */
     float y2[N * C * V];
     for (int mode = DFX_OFFSET_ALIGNED; mode <= DFX_OFFSET_OFFICIAL; mode++) {
-        CHECK(dfx_ddc_layer_forward(x, weight, bias, ow, ob, mode, y2, offsets_out, N, C, D, H, W) == DFX_OK,
+        CHECK(dfx_ddc_layer_forward(ws, x, weight, bias, ow, ob, mode, y2, offsets_out, N, C, D, H, W, NULL, NULL) == DFX_OK,
               "layer forward mode %d: %s", mode, dfx_last_error());
-        CHECK(dfx_deform_conv3d_forward(x, offsets, weight, bias, y, N, C, D, H, W) == DFX_OK, "forward again");
+        CHECK(dfx_deform_conv3d_forward(ws, x, offsets, weight, bias, y, N, C, D, H, W, NULL, NULL) == DFX_OK, "forward again");
         for (int i = 0; i < N * C * V; i++) CHECK(fabsf(y2[i] - y[i]) < 1e-5f, "layer mode %d y[%d]", mode, i);
         for (int i = 0; i < N * 81 * V; i++) CHECK(offsets_out[i] == 0.0f, "layer mode %d offsets[%d]", mode, i);
-        CHECK(dfx_ddc_layer_forward(x, weight, bias, ow, ob, mode, y2, NULL, N, C, D, H, W) == DFX_OK,
+        CHECK(dfx_ddc_layer_forward(ws, x, weight, bias, ow, ob, mode, y2, NULL, N, C, D, H, W, NULL, NULL) == DFX_OK,
               "layer forward without offsets_out");
-        CHECK(dfx_ddc_layer_backward(x, weight, ow, ob, mode, gy, gx, gw, gb, gow, gob, N, C, D, H, W) == DFX_OK,
+        CHECK(dfx_ddc_layer_backward(ws, x, weight, ow, ob, mode, gy, gx, gw, gb, gow, gob, N, C, D, H, W, NULL, NULL) == DFX_OK,
               "layer backward mode %d: %s", mode, dfx_last_error());
         CHECK(all_finite(gx, N * C * V) && all_finite(gow, 81 * C) && all_finite(gob, 81), "layer backward finite");
-        CHECK(dfx_ddc_layer_backward(x, weight, ow, ob, mode, gy, NULL, NULL, NULL, gow, NULL, N, C, D, H, W) == DFX_OK,
+        CHECK(dfx_ddc_layer_backward(ws, x, weight, ow, ob, mode, gy, NULL, NULL, NULL, gow, NULL, N, C, D, H, W, NULL, NULL) == DFX_OK,
               "layer backward with NULL outputs");
     }
-    expect_error("layer bad mode", dfx_ddc_layer_forward(x, weight, bias, ow, ob, 2, y2, NULL, N, C, D, H, W),
+    expect_error("layer bad mode", dfx_ddc_layer_forward(ws, x, weight, bias, ow, ob, 2, y2, NULL, N, C, D, H, W, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "offset_mode");
-    expect_error("layer mode -1", dfx_ddc_layer_backward(x, weight, ow, ob, -1, gy, gx, gw, gb, gow, gob, N, C, D, H, W),
+    expect_error("layer mode -1", dfx_ddc_layer_backward(ws, x, weight, ow, ob, -1, gy, gx, gw, gb, gow, gob, N, C, D, H, W, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "offset_mode");
     expect_error("layer offset_weight NULL",
-                 dfx_ddc_layer_forward(x, weight, bias, NULL, ob, DFX_OFFSET_ALIGNED, y2, NULL, N, C, D, H, W),
+                 dfx_ddc_layer_forward(ws, x, weight, bias, NULL, ob, DFX_OFFSET_ALIGNED, y2, NULL, N, C, D, H, W, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "ddc_layer");
     expect_error("layer n 0",
-                 dfx_ddc_layer_forward(x, weight, bias, ow, ob, DFX_OFFSET_ALIGNED, y2, NULL, 0, C, D, H, W),
+                 dfx_ddc_layer_forward(ws, x, weight, bias, ow, ob, DFX_OFFSET_ALIGNED, y2, NULL, 0, C, D, H, W, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "ddc_layer");
     expect_error("layer backward x NULL",
-                 dfx_ddc_layer_backward(NULL, weight, ow, ob, DFX_OFFSET_ALIGNED, gy, gx, gw, gb, gow, gob, N, C, D, H, W),
+                 dfx_ddc_layer_backward(ws, NULL, weight, ow, ob, DFX_OFFSET_ALIGNED, gy, gx, gw, gb, gow, gob, N, C, D, H, W, NULL, NULL),
                  DFX_ERR_INVALID_ARGUMENT, "ddc_layer_backward");
 
     /* the network behind a handle */
@@ -167,20 +170,66 @@ int main(void) {
         CHECK(dfx_model_config_json(m, NULL, 0, &needed) == DFX_OK && needed > 1, "config size");
         static float mx[16 * 16 * 16], my[2 * 16 * 16 * 16];
         for (int i = 0; i < 16 * 16 * 16; i++) mx[i] = (float)(i % 7) * 0.1f;
-        CHECK(dfx_model_forward(m, mx, 1, 16, 16, 16, my, NULL, NULL) == DFX_OK, "model forward: %s", dfx_last_error());
-        CHECK(all_finite(my, 2 * 16 * 16 * 16), "model forward finite");
-        expect_error("model forward 24", dfx_model_forward(m, mx, 1, 16, 16, 24, my, NULL, NULL), DFX_ERR_SHAPE, "multiples of 16");
-        expect_error("model forward NULL", dfx_model_forward(m, NULL, 1, 16, 16, 16, my, NULL, NULL), DFX_ERR_INVALID_ARGUMENT,
-                     "model_forward");
-        expect_error("model cancelled", dfx_model_forward(m, mx, 1, 16, 16, 16, my, cancel_at, &cancel_after),
+        dfx_session *sess = NULL;
+        expect_error("session NULL model", dfx_session_create(NULL, &sess), DFX_ERR_INVALID_ARGUMENT, "model");
+        CHECK(dfx_session_create(m, &sess) == DFX_OK && sess != NULL, "session create: %s", dfx_last_error());
+        CHECK(dfx_session_forward(sess, mx, 1, 16, 16, 16, my, NULL, NULL) == DFX_OK, "session forward: %s", dfx_last_error());
+        CHECK(all_finite(my, 2 * 16 * 16 * 16), "session forward finite");
+        expect_error("session forward 24", dfx_session_forward(sess, mx, 1, 16, 16, 24, my, NULL, NULL), DFX_ERR_SHAPE,
+                     "multiples of 16");
+        expect_error("session forward NULL", dfx_session_forward(sess, NULL, 1, 16, 16, 16, my, NULL, NULL),
+                     DFX_ERR_INVALID_ARGUMENT, "session_forward");
+        expect_error("session forward huge", dfx_session_forward(sess, mx, INT64_MAX, 16, 16, 16, my, NULL, NULL),
+                     DFX_ERR_INVALID_ARGUMENT, "too large");
+        expect_error("session cancelled", dfx_session_forward(sess, mx, 1, 16, 16, 16, my, cancel_at, &cancel_after),
                      DFX_ERR_CANCELLED, "cancelled");
+        /* backward: gradients accumulate into the model's; grad_x is optional */
+        static float mgy[2 * 16 * 16 * 16], mgx[16 * 16 * 16], grad[8192];
+        for (int i = 0; i < 2 * 16 * 16 * 16; i++) mgy[i] = (float)((i % 5) - 2) * 0.25f;
+        CHECK(dfx_model_zero_grad(m) == DFX_OK, "zero grad");
+        CHECK(dfx_session_backward(sess, mx, 1, 16, 16, 16, mgy, mgx, NULL, NULL) == DFX_OK, "session backward: %s",
+              dfx_last_error());
+        CHECK(all_finite(mgx, 16 * 16 * 16), "input gradient finite");
+        int64_t n0 = 1;
+        for (int k = 0; k < rank; k++) n0 *= shape[k];
+        CHECK(n0 <= 8192 && dfx_model_get_grad(m, 0, grad, n0) == DFX_OK, "get grad: %s", dfx_last_error());
+        CHECK(all_finite(grad, (int)n0), "gradient finite");
+        expect_error("get grad size", dfx_model_get_grad(m, 0, grad, n0 + 1), DFX_ERR_SHAPE, "floats");
+        CHECK(dfx_session_backward(sess, mx, 1, 16, 16, 16, mgy, NULL, NULL, NULL) == DFX_OK, "backward without grad_x");
+        int64_t retained = 0;
+        CHECK(dfx_session_retained_bytes(sess, &retained) == DFX_OK && retained > 0, "retained bytes");
+        CHECK(dfx_session_release_memory(sess) == DFX_OK, "release memory");
+        /* truncated text: terminated, and *needed says how much is missing */
+        char small[8];
+        CHECK(dfx_model_config_json(m, small, (int64_t)sizeof small, &needed) == DFX_OK && needed > (int64_t)sizeof small &&
+              small[sizeof small - 1] == '\0', "truncated text");
         expect_error("model load missing", dfx_model_load(m, "/nonexistent/w.safetensors", 1), DFX_ERR_IO,
                      "/nonexistent/w.safetensors");
-        CHECK(dfx_model_release_memory(m) == DFX_OK, "release memory");
+        CHECK(dfx_last_error_errno() == 2, "missing file errno %d", (int)dfx_last_error_errno());
+        CHECK(strcmp(dfx_last_error_field(DFX_FIELD_PATH), "/nonexistent/w.safetensors") == 0, "error path field");
+        expect_error("summary huge", dfx_model_summary(m, INT64_MAX, 16, 16, 16, NULL, 0, &needed), DFX_ERR_INVALID_ARGUMENT,
+                     "too large");
+        dfx_model_free(m);  /* the session keeps the model alive */
+        CHECK(dfx_session_forward(sess, mx, 1, 16, 16, 16, my, NULL, NULL) == DFX_OK, "session after model free");
+        dfx_session_free(sess);
+        dfx_session_free(NULL);
+        m = NULL;
+        CHECK(dfx_model_create(config, 1, &m) == DFX_OK, "model create again");
         expect_error("model NULL", dfx_model_num_parameters(NULL, &count), DFX_ERR_INVALID_ARGUMENT, "model");
         dfx_model_free(m);
         dfx_model_free(NULL);
     }
+
+    /* huge sizes are errors, never traps */
+    expect_error("forward huge", dfx_deform_conv3d_forward(ws, x, offsets, weight, bias, y, 1, 1, INT64_MAX, 1, 1, NULL, NULL),
+                 DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
+    expect_error("forward huge 2", dfx_deform_conv3d_forward(ws, x, offsets, weight, bias, y, INT64_MAX, INT64_MAX, 2, 2, 2,
+                                                              NULL, NULL), DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
+    int64_t ws_bytes = -1;
+    CHECK(dfx_workspace_bytes(ws, &ws_bytes) == DFX_OK && ws_bytes > 0, "workspace bytes");
+    CHECK(dfx_workspace_release(ws) == DFX_OK, "workspace release");
+    dfx_workspace_free(ws);
+    dfx_workspace_free(NULL);
 
     /* the last error is per thread and survives successful calls */
     dfx_set_num_threads(0);

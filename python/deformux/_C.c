@@ -168,6 +168,46 @@ static void shapes_from_x(Shapes *s, const Py_buffer *x) {
     s->offset_channels[0] = OFFSET_CHANNELS;
 }
 
+/* ---- progress and Ctrl-C ---- */
+
+/* The progress callback the engine calls on the calling thread between steps, and periodically during
+ * long steps (see dfx_progress_fn). It takes the GIL, checks for Ctrl-C and, when the step count
+ * changed, calls the Python callable (if any). An exception, or a callable returning False, cancels the
+ * call; the exception stays set in this thread's state and is raised when the engine returns. The
+ * engine holds no lock of the model while it calls back, so the callable may use the model. */
+typedef struct {
+    PyObject *callable; /* or NULL */
+    int64_t last_done;
+    int failed;
+} Progress;
+
+static int32_t progress_trampoline(void *user, int64_t done, int64_t total) {
+    Progress *p = (Progress *)user;
+    PyGILState_STATE g = PyGILState_Ensure();
+    int32_t cancel = 0;
+    if (p->failed) {
+        cancel = 1;
+    } else if (PyErr_CheckSignals() < 0) {
+        p->failed = 1;
+        cancel = 1;
+    } else if (p->callable != NULL && done != p->last_done) {
+        p->last_done = done;
+        PyObject *r = PyObject_CallFunction(p->callable, "LL", (long long)done, (long long)total);
+        if (r == NULL) { p->failed = 1; cancel = 1; }
+        else { cancel = (r == Py_False); Py_DECREF(r); }
+    }
+    PyGILState_Release(g);
+    return cancel;
+}
+
+/* After an engine call with a Progress: the callback's exception (or KeyboardInterrupt) if it failed,
+ * else the engine's error, else success. Returns 0 on success, -1 with an exception set. */
+static int finish(dfx_status status, const Progress *p) {
+    if (p->failed && PyErr_Occurred()) return -1;
+    if (status != DFX_OK) { raise_status(status); return -1; }
+    return 0;
+}
+
 /* ---- module functions ---- */
 
 static PyObject *py_version(PyObject *self, PyObject *noargs) {
@@ -189,24 +229,73 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_release_thread_memory(PyObject *self, PyObject *noargs) {
-    (void)self; (void)noargs;
-    dfx_status status = dfx_release_thread_memory();
-    if (status != DFX_OK) return raise_status(status);
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_get_num_threads(PyObject *self, PyObject *noargs) {
     (void)self; (void)noargs;
     return PyLong_FromLong((long)dfx_get_num_threads());
 }
 
-/* deform_conv3d_forward(x, offsets, weight, bias_or_None, y) -> None; fills y. */
+/* ---- workspaces (dfx_workspace_*): a PyCapsule owns the handle ---- */
+
+static const char *WORKSPACE_CAPSULE = "deformux.workspace";
+
+static void workspace_capsule_free(PyObject *capsule) {
+    dfx_workspace *w = (dfx_workspace *)PyCapsule_GetPointer(capsule, WORKSPACE_CAPSULE);
+    if (w != NULL) dfx_workspace_free(w);
+}
+
+/* The workspace of an op call: a capsule, or None for a temporary one. 0, or -1 with an exception. */
+static int workspace_from(PyObject *o, dfx_workspace **out) {
+    *out = NULL;
+    if (o == Py_None) return 0;
+    *out = (dfx_workspace *)PyCapsule_GetPointer(o, WORKSPACE_CAPSULE);
+    return *out == NULL ? -1 : 0;
+}
+
+static PyObject *py_workspace_create(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    dfx_workspace *w = NULL;
+    dfx_status status = dfx_workspace_create(&w);
+    if (status != DFX_OK) return raise_status(status);
+    PyObject *capsule = PyCapsule_New(w, WORKSPACE_CAPSULE, workspace_capsule_free);
+    if (capsule == NULL) dfx_workspace_free(w);
+    return capsule;
+}
+
+static PyObject *py_workspace_release(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_workspace *w;
+    if (workspace_from(capsule, &w) < 0) return NULL;
+    if (w == NULL) Py_RETURN_NONE;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_workspace_release(w);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_workspace_bytes(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_workspace *w;
+    if (workspace_from(capsule, &w) < 0) return NULL;
+    if (w == NULL) return PyLong_FromLong(0);
+    int64_t n = 0;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_workspace_bytes(w, &n);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    return PyLong_FromLongLong((long long)n);
+}
+
+/* deform_conv3d_forward(ws, x, offsets, weight, bias_or_None, y) -> None; fills y. */
 static PyObject *py_deform_conv3d_forward(PyObject *self, PyObject *args) {
     (void)self;
     static const char *op = "deform_conv3d";
-    PyObject *ox, *ooff, *ow, *ob, *oy, *result = NULL;
-    if (!PyArg_ParseTuple(args, "OOOOO:deform_conv3d_forward", &ox, &ooff, &ow, &ob, &oy)) return NULL;
+    PyObject *ows, *ox, *ooff, *ow, *ob, *oy, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOO:deform_conv3d_forward", &ows, &ox, &ooff, &ow, &ob, &oy)) return NULL;
+    dfx_workspace *ws;
+    if (workspace_from(ows, &ws) < 0) return NULL;
     Borrowed b = {.count = 0};
     Shapes s;
     float *x, *off, *w, *bias, *y;
@@ -216,26 +305,29 @@ static PyObject *py_deform_conv3d_forward(PyObject *self, PyObject *args) {
     if (borrow(&b, ow, op, "weight", 0, 0, 5, s.weight, &w) < 0) goto done;
     if (borrow(&b, ob, op, "bias", 0, 1, 1, s.channels, &bias) < 0) goto done;
     if (borrow(&b, oy, op, "y", 1, 0, 5, s.x, &y) < 0) goto done;
+    Progress p = {.callable = NULL, .last_done = -1, .failed = 0};
     dfx_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = dfx_deform_conv3d_forward(x, off, w, bias, y, s.n, s.c, s.d, s.h, s.w);
+    status = dfx_deform_conv3d_forward(ws, x, off, w, bias, y, s.n, s.c, s.d, s.h, s.w, progress_trampoline, &p);
     Py_END_ALLOW_THREADS
-    if (status != DFX_OK) { raise_status(status); goto done; }
+    if (finish(status, &p) < 0) goto done;
     result = Py_NewRef(Py_None);
 done:
     release_all(&b);
     return result;
 }
 
-/* deform_conv3d_backward(x, offsets, weight, grad_y, grad_x, grad_offsets, grad_weight, grad_bias)
+/* deform_conv3d_backward(ws, x, offsets, weight, grad_y, grad_x, grad_offsets, grad_weight, grad_bias)
  * -> None; fills every output that is not None. */
 static PyObject *py_deform_conv3d_backward(PyObject *self, PyObject *args) {
     (void)self;
     static const char *op = "deform_conv3d_backward";
-    PyObject *ox, *ooff, *ow, *ogy, *ogx, *ogoff, *ogw, *ogb, *result = NULL;
-    if (!PyArg_ParseTuple(args, "OOOOOOOO:deform_conv3d_backward", &ox, &ooff, &ow, &ogy, &ogx,
+    PyObject *ows, *ox, *ooff, *ow, *ogy, *ogx, *ogoff, *ogw, *ogb, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO:deform_conv3d_backward", &ows, &ox, &ooff, &ow, &ogy, &ogx,
                           &ogoff, &ogw, &ogb))
         return NULL;
+    dfx_workspace *ws;
+    if (workspace_from(ows, &ws) < 0) return NULL;
     Borrowed b = {.count = 0};
     Shapes s;
     float *x, *off, *w, *gy, *gx, *goff, *gw, *gb;
@@ -248,27 +340,31 @@ static PyObject *py_deform_conv3d_backward(PyObject *self, PyObject *args) {
     if (borrow(&b, ogoff, op, "grad_offsets", 1, 1, 5, s.offsets, &goff) < 0) goto done;
     if (borrow(&b, ogw, op, "grad_weight", 1, 1, 5, s.weight, &gw) < 0) goto done;
     if (borrow(&b, ogb, op, "grad_bias", 1, 1, 1, s.channels, &gb) < 0) goto done;
+    Progress p = {.callable = NULL, .last_done = -1, .failed = 0};
     dfx_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = dfx_deform_conv3d_backward(x, off, w, gy, gx, goff, gw, gb, s.n, s.c, s.d, s.h, s.w);
+    status = dfx_deform_conv3d_backward(ws, x, off, w, gy, gx, goff, gw, gb, s.n, s.c, s.d, s.h, s.w,
+                                        progress_trampoline, &p);
     Py_END_ALLOW_THREADS
-    if (status != DFX_OK) { raise_status(status); goto done; }
+    if (finish(status, &p) < 0) goto done;
     result = Py_NewRef(Py_None);
 done:
     release_all(&b);
     return result;
 }
 
-/* ddc_layer_forward(x, weight, bias_or_None, offset_weight, offset_bias, offset_mode, y, offsets_or_None)
+/* ddc_layer_forward(ws, x, weight, bias_or_None, offset_weight, offset_bias, offset_mode, y, offsets_or_None)
  * -> None; fills y (and the offsets the kernel used). */
 static PyObject *py_ddc_layer_forward(PyObject *self, PyObject *args) {
     (void)self;
     static const char *op = "ddc_layer";
-    PyObject *ox, *ow, *ob, *oow, *oob, *oy, *ooff, *result = NULL;
+    PyObject *ows, *ox, *ow, *ob, *oow, *oob, *oy, *ooff, *result = NULL;
     int mode;
-    if (!PyArg_ParseTuple(args, "OOOOOiOO:ddc_layer_forward", &ox, &ow, &ob, &oow, &oob, &mode, &oy,
+    if (!PyArg_ParseTuple(args, "OOOOOOiOO:ddc_layer_forward", &ows, &ox, &ow, &ob, &oow, &oob, &mode, &oy,
                           &ooff))
         return NULL;
+    dfx_workspace *ws;
+    if (workspace_from(ows, &ws) < 0) return NULL;
     Borrowed b = {.count = 0};
     Shapes s;
     float *x, *w, *bias, *ow_, *ob_, *y, *off;
@@ -280,27 +376,31 @@ static PyObject *py_ddc_layer_forward(PyObject *self, PyObject *args) {
     if (borrow(&b, oob, op, "offset_bias", 0, 0, 1, s.offset_channels, &ob_) < 0) goto done;
     if (borrow(&b, oy, op, "y", 1, 0, 5, s.x, &y) < 0) goto done;
     if (borrow(&b, ooff, op, "offsets", 1, 1, 5, s.offsets, &off) < 0) goto done;
+    Progress p = {.callable = NULL, .last_done = -1, .failed = 0};
     dfx_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = dfx_ddc_layer_forward(x, w, bias, ow_, ob_, (int32_t)mode, y, off, s.n, s.c, s.d, s.h, s.w);
+    status = dfx_ddc_layer_forward(ws, x, w, bias, ow_, ob_, (int32_t)mode, y, off, s.n, s.c, s.d, s.h, s.w,
+                                   progress_trampoline, &p);
     Py_END_ALLOW_THREADS
-    if (status != DFX_OK) { raise_status(status); goto done; }
+    if (finish(status, &p) < 0) goto done;
     result = Py_NewRef(Py_None);
 done:
     release_all(&b);
     return result;
 }
 
-/* ddc_layer_backward(x, weight, offset_weight, offset_bias, offset_mode, grad_y,
+/* ddc_layer_backward(ws, x, weight, offset_weight, offset_bias, offset_mode, grad_y,
  *                    grad_x, grad_weight, grad_bias, grad_offset_weight, grad_offset_bias) -> None */
 static PyObject *py_ddc_layer_backward(PyObject *self, PyObject *args) {
     (void)self;
     static const char *op = "ddc_layer_backward";
-    PyObject *ox, *ow, *oow, *oob, *ogy, *ogx, *ogw, *ogb, *ogow, *ogob, *result = NULL;
+    PyObject *ows, *ox, *ow, *oow, *oob, *ogy, *ogx, *ogw, *ogb, *ogow, *ogob, *result = NULL;
     int mode;
-    if (!PyArg_ParseTuple(args, "OOOOiOOOOOO:ddc_layer_backward", &ox, &ow, &oow, &oob, &mode, &ogy,
+    if (!PyArg_ParseTuple(args, "OOOOOiOOOOOO:ddc_layer_backward", &ows, &ox, &ow, &oow, &oob, &mode, &ogy,
                           &ogx, &ogw, &ogb, &ogow, &ogob))
         return NULL;
+    dfx_workspace *ws;
+    if (workspace_from(ows, &ws) < 0) return NULL;
     Borrowed b = {.count = 0};
     Shapes s;
     float *x, *w, *ow_, *ob_, *gy, *gx, *gw, *gb, *gow, *gob;
@@ -315,21 +415,25 @@ static PyObject *py_ddc_layer_backward(PyObject *self, PyObject *args) {
     if (borrow(&b, ogb, op, "grad_bias", 1, 1, 1, s.channels, &gb) < 0) goto done;
     if (borrow(&b, ogow, op, "grad_offset_weight", 1, 1, 5, s.offset_weight, &gow) < 0) goto done;
     if (borrow(&b, ogob, op, "grad_offset_bias", 1, 1, 1, s.offset_channels, &gob) < 0) goto done;
+    Progress p = {.callable = NULL, .last_done = -1, .failed = 0};
     dfx_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = dfx_ddc_layer_backward(x, w, ow_, ob_, (int32_t)mode, gy, gx, gw, gb, gow, gob, s.n, s.c,
-                                    s.d, s.h, s.w);
+    status = dfx_ddc_layer_backward(ws, x, w, ow_, ob_, (int32_t)mode, gy, gx, gw, gb, gow, gob, s.n, s.c,
+                                    s.d, s.h, s.w, progress_trampoline, &p);
     Py_END_ALLOW_THREADS
-    if (status != DFX_OK) { raise_status(status); goto done; }
+    if (finish(status, &p) < 0) goto done;
     result = Py_NewRef(Py_None);
 done:
     release_all(&b);
     return result;
 }
 
-/* ---- the network (dfx_model_*): a PyCapsule owns the handle ---- */
+/* ---- the network: PyCapsules own the model (dfx_model_*) and session (dfx_session_*) handles ----
+ * Every call that may wait for an engine lock releases the GIL first (a session's progress callback
+ * takes the GIL), so that no thread waits for a lock while holding the GIL. */
 
 static const char *MODEL_CAPSULE = "deformux.model";
+static const char *SESSION_CAPSULE = "deformux.session";
 
 static void model_capsule_free(PyObject *capsule) {
     dfx_model *m = (dfx_model *)PyCapsule_GetPointer(capsule, MODEL_CAPSULE);
@@ -340,21 +444,39 @@ static dfx_model *model_from(PyObject *capsule) {
     return (dfx_model *)PyCapsule_GetPointer(capsule, MODEL_CAPSULE); /* sets TypeError/ValueError */
 }
 
-/* Calls fill(buf, cap, needed) twice (size, then text) and returns a str. */
+static void session_capsule_free(PyObject *capsule) {
+    dfx_session *s = (dfx_session *)PyCapsule_GetPointer(capsule, SESSION_CAPSULE);
+    if (s != NULL) dfx_session_free(s);
+}
+
+static dfx_session *session_from(PyObject *capsule) {
+    return (dfx_session *)PyCapsule_GetPointer(capsule, SESSION_CAPSULE);
+}
+
+/* A text output of the engine (buf, cap, needed): asks for the size, fills, and asks again with a
+ * larger buffer while the text grew in between, so the result is always complete and terminated. */
 typedef dfx_status (*text_fn)(const dfx_model *, char *, int64_t, int64_t *);
 
 static PyObject *model_text(PyObject *capsule, text_fn fill) {
     dfx_model *m = model_from(capsule);
     if (m == NULL) return NULL;
-    int64_t needed = 0;
-    dfx_status status = fill(m, NULL, 0, &needed);
-    if (status != DFX_OK) return raise_status(status);
-    char *buf = PyMem_Malloc((size_t)needed);
-    if (buf == NULL) return PyErr_NoMemory();
-    status = fill(m, buf, needed, &needed);
-    PyObject *r = status == DFX_OK ? PyUnicode_FromString(buf) : raise_status(status);
-    PyMem_Free(buf);
-    return r;
+    int64_t cap = 256, needed = 0;
+    for (;;) {
+        char *buf = PyMem_Malloc((size_t)cap);
+        if (buf == NULL) return PyErr_NoMemory();
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = fill(m, buf, cap, &needed);
+        Py_END_ALLOW_THREADS
+        if (status != DFX_OK) { PyMem_Free(buf); return raise_status(status); }
+        if (needed <= cap) {
+            PyObject *r = PyUnicode_DecodeUTF8(buf, (Py_ssize_t)strnlen(buf, (size_t)cap), "replace");
+            PyMem_Free(buf);
+            return r;
+        }
+        PyMem_Free(buf);
+        cap = needed;
+    }
 }
 
 /* model_create(config_json, seed) -> capsule */
@@ -420,25 +542,52 @@ static PyObject *py_model_tensors(PyObject *self, PyObject *capsule) {
     return list;
 }
 
-/* model_get_tensor(capsule, index, out) -> None; fills out (float32, C-contiguous, any shape). */
-static PyObject *py_model_get_tensor(PyObject *self, PyObject *args) {
-    (void)self;
+typedef dfx_status (*tensor_fn)(const dfx_model *, int64_t, float *, int64_t);
+
+/* Copies parameter `index` (or its gradient) into out (float32, C-contiguous, any shape). */
+static PyObject *model_copy(PyObject *args, const char *format, tensor_fn copy) {
     PyObject *capsule, *oout;
     long long index;
-    if (!PyArg_ParseTuple(args, "OLO:model_get_tensor", &capsule, &index, &oout)) return NULL;
+    if (!PyArg_ParseTuple(args, format, &capsule, &index, &oout)) return NULL;
     dfx_model *m = model_from(capsule);
     if (m == NULL) return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(oout, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) != 0) return NULL;
     PyObject *result = NULL;
     if (!is_float32_format(view.format) || view.itemsize != 4) {
-        PyErr_SetString(PyExc_TypeError, "model_get_tensor: out must be float32");
+        PyErr_SetString(PyExc_TypeError, "model tensor copy: out must be float32");
     } else {
-        dfx_status status = dfx_model_get_tensor(m, (int64_t)index, (float *)view.buf, (int64_t)(view.len / 4));
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = copy(m, (int64_t)index, (float *)view.buf, (int64_t)(view.len / 4));
+        Py_END_ALLOW_THREADS
         result = status == DFX_OK ? Py_NewRef(Py_None) : raise_status(status);
     }
     PyBuffer_Release(&view);
     return result;
+}
+
+/* model_get_tensor(capsule, index, out) / model_get_grad(capsule, index, out) -> None */
+static PyObject *py_model_get_tensor(PyObject *self, PyObject *args) {
+    (void)self;
+    return model_copy(args, "OLO:model_get_tensor", dfx_model_get_tensor);
+}
+
+static PyObject *py_model_get_grad(PyObject *self, PyObject *args) {
+    (void)self;
+    return model_copy(args, "OLO:model_get_grad", dfx_model_get_grad);
+}
+
+static PyObject *py_model_zero_grad(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_model_zero_grad(m);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
 }
 
 /* model_load_tensors(capsule, [(name, array)], strict) -> None */
@@ -484,111 +633,36 @@ done:
     return result;
 }
 
-/* model_load(capsule, path, strict) / model_save(capsule, path) */
+/* model_load(capsule, path, strict) / model_save(capsule, path); path is str or bytes (os.fsencode) */
 static PyObject *py_model_load(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *capsule;
-    const char *path;
+    PyObject *capsule, *opath;
     int strict;
-    if (!PyArg_ParseTuple(args, "Osp:model_load", &capsule, &path, &strict)) return NULL;
+    if (!PyArg_ParseTuple(args, "OO&p:model_load", &capsule, PyUnicode_FSConverter, &opath, &strict)) return NULL;
     dfx_model *m = model_from(capsule);
-    if (m == NULL) return NULL;
+    if (m == NULL) { Py_DECREF(opath); return NULL; }
+    const char *path = PyBytes_AS_STRING(opath);
     dfx_status status;
     Py_BEGIN_ALLOW_THREADS
     status = dfx_model_load(m, path, strict);
     Py_END_ALLOW_THREADS
+    Py_DECREF(opath);
     if (status != DFX_OK) return raise_status(status);
     Py_RETURN_NONE;
 }
 
 static PyObject *py_model_save(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *capsule;
-    const char *path;
-    if (!PyArg_ParseTuple(args, "Os:model_save", &capsule, &path)) return NULL;
+    PyObject *capsule, *opath;
+    if (!PyArg_ParseTuple(args, "OO&:model_save", &capsule, PyUnicode_FSConverter, &opath)) return NULL;
     dfx_model *m = model_from(capsule);
-    if (m == NULL) return NULL;
+    if (m == NULL) { Py_DECREF(opath); return NULL; }
+    const char *path = PyBytes_AS_STRING(opath);
     dfx_status status;
     Py_BEGIN_ALLOW_THREADS
     status = dfx_model_save(m, path);
     Py_END_ALLOW_THREADS
-    if (status != DFX_OK) return raise_status(status);
-    Py_RETURN_NONE;
-}
-
-/* The progress callback: takes the GIL, calls the Python callable (if any) and checks for Ctrl-C.
- * An exception (or a callable returning False) cancels the call; the exception is re-raised. */
-typedef struct {
-    PyObject *callable; /* or NULL */
-    int failed;
-} Progress;
-
-static int32_t progress_trampoline(void *user, int64_t done, int64_t total) {
-    Progress *p = (Progress *)user;
-    PyGILState_STATE g = PyGILState_Ensure();
-    int32_t cancel = 0;
-    if (PyErr_CheckSignals() < 0) {
-        p->failed = 1;
-        cancel = 1;
-    } else if (p->callable != NULL) {
-        PyObject *r = PyObject_CallFunction(p->callable, "LL", (long long)done, (long long)total);
-        if (r == NULL) { p->failed = 1; cancel = 1; }
-        else { cancel = (r == Py_False); Py_DECREF(r); }
-    }
-    /* An exception stays set in this thread's state (the engine calls back on the calling thread),
-     * so py_model_forward finds it after the engine returns. */
-    PyGILState_Release(g);
-    return cancel;
-}
-
-/* model_forward(capsule, x, y, progress_or_None) -> None; fills y. */
-static PyObject *py_model_forward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *capsule, *ox, *oy, *ocb;
-    if (!PyArg_ParseTuple(args, "OOOO:model_forward", &capsule, &ox, &oy, &ocb)) return NULL;
-    dfx_model *m = model_from(capsule);
-    if (m == NULL) return NULL;
-    Borrowed b = {.count = 0};
-    PyObject *result = NULL;
-    float *x, *y;
-    if (borrow(&b, ox, "DeformUXNet.forward", "x", 0, 0, 5, NULL, &x) < 0) goto done;
-    if (borrow(&b, oy, "DeformUXNet.forward", "y", 1, 0, 5, NULL, &y) < 0) goto done;
-    {
-        Py_ssize_t *xs = b.views[0].shape, *ys = b.views[1].shape;
-        int32_t cin = 0, cout = 0;
-        dfx_status cs = dfx_model_channels(m, &cin, &cout);
-        if (cs != DFX_OK) { raise_status(cs); goto done; }
-        if (xs[1] != cin) {
-            PyErr_Format(PyExc_ValueError, "DeformUXNet.forward: x must have %d channels, got %zd", (int)cin, xs[1]);
-            goto done;
-        }
-        if (ys[0] != xs[0] || ys[1] != cout || ys[2] != xs[2] || ys[3] != xs[3] || ys[4] != xs[4]) {
-            PyErr_Format(PyExc_ValueError, "DeformUXNet.forward: y must have shape (N, %d, D, H, W) with the N, D, H, W of x",
-                         (int)cout);
-            goto done;
-        }
-        Progress p = {.callable = ocb == Py_None ? NULL : ocb, .failed = 0};
-        dfx_status status;
-        Py_BEGIN_ALLOW_THREADS
-        status = dfx_model_forward(m, x, xs[0], xs[2], xs[3], xs[4], y, progress_trampoline, &p);
-        Py_END_ALLOW_THREADS
-        if (p.failed && PyErr_Occurred()) goto done; /* the callback's exception (or KeyboardInterrupt) */
-        if (status != DFX_OK) { raise_status(status); goto done; }
-        result = Py_NewRef(Py_None);
-    }
-done:
-    release_all(&b);
-    return result;
-}
-
-static PyObject *py_model_release_memory(PyObject *self, PyObject *capsule) {
-    (void)self;
-    dfx_model *m = model_from(capsule);
-    if (m == NULL) return NULL;
-    dfx_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = dfx_model_release_memory(m);
-    Py_END_ALLOW_THREADS
+    Py_DECREF(opath);
     if (status != DFX_OK) return raise_status(status);
     Py_RETURN_NONE;
 }
@@ -601,15 +675,141 @@ static PyObject *py_model_summary(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OLLLL:model_summary", &capsule, &n, &d, &h, &w)) return NULL;
     dfx_model *m = model_from(capsule);
     if (m == NULL) return NULL;
-    int64_t needed = 0;
-    dfx_status status = dfx_model_summary(m, n, d, h, w, NULL, 0, &needed);
+    int64_t cap = 4096, needed = 0;
+    for (;;) {
+        char *buf = PyMem_Malloc((size_t)cap);
+        if (buf == NULL) return PyErr_NoMemory();
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = dfx_model_summary(m, n, d, h, w, buf, cap, &needed);
+        Py_END_ALLOW_THREADS
+        if (status != DFX_OK) { PyMem_Free(buf); return raise_status(status); }
+        if (needed <= cap) {
+            PyObject *r = PyUnicode_DecodeUTF8(buf, (Py_ssize_t)strnlen(buf, (size_t)cap), "replace");
+            PyMem_Free(buf);
+            return r;
+        }
+        PyMem_Free(buf);
+        cap = needed;
+    }
+}
+
+/* session_create(model_capsule) -> session capsule (the session keeps the model alive) */
+static PyObject *py_session_create(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    dfx_session *s = NULL;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_session_create(m, &s);
+    Py_END_ALLOW_THREADS
     if (status != DFX_OK) return raise_status(status);
-    char *buf = PyMem_Malloc((size_t)needed);
-    if (buf == NULL) return PyErr_NoMemory();
-    status = dfx_model_summary(m, n, d, h, w, buf, needed, &needed);
-    PyObject *r = status == DFX_OK ? PyUnicode_FromString(buf) : raise_status(status);
-    PyMem_Free(buf);
-    return r;
+    PyObject *out = PyCapsule_New(s, SESSION_CAPSULE, session_capsule_free);
+    if (out == NULL) dfx_session_free(s);
+    return out;
+}
+
+/* The channel counts of a session's model, checked against x and y (a backstop for model.py). */
+static int session_check(dfx_session *s, const char *op, const Py_ssize_t *xs, const Py_ssize_t *ys) {
+    int32_t cin = 0, cout = 0;
+    dfx_status st = dfx_session_channels(s, &cin, &cout);
+    if (st != DFX_OK) { raise_status(st); return -1; }
+    if (xs[1] != cin) {
+        PyErr_Format(PyExc_ValueError, "%s: x must have %d channels, got %zd", op, (int)cin, xs[1]);
+        return -1;
+    }
+    if (ys != NULL && (ys[0] != xs[0] || ys[1] != cout || ys[2] != xs[2] || ys[3] != xs[3] || ys[4] != xs[4])) {
+        PyErr_Format(PyExc_ValueError, "%s: the logits (or their gradient) must have shape (N, %d, D, H, W) with "
+                     "the N, D, H, W of x", op, (int)cout);
+        return -1;
+    }
+    return 0;
+}
+
+/* session_forward(session, x, y, progress_or_None) -> None; fills y. */
+static PyObject *py_session_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    static const char *op = "DeformUXNet.forward";
+    PyObject *capsule, *ox, *oy, *ocb;
+    if (!PyArg_ParseTuple(args, "OOOO:session_forward", &capsule, &ox, &oy, &ocb)) return NULL;
+    dfx_session *s = session_from(capsule);
+    if (s == NULL) return NULL;
+    Borrowed b = {.count = 0};
+    PyObject *result = NULL;
+    float *x, *y;
+    if (borrow(&b, ox, op, "x", 0, 0, 5, NULL, &x) < 0) goto done;
+    if (borrow(&b, oy, op, "y", 1, 0, 5, NULL, &y) < 0) goto done;
+    {
+        Py_ssize_t *xs = b.views[0].shape;
+        if (session_check(s, op, xs, b.views[1].shape) < 0) goto done;
+        Progress p = {.callable = ocb == Py_None ? NULL : ocb, .last_done = 0, .failed = 0};
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = dfx_session_forward(s, x, xs[0], xs[2], xs[3], xs[4], y, progress_trampoline, &p);
+        Py_END_ALLOW_THREADS
+        if (finish(status, &p) < 0) goto done;
+        result = Py_NewRef(Py_None);
+    }
+done:
+    release_all(&b);
+    return result;
+}
+
+/* session_backward(session, x, grad_y, grad_x_or_None, progress_or_None) -> None: adds the parameter
+ * gradients into the model's and fills grad_x. */
+static PyObject *py_session_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    static const char *op = "DeformUXNet.backward";
+    PyObject *capsule, *ox, *ogy, *ogx, *ocb;
+    if (!PyArg_ParseTuple(args, "OOOOO:session_backward", &capsule, &ox, &ogy, &ogx, &ocb)) return NULL;
+    dfx_session *s = session_from(capsule);
+    if (s == NULL) return NULL;
+    Borrowed b = {.count = 0};
+    PyObject *result = NULL;
+    float *x, *gy, *gx;
+    if (borrow(&b, ox, op, "x", 0, 0, 5, NULL, &x) < 0) goto done;
+    if (borrow(&b, ogy, op, "grad_output", 0, 0, 5, NULL, &gy) < 0) goto done;
+    if (borrow(&b, ogx, op, "grad_x", 1, 1, 5, b.views[0].shape, &gx) < 0) goto done;
+    {
+        Py_ssize_t *xs = b.views[0].shape;
+        if (session_check(s, op, xs, b.views[1].shape) < 0) goto done;
+        Progress p = {.callable = ocb == Py_None ? NULL : ocb, .last_done = 0, .failed = 0};
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = dfx_session_backward(s, x, xs[0], xs[2], xs[3], xs[4], gy, gx, progress_trampoline, &p);
+        Py_END_ALLOW_THREADS
+        if (finish(status, &p) < 0) goto done;
+        result = Py_NewRef(Py_None);
+    }
+done:
+    release_all(&b);
+    return result;
+}
+
+static PyObject *py_session_release_memory(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_session *s = session_from(capsule);
+    if (s == NULL) return NULL;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_session_release_memory(s);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_session_retained_bytes(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_session *s = session_from(capsule);
+    if (s == NULL) return NULL;
+    int64_t n = 0;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_session_retained_bytes(s, &n);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    return PyLong_FromLongLong((long long)n);
 }
 
 static PyMethodDef methods[] = {
@@ -617,29 +817,36 @@ static PyMethodDef methods[] = {
     {"last_error", py_last_error, METH_NOARGS, "last_error() -> str: dfx_last_error() of this thread"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): dfx_set_num_threads"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
-    {"release_thread_memory", py_release_thread_memory, METH_NOARGS,
-     "release_thread_memory(): frees the scratch the operators keep for this thread"},
+    {"workspace_create", py_workspace_create, METH_NOARGS, "workspace_create() -> workspace"},
+    {"workspace_release", py_workspace_release, METH_O, "workspace_release(workspace): frees its scratch"},
+    {"workspace_bytes", py_workspace_bytes, METH_O, "workspace_bytes(workspace) -> int"},
     {"deform_conv3d_forward", py_deform_conv3d_forward, METH_VARARGS,
-     "deform_conv3d_forward(x, offsets, weight, bias_or_None, y): fills y"},
+     "deform_conv3d_forward(ws, x, offsets, weight, bias_or_None, y): fills y"},
     {"deform_conv3d_backward", py_deform_conv3d_backward, METH_VARARGS,
-     "deform_conv3d_backward(x, offsets, weight, grad_y, grad_x, grad_offsets, grad_weight, grad_bias)"},
+     "deform_conv3d_backward(ws, x, offsets, weight, grad_y, grad_x, grad_offsets, grad_weight, grad_bias)"},
     {"ddc_layer_forward", py_ddc_layer_forward, METH_VARARGS,
-     "ddc_layer_forward(x, weight, bias, offset_weight, offset_bias, offset_mode, y, offsets_or_None)"},
+     "ddc_layer_forward(ws, x, weight, bias, offset_weight, offset_bias, offset_mode, y, offsets_or_None)"},
     {"ddc_layer_backward", py_ddc_layer_backward, METH_VARARGS,
-     "ddc_layer_backward(x, weight, offset_weight, offset_bias, offset_mode, grad_y, grad_x, "
+     "ddc_layer_backward(ws, x, weight, offset_weight, offset_bias, offset_mode, grad_y, grad_x, "
      "grad_weight, grad_bias, grad_offset_weight, grad_offset_bias)"},
-    {"model_create", py_model_create, METH_VARARGS, "model_create(config_json, seed) -> handle"},
-    {"model_config_json", py_model_config_json, METH_O, "model_config_json(handle) -> str"},
-    {"model_last_report", py_model_last_report, METH_O, "model_last_report(handle) -> str"},
-    {"model_num_parameters", py_model_num_parameters, METH_O, "model_num_parameters(handle) -> int"},
-    {"model_tensors", py_model_tensors, METH_O, "model_tensors(handle) -> [(name, shape)]"},
-    {"model_get_tensor", py_model_get_tensor, METH_VARARGS, "model_get_tensor(handle, index, out)"},
-    {"model_load_tensors", py_model_load_tensors, METH_VARARGS, "model_load_tensors(handle, [(name, array)], strict)"},
-    {"model_load", py_model_load, METH_VARARGS, "model_load(handle, path, strict)"},
-    {"model_save", py_model_save, METH_VARARGS, "model_save(handle, path)"},
-    {"model_forward", py_model_forward, METH_VARARGS, "model_forward(handle, x, y, progress_or_None)"},
-    {"model_summary", py_model_summary, METH_VARARGS, "model_summary(handle, n, d, h, w) -> str"},
-    {"model_release_memory", py_model_release_memory, METH_O, "model_release_memory(handle)"},
+    {"model_create", py_model_create, METH_VARARGS, "model_create(config_json, seed) -> model"},
+    {"model_config_json", py_model_config_json, METH_O, "model_config_json(model) -> str"},
+    {"model_last_report", py_model_last_report, METH_O, "model_last_report(model) -> str"},
+    {"model_num_parameters", py_model_num_parameters, METH_O, "model_num_parameters(model) -> int"},
+    {"model_tensors", py_model_tensors, METH_O, "model_tensors(model) -> [(name, shape)]"},
+    {"model_get_tensor", py_model_get_tensor, METH_VARARGS, "model_get_tensor(model, index, out)"},
+    {"model_get_grad", py_model_get_grad, METH_VARARGS, "model_get_grad(model, index, out)"},
+    {"model_zero_grad", py_model_zero_grad, METH_O, "model_zero_grad(model)"},
+    {"model_load_tensors", py_model_load_tensors, METH_VARARGS, "model_load_tensors(model, [(name, array)], strict)"},
+    {"model_load", py_model_load, METH_VARARGS, "model_load(model, path, strict)"},
+    {"model_save", py_model_save, METH_VARARGS, "model_save(model, path)"},
+    {"model_summary", py_model_summary, METH_VARARGS, "model_summary(model, n, d, h, w) -> str"},
+    {"session_create", py_session_create, METH_O, "session_create(model) -> session"},
+    {"session_forward", py_session_forward, METH_VARARGS, "session_forward(session, x, y, progress_or_None)"},
+    {"session_backward", py_session_backward, METH_VARARGS,
+     "session_backward(session, x, grad_y, grad_x_or_None, progress_or_None)"},
+    {"session_release_memory", py_session_release_memory, METH_O, "session_release_memory(session)"},
+    {"session_retained_bytes", py_session_retained_bytes, METH_O, "session_retained_bytes(session) -> int"},
     {NULL, NULL, 0, NULL},
 };
 

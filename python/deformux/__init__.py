@@ -16,11 +16,11 @@ engine failures :class:`DeformUXError` (a RuntimeError).
 from . import _C
 from ._C import DeformUXError, FileFormatError
 from . import ops
-from .model import DeformUXNet
+from .model import DeformUXNet, Session
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "DeformUXNet", "DeformUXError", "FileFormatError", "set_num_threads", "get_num_threads", "release_memory", "engine_version", "__version__"]
+__all__ = ["ops", "DeformUXNet", "Session", "DeformUXError", "FileFormatError", "set_num_threads", "get_num_threads", "release_memory", "engine_version", "__version__"]
 
 
 def set_num_threads(n):
@@ -46,7 +46,7 @@ def release_memory():
     """Frees the scratch memory the operators in :mod:`deformux.ops` keep for the calling thread
     between calls (about 100 MB for a DDC at 48^3 x 48 channels; it is reused by the next call of a
     similar size and freed when the thread ends). Models keep their own: ``DeformUXNet.release_memory``."""
-    _C.release_thread_memory()
+    ops.release_workspace()
 
 
 def engine_version():

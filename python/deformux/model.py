@@ -16,12 +16,13 @@ conversion; D, H and W must be multiples of 16 (pad the volume first).
 """
 import json
 import os
+import threading
 
 import numpy as np
 
 from . import _C
 
-__all__ = ["DeformUXNet"]
+__all__ = ["DeformUXNet", "Session"]
 
 _CHOICES = {
     "block": ("deformux", "uxnet"),
@@ -81,6 +82,10 @@ class DeformUXNet:
         }
         self._handle = _C.model_create(json.dumps(config), _int("seed", seed, 0))
         self._tensors = _C.model_tensors(self._handle)
+        self._lock = threading.Lock()
+        self._session = None
+        self._grad_lock = threading.Lock()
+        self._grad_owner = None
         self._index = {name: i for i, (name, _) in enumerate(self._tensors)}
 
     @classmethod
@@ -108,32 +113,70 @@ class DeformUXNet:
         """The number of trainable parameters (55,790,776 for the default configuration)."""
         return _C.model_num_parameters(self._handle)
 
+    def _check_input(self, op, x, name="x", channels=None):
+        c = self.config
+        channels = c["in_channels"] if channels is None else channels
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{op}: {name} must be a numpy.ndarray of float32, got {type(x).__name__}")
+        if x.dtype != np.float32 or not x.dtype.isnative:
+            raise TypeError(f"{op}: {name} must have dtype float32, got {x.dtype}; use {name}.astype(np.float32)")
+        if x.ndim != 5 or x.shape[1] != channels:
+            raise ValueError(f"{op}: {name} must have shape (N, {channels}, D, H, W), got {x.shape}")
+        if 0 in x.shape:
+            raise ValueError(f"{op}: {name} must not have a zero-size dimension, got shape {x.shape}")
+        for axis, s in zip("DHW", x.shape[2:]):
+            if s % 16:
+                raise ValueError(f"{op}: D, H and W must be multiples of 16 (pad the volume "
+                                 f"first), got {axis} = {s} in shape {x.shape}")
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{op}: {name} must be C-contiguous; use np.ascontiguousarray({name})")
+
+    def _default_session(self):
+        with self._lock:
+            if self._session is None:
+                self._session = Session(self)
+            return self._session
+
+    def session(self):
+        """A new :class:`Session` running this model: its own working memory (activations, packed
+        weights), so that several threads can run the model at the same time, one session each."""
+        return Session(self)
+
     def forward(self, x, progress=None):
         """Logits (N, Cout, D, H, W), no softmax, for x (N, Cin, D, H, W) float32.
 
-        ``progress(done, total)`` (optional) is called between the network's steps; returning False
-        cancels the call (``deformux.DeformUXError``). Ctrl-C cancels too (KeyboardInterrupt).
+        Runs on the model's default :class:`Session` (calls from several threads take turns; use
+        :meth:`session` for one per thread). ``progress(done, total)`` (optional) is called between the
+        network's steps; returning False cancels the call (``deformux.DeformUXError``). Ctrl-C cancels
+        too (KeyboardInterrupt), also in the middle of a step. The callback may use the model (for
+        example read its ``state_dict()``): the engine holds no lock of the model while it calls back.
         """
-        c = self.config
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"DeformUXNet.forward: x must be a numpy.ndarray of float32, got {type(x).__name__}")
-        if x.dtype != np.float32 or not x.dtype.isnative:
-            raise TypeError(f"DeformUXNet.forward: x must have dtype float32, got {x.dtype}; use x.astype(np.float32)")
-        if x.ndim != 5 or x.shape[1] != c["in_channels"]:
-            raise ValueError(f"DeformUXNet.forward: x must have shape (N, {c['in_channels']}, D, H, W), got {x.shape}")
-        if 0 in x.shape:
-            raise ValueError(f"DeformUXNet.forward: x must not have a zero-size dimension, got shape {x.shape}")
-        for axis, s in zip("DHW", x.shape[2:]):
-            if s % 16:
-                raise ValueError(f"DeformUXNet.forward: D, H and W must be multiples of 16 (pad the volume "
-                                 f"first), got {axis} = {s} in shape {x.shape}")
-        if not x.flags.c_contiguous:
-            raise ValueError("DeformUXNet.forward: x must be C-contiguous; use np.ascontiguousarray(x)")
-        if progress is not None and not callable(progress):
-            raise TypeError("DeformUXNet.forward: progress must be callable or None")
-        y = np.empty((x.shape[0], c["out_channels"]) + x.shape[2:], np.float32)
-        _C.model_forward(self._handle, x, y, progress)
-        return y
+        return self._default_session().forward(x, progress=progress)
+
+    def backward(self, x, grad_output, return_input_grad=False, progress=None):
+        """The gradients of ``sum(forward(x) * grad_output)`` with respect to every parameter.
+
+        x: (N, Cin, D, H, W) float32; grad_output: shaped like the logits, (N, Cout, D, H, W) float32.
+        Returns a dict, state-dict name -> float32 array in the parameter's shape (PyTorch layouts), or,
+        with ``return_input_grad=True``, ``(grads, grad_x)`` with grad_x shaped like x. The model's
+        gradients are zeroed first and hold the result afterwards (:meth:`gradients`). ``progress`` as
+        for :meth:`forward` (a backward reports twice the forward's steps).
+        """
+        return self._default_session().backward(x, grad_output, return_input_grad=return_input_grad,
+                                                progress=progress)
+
+    def zero_grad(self):
+        """Sets every parameter gradient to zero (backward passes add into them)."""
+        _C.model_zero_grad(self._handle)
+
+    def gradients(self):
+        """A dict of name -> float32 array (copies): the parameter gradients, PyTorch layouts."""
+        out = {}
+        for i, (name, shape) in enumerate(self._tensors):
+            a = np.empty(shape, np.float32)
+            _C.model_get_grad(self._handle, i, a)
+            out[name] = a
+        return out
 
     __call__ = forward
 
@@ -176,15 +219,79 @@ class DeformUXNet:
         return _C.model_last_report(self._handle)
 
     def release_memory(self):
-        """Frees the memory the model keeps between forwards (activation memory reused from one call to
-        the next, about the size of the largest activations of the last input size). The next forward
-        allocates it again."""
-        _C.model_release_memory(self._handle)
+        """Frees the memory the default session keeps between forwards (activation memory reused from
+        one call to the next, and the weights packed for the kernels). The next forward allocates it
+        again."""
+        with self._lock:
+            session = self._session
+        if session is not None:
+            session.release_memory()
 
     def summary(self, input_size=(96, 96, 96), batch=1):
         """Per-module parameters and multiply-adds for an input of spatial size ``input_size``, as text."""
         d, h, w = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)
         return _C.model_summary(self._handle, batch, d, h, w)
+
+
+class Session:
+    """What runs a :class:`DeformUXNet`: its working memory (activations, scratch, the weights packed for
+    the kernels, kept between calls and refreshed when the model's weights change). Several sessions
+    can run one model at the same time from different threads; one session runs one call at a time
+    (others wait). ``model.forward`` uses the model's default session; make one per thread with
+    ``model.session()``."""
+
+    def __init__(self, model):
+        if not isinstance(model, DeformUXNet):
+            raise TypeError(f"Session: model must be a DeformUXNet, got {type(model).__name__}")
+        self.model = model
+        self._handle = _C.session_create(model._handle)
+
+    def forward(self, x, progress=None):
+        """Logits (N, Cout, D, H, W) for x (N, Cin, D, H, W) float32; see :meth:`DeformUXNet.forward`."""
+        m = self.model
+        m._check_input("DeformUXNet.forward", x)
+        if progress is not None and not callable(progress):
+            raise TypeError("DeformUXNet.forward: progress must be callable or None")
+        y = np.empty((x.shape[0], m.config["out_channels"]) + x.shape[2:], np.float32)
+        _C.session_forward(self._handle, x, y, progress)
+        return y
+
+    __call__ = forward
+
+    def backward(self, x, grad_output, return_input_grad=False, progress=None):
+        """See :meth:`DeformUXNet.backward`."""
+        op = "DeformUXNet.backward"
+        m = self.model
+        m._check_input(op, x)
+        m._check_input(op, grad_output, "grad_output", channels=m.config["out_channels"])
+        if grad_output.shape[0] != x.shape[0] or grad_output.shape[2:] != x.shape[2:]:
+            raise ValueError(f"{op}: grad_output must be shaped like the logits, "
+                             f"{(x.shape[0], m.config['out_channels']) + x.shape[2:]}, got {grad_output.shape}")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"{op}: progress must be callable or None")
+        # The model's gradients belong to one backward at a time (zero, accumulate, copy out).
+        me = threading.get_ident()
+        if m._grad_owner == me:
+            raise RuntimeError(f"{op}: called from inside a backward of the same model (its progress callback)")
+        with m._grad_lock:
+            m._grad_owner = me
+            try:
+                grad_x = np.empty(x.shape, np.float32) if return_input_grad else None
+                _C.model_zero_grad(m._handle)
+                _C.session_backward(self._handle, x, grad_output, grad_x, progress)
+                grads = m.gradients()
+            finally:
+                m._grad_owner = None
+        return (grads, grad_x) if return_input_grad else grads
+
+    def release_memory(self):
+        """Frees what the session keeps between calls; the next call allocates it again."""
+        _C.session_release_memory(self._handle)
+
+    @property
+    def retained_bytes(self):
+        """Bytes the session keeps between calls (packed weights, activation memory, scratch)."""
+        return _C.session_retained_bytes(self._handle)
 
 
 def _read_config(path):

@@ -21,10 +21,14 @@ Array policy (the same for every function here):
     * Inputs are never copied: the engine reads the arrays you pass. Outputs are new float32 arrays
       allocated here and filled in place by the engine.
     * The engine releases the GIL while it runs, so calls from several Python threads run in parallel
-      (each call also uses the engine's own worker threads, see ``deformux.set_num_threads``).
+      (each call also uses the engine's own worker threads, see ``deformux.set_num_threads``). Each
+      thread keeps its scratch memory between calls (``deformux.release_memory()`` frees it).
+    * Ctrl-C interrupts a running call (KeyboardInterrupt) within about 0.1 s.
     * Engine errors: bad arguments -> ValueError, out of memory -> MemoryError, anything else ->
       ``deformux.DeformUXError`` (a RuntimeError).
 """
+import threading
+
 import numpy as np
 
 from . import _C
@@ -36,6 +40,25 @@ __all__ = ["deform_conv3d", "deform_conv3d_backward", "ddc_layer", "ddc_layer_ba
 
 
 # ---- validation (all of it here, before anything reaches C; the extension checks again) ----
+
+_local = threading.local()
+
+
+def _workspace():
+    """The calling thread's engine workspace (scratch kept between calls, reused by the next call of a
+    similar size; freed by :func:`deformux.release_memory` or when the thread ends)."""
+    ws = getattr(_local, "workspace", None)
+    if ws is None:
+        ws = _local.workspace = _C.workspace_create()
+    return ws
+
+
+def release_workspace():
+    """Frees the scratch the calling thread's workspace keeps."""
+    ws = getattr(_local, "workspace", None)
+    if ws is not None:
+        _C.workspace_release(ws)
+
 
 def _check(op, name, a, shape=None, rank=None, what=None):
     """Returns `a` itself if it is a C-contiguous float32 array of the expected rank/shape."""
@@ -114,7 +137,7 @@ def deform_conv3d(x, offsets, weight, bias=None):
     op = "deform_conv3d"
     _check_all(op, x, offsets=offsets, weight=weight, bias=bias)
     y = np.empty(x.shape, dtype=np.float32)
-    _C.deform_conv3d_forward(x, offsets, weight, bias, y)
+    _C.deform_conv3d_forward(_workspace(), x, offsets, weight, bias, y)
     return y
 
 
@@ -135,7 +158,7 @@ def deform_conv3d_backward(x, offsets, weight, grad_output):
     grad_offsets = np.empty(offsets.shape, dtype=np.float32)
     grad_weight = np.empty(weight.shape, dtype=np.float32)
     grad_bias = np.empty((x.shape[1],), dtype=np.float32)
-    _C.deform_conv3d_backward(x, offsets, weight, grad_output, grad_x, grad_offsets, grad_weight, grad_bias)
+    _C.deform_conv3d_backward(_workspace(), x, offsets, weight, grad_output, grad_x, grad_offsets, grad_weight, grad_bias)
     return grad_x, grad_offsets, grad_weight, grad_bias
 
 
@@ -165,7 +188,7 @@ def ddc_layer(x, weight, bias, offset_weight, offset_bias, offset_mode="aligned"
     _check_all(op, x, weight=weight, bias=bias, offset_weight=offset_weight, offset_bias=offset_bias)
     y = np.empty(x.shape, dtype=np.float32)
     offsets = np.empty((x.shape[0], OFFSET_CHANNELS) + x.shape[2:], dtype=np.float32) if return_offsets else None
-    _C.ddc_layer_forward(x, weight, bias, offset_weight, offset_bias, mode, y, offsets)
+    _C.ddc_layer_forward(_workspace(), x, weight, bias, offset_weight, offset_bias, mode, y, offsets)
     return (y, offsets) if return_offsets else y
 
 
@@ -186,6 +209,6 @@ def ddc_layer_backward(x, weight, offset_weight, offset_bias, grad_output, offse
     grad_bias = np.empty((x.shape[1],), dtype=np.float32)
     grad_offset_weight = np.empty(offset_weight.shape, dtype=np.float32)
     grad_offset_bias = np.empty(offset_bias.shape, dtype=np.float32)
-    _C.ddc_layer_backward(x, weight, offset_weight, offset_bias, mode, grad_output,
+    _C.ddc_layer_backward(_workspace(), x, weight, offset_weight, offset_bias, mode, grad_output,
                           grad_x, grad_weight, grad_bias, grad_offset_weight, grad_offset_bias)
     return grad_x, grad_weight, grad_bias, grad_offset_weight, grad_offset_bias

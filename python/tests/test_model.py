@@ -197,12 +197,15 @@ def test_threads_share_a_model_safely_and_release_memory():
 def test_extension_checks_the_output_array():
     m = DeformUXNet(**SMALL)
     x = np.zeros((1, 1, 16, 16, 16), np.float32)
+    s = m.session()._handle
     with pytest.raises(ValueError) as e:
-        deformux._C.model_forward(m._handle, x, np.empty((1, 2, 16, 16, 16), np.float32), None)
+        deformux._C.session_forward(s, x, np.empty((1, 2, 16, 16, 16), np.float32), None)
     assert "(N, 3, D, H, W)" in str(e.value)
     with pytest.raises(ValueError):
-        deformux._C.model_forward(m._handle, np.zeros((1, 2, 16, 16, 16), np.float32),
-                                  np.empty((1, 3, 16, 16, 16), np.float32), None)
+        deformux._C.session_forward(s, np.zeros((1, 2, 16, 16, 16), np.float32),
+                                    np.empty((1, 3, 16, 16, 16), np.float32), None)
+    with pytest.raises(ValueError):
+        deformux._C.session_backward(s, x, np.empty((1, 2, 16, 16, 16), np.float32), None, None)
 
 
 def test_operator_scratch_is_kept_per_thread_and_can_be_released():

@@ -149,9 +149,9 @@ def test_inputs_and_outputs_are_passed_to_the_extension_as_they_are(monkeypatch)
     seen = {}
 
     def recorder(name, real):
-        def wrapped(*args):
+        def wrapped(workspace, *args):  # the first argument is the calling thread's workspace
             seen[name] = args
-            return real(*args)
+            return real(workspace, *args)
         return wrapped
 
     for name in ("deform_conv3d_forward", "deform_conv3d_backward", "ddc_layer_forward", "ddc_layer_backward"):
@@ -184,7 +184,7 @@ def test_extension_fills_caller_buffers_in_place():
     x, off, wt, b, _ = inputs((1, 3, 4, 5, 6))
     y = np.full(x.shape, np.nan, np.float32)
     before = y.ctypes.data
-    assert _C.deform_conv3d_forward(x, off, wt, b, y) is None
+    assert _C.deform_conv3d_forward(None, x, off, wt, b, y) is None
     assert y.ctypes.data == before and np.all(np.isfinite(y))
     assert np.array_equal(y, ops.deform_conv3d(x, off, wt, b))
 

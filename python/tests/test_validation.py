@@ -162,35 +162,35 @@ def test_extension_rejects_wrong_buffers_itself():
     x, off, wt, b = g["x"], g["offsets"], g["weight"], g["bias"]
     y = np.empty_like(x)
     with pytest.raises(TypeError, match="float32"):
-        _C.deform_conv3d_forward(x.astype(np.float64), off, wt, b, y)
+        _C.deform_conv3d_forward(None, x.astype(np.float64), off, wt, b, y)
     with pytest.raises(ValueError, match="offsets has size 80 on axis 1, expected 81"):
-        _C.deform_conv3d_forward(x, off[:, :80].copy(), wt, b, y)
+        _C.deform_conv3d_forward(None, x, off[:, :80].copy(), wt, b, y)
     with pytest.raises(ValueError, match="y has size"):
-        _C.deform_conv3d_forward(x, off, wt, b, np.empty((1, 3, 4, 5, 5), np.float32))
+        _C.deform_conv3d_forward(None, x, off, wt, b, np.empty((1, 3, 4, 5, 5), np.float32))
     with pytest.raises(ValueError, match="rank"):
-        _C.deform_conv3d_forward(x[0], off, wt, b, y)
+        _C.deform_conv3d_forward(None, x[0], off, wt, b, y)
     with pytest.raises(TypeError, match="C-contiguous"):
-        _C.deform_conv3d_forward(np.repeat(x, 2, axis=-1)[..., ::2], off, wt, b, y)
+        _C.deform_conv3d_forward(None, np.repeat(x, 2, axis=-1)[..., ::2], off, wt, b, y)
     ro = np.empty_like(x)
     ro.flags.writeable = False
     with pytest.raises(TypeError, match="writable"):
-        _C.deform_conv3d_forward(x, off, wt, b, ro)
+        _C.deform_conv3d_forward(None, x, off, wt, b, ro)
     with pytest.raises(TypeError):
-        _C.deform_conv3d_forward([1.0], off, wt, b, y)
+        _C.deform_conv3d_forward(None, [1.0], off, wt, b, y)
 
 
 def test_engine_errors_map_to_value_error_with_its_message():
     """Zero sizes reach the engine only through the raw extension: DFX_ERR_INVALID_ARGUMENT."""
     x = np.zeros((1, 0, 2, 2, 2), np.float32)
     with pytest.raises(ValueError) as e:
-        _C.deform_conv3d_forward(x, np.zeros((1, 81, 2, 2, 2), np.float32),
+        _C.deform_conv3d_forward(None, x, np.zeros((1, 81, 2, 2, 2), np.float32),
                                  np.zeros((0, 1, 3, 3, 3), np.float32), None, np.zeros_like(x))
     assert e.value.status == 1 and e.value.operation == "deform_conv3d"
     assert str(e.value).startswith("deform_conv3d: size C must be >= 1, got 0")
     assert _C.last_error() != ""
     with pytest.raises(ValueError, match="offset_mode"):
         g = good()
-        _C.ddc_layer_forward(g["x"], g["weight"], g["bias"], g["offset_weight"], g["offset_bias"], 7,
+        _C.ddc_layer_forward(None, g["x"], g["weight"], g["bias"], g["offset_weight"], g["offset_bias"], 7,
                              np.empty_like(g["x"]), None)
 
 

@@ -107,9 +107,11 @@ extension ParameterStore {
         let file = try SafetensorsFile(path: path)
         let (report, plan) = planLoad(file.entries.map { ($0.name, $0.shape) })
         try checkStrict(report, strict: strict, source: path)
-        for (entry, source) in plan {
-            let e = layout.entries[entry]
-            try file.copy(file.entries[source].name, into: values.pointer + e.offset, count: e.count)
+        try write("load \(path)") {
+            for (entry, source) in plan {
+                let e = layout.entries[entry]
+                try file.copy(file.entries[source].name, into: values + e.offset, count: e.count)
+            }
         }
         return report
     }
@@ -129,30 +131,37 @@ extension ParameterStore {
         }
         let (report, plan) = planLoad(sources)
         try checkStrict(report, strict: strict, source: "a dictionary")
-        for (entry, source) in plan {
-            let e = layout.entries[entry]
-            guard let t = tensors[names[source]] else { continue }
-            t.values.withUnsafeBufferPointer { b in
-                if let base = b.baseAddress { (values.pointer + e.offset).update(from: base, count: e.count) }
+        try write("load state dict") {
+            for (entry, source) in plan {
+                let e = layout.entries[entry]
+                guard let t = tensors[names[source]] else { continue }
+                t.values.withUnsafeBufferPointer { b in
+                    if let base = b.baseAddress { (values + e.offset).update(from: base, count: e.count) }
+                }
             }
         }
         return report
     }
 
     /// Writes every parameter as F32 under its state-dict name (atomically; see `Safetensors.write`).
+    /// Reads the values while no one changes them.
     public func save(safetensors path: String, metadata: [String: String] = [:]) throws {
         let items = layout.entries.map {
-            Safetensors.Item(name: $0.name, shape: $0.shape, values: UnsafePointer(values.pointer + $0.offset))
+            Safetensors.Item(name: $0.name, shape: $0.shape, values: UnsafePointer(values + $0.offset))
         }
-        try withExtendedLifetime(self) { try Safetensors.write(items, metadata: metadata, to: path) }
+        try read("save \(path)") { _ in
+            try withExtendedLifetime(self) { try Safetensors.write(items, metadata: metadata, to: path) }
+        }
     }
 
     /// A copy of every parameter by state-dict name.
-    public func stateDict() -> [String: (shape: [Int], values: [Float])] {
-        var out: [String: (shape: [Int], values: [Float])] = [:]
-        for e in layout.entries {
-            out[e.name] = (e.shape, Array(UnsafeBufferPointer(start: values.pointer + e.offset, count: e.count)))
+    public func stateDict() throws -> [String: (shape: [Int], values: [Float])] {
+        try read("state dict") { _ in
+            var out: [String: (shape: [Int], values: [Float])] = [:]
+            for e in layout.entries {
+                out[e.name] = (e.shape, Array(UnsafeBufferPointer(start: values + e.offset, count: e.count)))
+            }
+            return out
         }
-        return out
     }
 }

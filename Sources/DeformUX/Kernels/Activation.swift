@@ -39,37 +39,81 @@ public enum Activation {
         x * (V(repeating: 1) + erf(x * V(repeating: 0.70710678118654752))) * V(repeating: 0.5)
     }
 
-    /// y = GELU(x) over `count` values; y may alias x.
-    public static func gelu(x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, count: Int) {
-        var i = 0
-        while i + 16 <= count {
-            let v = UnsafeRawPointer(x + i).loadUnaligned(as: V.self)
-            UnsafeMutableRawPointer(y + i).storeBytes(of: gelu(v), as: V.self)
-            i += 16
-        }
-        if i < count {
-            var v = V()
-            for l in 0..<(count - i) { v[l] = x[i + l] }
-            let r = gelu(v)
-            for l in 0..<(count - i) { y[i + l] = r[l] }
+    /// Elements per thread part of the elementwise kernels (coarse: each part is tens of microseconds).
+    static let elementsPerPart = 1 << 16
+
+    /// Runs `body(range)` over 0..<count in parts (in parallel when count is large; serially when
+    /// called from inside another parallel part).
+    @inline(__always)
+    static func split(_ count: Int, _ body: (Range<Int>) -> Void) {
+        let parts = max(1, min(Threads.count, count / elementsPerPart))
+        if parts == 1 { body(0..<count); return }
+        parallelFor(parts) { part in
+            // Part boundaries on multiples of 16 keep every part's SIMD loads aligned to the vector.
+            let lo = Threads.range(part, of: parts, total: (count + 15) / 16).lowerBound * 16
+            let hi = min(count, Threads.range(part, of: parts, total: (count + 15) / 16).upperBound * 16)
+            body(lo..<hi)
         }
     }
 
-    /// gradX += gradY * GELU'(x), GELU'(x) = Phi(x) + x phi(x), Phi the normal CDF, phi its density.
-    public static func geluBackward(x: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
-                                    gradX: UnsafeMutablePointer<Float>, count: Int) {
-        let invSqrt2Pi: Float = 0.3989422804014327
-        var i = 0
-        while i < count {
-            let lanes = min(16, count - i)
-            var v = V(), g = V()
-            for l in 0..<lanes { v[l] = x[i + l]; g[l] = gradY[i + l] }
-            let cdf = (V(repeating: 1) + erf(v * V(repeating: 0.70710678118654752))) * V(repeating: 0.5)
-            var pdf = V()
-            for l in 0..<lanes { pdf[l] = invSqrt2Pi * expf(-0.5 * v[l] * v[l]) }
-            let d = g * cdf.addingProduct(v, pdf)
-            for l in 0..<lanes { gradX[i + l] += d[l] }
-            i += 16
+    /// y = GELU(x) over `count` values; y may alias x.
+    public static func gelu(x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, count: Int) {
+        split(count) { r in
+            var i = r.lowerBound
+            while i + 16 <= r.upperBound {
+                let v = UnsafeRawPointer(x + i).loadUnaligned(as: V.self)
+                UnsafeMutableRawPointer(y + i).storeBytes(of: gelu(v), as: V.self)
+                i += 16
+            }
+            if i < r.upperBound {
+                var v = V()
+                for l in 0..<(r.upperBound - i) { v[l] = x[i + l] }
+                let out = gelu(v)
+                for l in 0..<(r.upperBound - i) { y[i + l] = out[l] }
+            }
         }
+    }
+
+    /// gradX (+= or =) gradY * GELU'(x), GELU'(x) = Phi(x) + x phi(x), Phi the normal CDF, phi its
+    /// density. gradX may alias gradY when `accumulate` is false.
+    public static func geluBackward(x: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+                                    gradX: UnsafeMutablePointer<Float>, count: Int, accumulate: Bool = true) {
+        let invSqrt2Pi: Float = 0.3989422804014327
+        split(count) { r in
+            var i = r.lowerBound
+            while i < r.upperBound {
+                let lanes = min(16, r.upperBound - i)
+                var v = V(), g = V()
+                for l in 0..<lanes { v[l] = x[i + l]; g[l] = gradY[i + l] }
+                let cdf = (V(repeating: 1) + erf(v * V(repeating: 0.70710678118654752))) * V(repeating: 0.5)
+                var pdf = V()
+                for l in 0..<lanes { pdf[l] = invSqrt2Pi * expf(-0.5 * v[l] * v[l]) }
+                let d = g * cdf.addingProduct(v, pdf)
+                if accumulate {
+                    for l in 0..<lanes { gradX[i + l] += d[l] }
+                } else {
+                    for l in 0..<lanes { gradX[i + l] = d[l] }
+                }
+                i += 16
+            }
+        }
+    }
+
+    /// gradX (= or +=) gradY * LeakyReLU'(z), read off the activation's output y = LeakyReLU(z) (same
+    /// sign as z; at 0 the slope, as PyTorch's). gradX may alias gradY when `accumulate` is false.
+    public static func leakyReLUBackward(output y: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+                                         gradX: UnsafeMutablePointer<Float>, count: Int, slope: Float,
+                                         accumulate: Bool) {
+        split(count) { r in
+            for i in r {
+                let d = y[i] > 0 ? gradY[i] : gradY[i] * slope
+                gradX[i] = accumulate ? gradX[i] + d : d
+            }
+        }
+    }
+
+    /// y[i] += x[i] over `count` values.
+    public static func add(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, count: Int) {
+        split(count) { r in for i in r { y[i] += x[i] } }
     }
 }

@@ -31,7 +31,9 @@ import COpenBLAS
 /// Backward (`backward`, adds into the gradients): the 3x3x3 input gradient is the same direct kernel
 /// with the weight transposed and flipped (writing into the two sources' gradients); its weight
 /// gradient is one GEMM per tap over the padded planes. The sgemm paths use the transposed GEMMs and
-/// col2im. Not yet: the input transform's own gradient (pass the transformed input to backward).
+/// col2im. With an input transform, backward gives the gradient with respect to the transformed input
+/// x' (the caller chains it through the transform: `InputTransform.backward`), and the weight gradient
+/// re-applies the transform as it reads x, so x' is never stored.
 ///
 /// Threads own disjoint output ranges and call single-threaded sgemm. Forward outputs and input
 /// gradients do not depend on the thread count (each output element is computed by one part in a
@@ -91,11 +93,8 @@ public enum Conv3d {
         /// Multiply-adds of one forward.
         public var macs: Int { n * od * oh * ow * cout * cin * taps }
 
-        public var path: Path {
-            if kernel == 3 && stride == 1 && padding == 1 { return .direct3x3x3 }
-            if kernel == 1 && stride == 1 && padding == 0 { return .pointwise }
-            return .im2col
-        }
+        public var packing: Packing { Packing(cin: cin, cout: cout, kernel: kernel, stride: stride, padding: padding) }
+        public var path: Path { packing.path }
 
         public var description: String {
             let src = cin2 > 0 ? " (\(cin1)+\(cin2))" : ""
@@ -105,28 +104,51 @@ public enum Conv3d {
 
     // MARK: Weight packing
 
-    /// Floats of the packed weight for `shape`.
-    ///
-    /// direct3x3x3: [cout block of 48][tap 27][cin][48] (output channels past Cout are 0).
-    /// pointwise, im2col: [tap][cin][Cout], the K x Cout right-hand matrix of the GEMM (K = taps * Cin,
-    /// the same (tap, channel) order as the channels-last column panel).
-    public static func packedCount(_ s: Shape) -> Int {
-        switch s.path {
-        case .direct3x3x3: return coutBlocks(s.cout) * 27 * s.cin * coutBlock
-        case .pointwise, .im2col: return s.taps * s.cin * s.cout
+    /// What the packed layout of a weight depends on: the channels, the kernel and the path (not the
+    /// input size), so a layer can pack its weight once and reuse it for every input.
+    public struct Packing: Equatable, Sendable {
+        public var cin: Int, cout: Int, kernel: Int, path: Path
+        public var taps: Int { kernel * kernel * kernel }
+
+        /// The packing of a conv with these channels, kernel, stride and padding.
+        public init(cin: Int, cout: Int, kernel: Int, stride: Int = 1, padding: Int = 0) {
+            self.cin = cin; self.cout = cout; self.kernel = kernel
+            if kernel == 3 && stride == 1 && padding == 1 { path = .direct3x3x3 }
+            else if kernel == 1 && stride == 1 && padding == 0 { path = .pointwise }
+            else { path = .im2col }
+        }
+
+        /// Floats of the packed weight.
+        ///
+        /// direct3x3x3: [cout block of 48][tap 27][cin][48] (output channels past Cout are 0).
+        /// pointwise, im2col: [tap][cin][Cout], the K x Cout right-hand matrix of the GEMM (K = taps * Cin,
+        /// the same (tap, channel) order as the channels-last column panel).
+        public var count: Int {
+            switch path {
+            case .direct3x3x3: return coutBlocks(cout) * 27 * cin * coutBlock
+            case .pointwise, .im2col: return taps * cin * cout
+            }
         }
     }
+
+    /// Floats of the packed weight for `shape`.
+    public static func packedCount(_ s: Shape) -> Int { s.packing.count }
 
     static func coutBlocks(_ cout: Int) -> Int { (cout + coutBlock - 1) / coutBlock }
 
     /// Packs a PyTorch weight (Cout x Cin x k x k x k) into the kernel's layout (`packedCount` floats).
     public static func pack(weight: UnsafePointer<Float>, into packed: UnsafeMutablePointer<Float>, shape s: Shape) {
+        pack(weight: weight, into: packed, packing: s.packing)
+    }
+
+    /// Packs a PyTorch weight (Cout x Cin x k x k x k) into the layout `p` describes (`p.count` floats).
+    public static func pack(weight: UnsafePointer<Float>, into packed: UnsafeMutablePointer<Float>, packing s: Packing) {
         let taps = s.taps
         // Loop orders keep both sides cache-friendly: each (co, ci) reads its taps contiguously, and the
         // rows being written stay in L1/L2 (packing the 768-channel convs every forward must stay cheap).
         switch s.path {
         case .direct3x3x3:
-            packed.initialize(repeating: 0, count: packedCount(s))
+            packed.initialize(repeating: 0, count: s.count)
             for b in 0..<coutBlocks(s.cout) {
                 let block = packed + b * 27 * s.cin * coutBlock
                 // 4 input channels at a time: the 48 x 4 x 27 source floats they need stay in L1 while
@@ -149,6 +171,42 @@ public enum Conv3d {
                     for ci in ci0..<ci1 {
                         for t in 0..<taps { packed[(t * s.cin + ci) * s.cout + co] = src[ci * taps + t] }
                     }
+                }
+            }
+        }
+    }
+
+    /// The inverse of `pack`: the PyTorch weight (Cout x Cin x k x k x k) from a packed one.
+    public static func unpack(_ packed: UnsafePointer<Float>, into weight: UnsafeMutablePointer<Float>, packing s: Packing) {
+        let taps = s.taps
+        for co in 0..<s.cout {
+            for ci in 0..<s.cin {
+                for t in 0..<taps {
+                    let at: Int
+                    switch s.path {
+                    case .direct3x3x3: at = (((co / coutBlock) * 27 + t) * s.cin + ci) * coutBlock + co % coutBlock
+                    case .pointwise, .im2col: at = (t * s.cin + ci) * s.cout + co
+                    }
+                    weight[(co * s.cin + ci) * taps + t] = packed[at]
+                }
+            }
+        }
+    }
+
+    /// For the direct 3x3x3 path's input gradient: the packed weight of the conv that maps grad_y back
+    /// to grad_x (Cin and Cout swapped, taps flipped: W'[ci][co][t] = W[co][ci][26 - t]), made from the
+    /// forward's packed weight. `q` holds `Packing(cin: cout, cout: cin, kernel: 3, padding: 1).count` floats.
+    static func packInputGradient(fromPacked p: UnsafePointer<Float>, into q: UnsafeMutablePointer<Float>, packing s: Packing) {
+        let t = Packing(cin: s.cout, cout: s.cin, kernel: 3, padding: 1)
+        q.initialize(repeating: 0, count: t.count)
+        let cb = coutBlock
+        for ci in 0..<s.cin {
+            let qBlock = q + (ci / cb) * 27 * s.cout * cb + ci % cb
+            for tap in 0..<27 {
+                let pTap = p + (26 - tap) * s.cin * cb + ci * cb
+                let qTap = qBlock + tap * s.cout * cb
+                for co in 0..<s.cout {
+                    qTap[co * cb] = pTap[(co / cb) * 27 * s.cin * cb + co % cb]
                 }
             }
         }
@@ -265,6 +323,7 @@ public enum Conv3d {
             try im2colForward(x1: x, x2: x2p, packed: packedWeight, bias: bias, y: y, s: s, workspace: workspace,
                               stats: stats, parts: parts)
         }
+        try workspace.throwIfCancelled("conv3d")
         if let statistics, let partials {
             let count = s.n * 2 * s.cout
             statistics.initialize(repeating: 0, count: count)
@@ -328,30 +387,36 @@ public enum Conv3d {
 
     // MARK: Backward
 
-    /// Adds the gradients of `forward` (without an input transform: pass the input the conv saw):
+    /// Adds the gradients of `forward`:
     ///
-    ///     gradX       N x D x H x W x Cin1   += dL/dx1        (nil: not wanted)
-    ///     gradX2      N x D x H x W x Cin2   += dL/dx2        (two sources; nil together with gradX or not at all)
+    ///     gradX       N x D x H x W x Cin1   += dL/dx1'       (nil: not wanted)
+    ///     gradX2      N x D x H x W x Cin2   += dL/dx2'       (two sources; nil together with gradX or not at all)
     ///     gradWeight  Cout x Cin x k x k x k += dL/dW         (PyTorch layout)
     ///     gradBias    Cout                   += dL/db
     ///
-    /// `weight` is the PyTorch-layout weight. The input gradient of the 3x3x3 path is the same direct
+    /// x' is the input the conv multiplied: x itself, or, with `inputTransform` (3x3x3 path), the
+    /// transformed x (see `InputTransform`; pass the same transform as the forward). `packedWeight` is
+    /// the forward's packed weight. The input gradient of the 3x3x3 path is the same direct
     /// kernel run on grad_y with the weight transposed (Cin <-> Cout) and flipped; its weight gradient
     /// is 27 GEMMs (one per tap) of grad_y against shifted views of the padded input planes, threads
     /// owning disjoint taps, so it does not depend on the thread count. The sgemm paths split voxels
     /// and sum per-part weight gradients in part order. Throws when scratch memory cannot be had or
     /// the gradient buffers do not fit the shape.
-    public static func backward(x: UnsafePointer<Float>, x2: UnsafePointer<Float>? = nil, weight: UnsafePointer<Float>,
+    public static func backward(x: UnsafePointer<Float>, x2: UnsafePointer<Float>? = nil, packedWeight: UnsafePointer<Float>,
                                 gradY: UnsafePointer<Float>, gradX: UnsafeMutablePointer<Float>?,
                                 gradX2: UnsafeMutablePointer<Float>? = nil,
                                 gradWeight: UnsafeMutablePointer<Float>?, gradBias: UnsafeMutablePointer<Float>?,
-                                shape s: Shape, workspace: Workspace) throws {
+                                shape s: Shape, workspace: Workspace,
+                                inputTransform: InputTransform? = nil) throws {
         let op = "conv3d backward"
         if s.cin2 > 0 && x2 == nil {
             throw DeformUXError.invalidArgument(op, "shape \(s) has a second input, but x2 is nil")
         }
         if s.cin2 > 0 && (gradX == nil) != (gradX2 == nil) {
             throw DeformUXError.invalidArgument(op, "with two inputs, give both input gradients or neither")
+        }
+        if inputTransform != nil && s.path != .direct3x3x3 {
+            throw DeformUXError.invalidArgument(op, "an input transform needs the 3x3x3 stride 1 padding 1 path, got \(s)")
         }
         let x2p: UnsafePointer<Float>? = s.cin2 > 0 ? x2 : nil
         let gx2: UnsafeMutablePointer<Float>? = s.cin2 > 0 ? gradX2 : nil
@@ -376,23 +441,25 @@ public enum Conv3d {
             }
         }
         if let gradX {
-            try inputGradient(weight: weight, gradY: gradY, gradX1: gradX, gradX2: gx2, s: s, workspace: workspace,
+            try inputGradient(packed: packedWeight, gradY: gradY, gradX1: gradX, gradX2: gx2, s: s, workspace: workspace,
                               parts: maxParts)
         }
+        try workspace.throwIfCancelled("conv3d backward")
         if let gradWeight {
             switch s.path {
             case .direct3x3x3:
                 try Direct.weightGradient(x1: x, x2: x2p, gradY: gradY, gradWeight: gradWeight, s: s,
-                                          workspace: workspace, parts: maxParts)
+                                          workspace: workspace, transform: inputTransform, parts: maxParts)
             case .pointwise, .im2col:
                 try gemmWeightGradient(x1: x, x2: x2p, gradY: gradY, gradWeight: gradWeight, s: s,
                                        workspace: workspace, parts: maxParts)
             }
+            try workspace.throwIfCancelled("conv3d backward")
         }
     }
 
     /// gradX (split into the two sources) += dL/dx.
-    static func inputGradient(weight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+    static func inputGradient(packed weightPacked: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
                               gradX1: UnsafeMutablePointer<Float>, gradX2: UnsafeMutablePointer<Float>?,
                               s: Shape, workspace: Workspace, parts maxParts: Int) throws {
         let c1 = s.cin1, c2 = s.cin2, taps = s.taps
@@ -400,15 +467,8 @@ public enum Conv3d {
         case .direct3x3x3:
             // dL/dx = conv3x3x3(grad_y, W') with W'[ci][co][t] = W[co][ci][26 - t], padding 1.
             let t = try Shape(n: s.n, cin: s.cout, cout: s.cin, d: s.d, h: s.h, w: s.w, kernel: 3, stride: 1, padding: 1)
-            let flipped = try workspace.buffer("conv3d.weightFlipped", count: s.weightCount)
-            for co in 0..<s.cout {
-                for ci in 0..<s.cin {
-                    let src = weight + (co * s.cin + ci) * 27, dst = flipped + (ci * s.cout + co) * 27
-                    for k in 0..<27 { dst[26 - k] = src[k] }
-                }
-            }
             let packed = try workspace.buffer("conv3d.packedFlipped", count: packedCount(t))
-            pack(weight: flipped, into: packed, shape: t)
+            packInputGradient(fromPacked: weightPacked, into: packed, packing: s.packing)
             try Direct.forward(x1: gradY, x2: nil, packed: packed, bias: nil,
                                out: Direct.Output(y1: gradX1, c1: c1, y2: gradX2, c2: c2, accumulate: true),
                                s: t, workspace: workspace, transform: nil, stats: nil, parts: maxParts)
@@ -419,20 +479,20 @@ public enum Conv3d {
             parallelFor(parts) { part in
                 let r = Threads.range(part, of: parts, total: voxels)
                 if r.isEmpty { return }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(r.count), Int32(c1), Int32(s.cout),
-                            1, gradY + r.lowerBound * s.cout, Int32(s.cout), weight, Int32(s.cin),
+                // The packed weight P is Cin x Cout (y = x P): dL/dx = grad_y P^T, split by source rows.
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(r.count), Int32(c1), Int32(s.cout),
+                            1, gradY + r.lowerBound * s.cout, Int32(s.cout), weightPacked, Int32(s.cout),
                             1, gradX1 + r.lowerBound * c1, Int32(c1))
                 if let gradX2 {
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(r.count), Int32(c2), Int32(s.cout),
-                                1, gradY + r.lowerBound * s.cout, Int32(s.cout), weight + c1, Int32(s.cin),
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(r.count), Int32(c2), Int32(s.cout),
+                                1, gradY + r.lowerBound * s.cout, Int32(s.cout), weightPacked + c1 * s.cout, Int32(s.cout),
                                 1, gradX2 + r.lowerBound * c2, Int32(c2))
                 }
             }
         case .im2col:
             // Column gradient grad_y . P^T per block of output voxels, scattered back (col2im). Windows
             // overlap when stride < kernel: then one part does all blocks, in order.
-            let packed = try workspace.buffer("conv3d.packedB", count: packedCount(s))
-            pack(weight: weight, into: packed, shape: s)
+            let packed = weightPacked
             let outVoxels = s.n * s.od * s.oh * s.ow
             let block = im2colBlock(s)
             let kdim = taps * s.cin
@@ -584,6 +644,7 @@ public enum Conv3d {
             let panel = panels + part * block * kdim
             var v0 = r.lowerBound
             while v0 < r.upperBound {
+                if workspace.stopRequested() { return }
                 let count = min(block, r.upperBound - v0)
                 gatherPanel(panel, v0: v0, count: count, x1: x1, x2: x2, s: s)
                 let yb = y + v0 * s.cout
@@ -708,6 +769,7 @@ public enum Conv3d {
                 withUnsafeTemporaryAllocation(of: UnsafePointer<Float>.self, capacity: 27) { basesBuf in
                     guard let bp = basesBuf.baseAddress else { return }
                     for plane in Threads.range(part, of: parts, total: planes) {
+                        if workspace.stopRequested() { return }
                         let n = plane / s.d, d = plane % s.d
                         let slots = ensurePlanes(ring: ring, loaded: &loaded, n: n, d: d, x1: x1, x2: x2, s: s, g: g,
                                                  transform: transform)
@@ -756,7 +818,7 @@ public enum Conv3d {
         /// padded positions from (1, 1) to (H, W). Part p owns a range of taps and sweeps all planes.
         static func weightGradient(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, gradY: UnsafePointer<Float>,
                                    gradWeight: UnsafeMutablePointer<Float>, s: Shape, workspace: Workspace,
-                                   parts maxParts: Int) throws {
+                                   transform: InputTransform?, parts maxParts: Int) throws {
             let g = Geometry(s)
             let parts = max(1, min(maxParts, 27))
             let first = g.wp + 1, last = s.h * g.wp + s.w
@@ -775,9 +837,10 @@ public enum Conv3d {
                 gyp.initialize(repeating: 0, count: gyFloats)
                 var loaded = (-1, -1, -1)
                 for plane in 0..<(s.n * s.d) {
+                    if workspace.stopRequested() { return }
                     let n = plane / s.d, d = plane % s.d
                     let slots = ensurePlanes(ring: ring, loaded: &loaded, n: n, d: d, x1: x1, x2: x2, s: s, g: g,
-                                             transform: nil)
+                                             transform: transform)
                     let src = gradY + plane * s.h * s.w * s.cout
                     for h in 0..<s.h {
                         (gyp + ((h + 1) * g.wp + 1) * s.cout).update(from: src + h * s.w * s.cout, count: s.w * s.cout)

@@ -45,10 +45,16 @@ public enum ConvTranspose3d {
     public static func packedCount(_ s: Shape) -> Int { s.cin * s.taps * s.cout }
 
     public static func pack(weight: UnsafePointer<Float>, into packed: UnsafeMutablePointer<Float>, shape s: Shape) {
-        for ci in 0..<s.cin {
-            for co in 0..<s.cout {
-                for t in 0..<s.taps {
-                    packed[(ci * s.taps + t) * s.cout + co] = weight[(ci * s.cout + co) * s.taps + t]
+        pack(weight: weight, into: packed, cin: s.cin, cout: s.cout, taps: s.taps)
+    }
+
+    /// The packing depends on the channels and the kernel only.
+    public static func pack(weight: UnsafePointer<Float>, into packed: UnsafeMutablePointer<Float>,
+                            cin: Int, cout: Int, taps: Int) {
+        for ci in 0..<cin {
+            for co in 0..<cout {
+                for t in 0..<taps {
+                    packed[(ci * taps + t) * cout + co] = weight[(ci * cout + co) * taps + t]
                 }
             }
         }
@@ -135,11 +141,11 @@ public enum ConvTranspose3d {
 
     // MARK: Backward
 
-    /// Adds the gradients of `forward`: gradX (N x D x H x W x Cin) += dL/dx, gradWeight (Cin x Cout x
+    /// Adds the gradients of `forward` (given its packed weight): gradX (N x D x H x W x Cin) += dL/dx, gradWeight (Cin x Cout x
     /// k x k x k, PyTorch layout) += dL/dW, gradBias (Cout) += dL/db; any may be nil. Per block of
     /// input rows, grad_y is gathered back into the GEMM's row layout G (V x k^3 Cout), then
     /// dL/dx = G . Wp^T and dL/dWp = X^T . G (per-part partials summed in part order).
-    public static func backward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+    public static func backward(x: UnsafePointer<Float>, packedWeight packed: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
                                 gradX: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
                                 gradBias: UnsafeMutablePointer<Float>?, shape s: Shape, workspace: Workspace) throws {
         let k = s.kernel
@@ -148,8 +154,6 @@ public enum ConvTranspose3d {
         let rowsPerBlock = max(1, min(rows, (64 * 1024) / max(1, s.w * rowOut)))
         let parts = max(1, min(Threads.count, rows))
         let segment = k * s.cout
-        let packed = try workspace.buffer("conv_transpose3d.packed", count: packedCount(s))
-        pack(weight: weight, into: packed, shape: s)
         let blocks = try workspace.buffer("conv_transpose3d.block", count: parts * rowsPerBlock * s.w * rowOut)
         let wCount = s.cin * rowOut
         let wStride = (wCount + 15) / 16 * 16  // keeps the Double bias sums 64-byte aligned

@@ -9,6 +9,11 @@ public struct DDCShape: Equatable, Sendable, CustomStringConvertible {
     /// Checks every size is >= 1 and that all buffer sizes fit in memory arithmetic.
     public init(n: Int, c: Int, d: Int, h: Int, w: Int) throws {
         for (name, v) in [("N", n), ("C", c), ("D", d), ("H", h), ("W", w)] {
+            // Sizes are bounded before any arithmetic on them (the padding adds 2 to D, H and W).
+            guard v <= Int(Int32.max) else {
+                throw DeformUXError.invalidArgument("deform_conv3d", "size \(name) is too large", expected: "at most 2^31 - 1",
+                                                    got: "\(v)")
+            }
             guard v >= 1 else {
                 throw DeformUXError.invalidArgument("deform_conv3d", "size \(name) must be >= 1, got \(v) (shape N=\(n) C=\(c) D=\(d) H=\(h) W=\(w))")
             }

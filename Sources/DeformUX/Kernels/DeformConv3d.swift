@@ -106,10 +106,12 @@ public enum DeformConv3d {
             parallelFor(parts) { part in
                 let s = Scratch(scratch + part * Scratch.floats(g), g)
                 for block in Threads.range(part, of: parts, total: g.blocks) {
+                    if workspace.stopRequested() { return }
                     forwardBlock(block, xp: xp, offsets: offN, weightT: wt, biasT: bt, y: yN, layout: layout,
                                  g: g, s: s)
                 }
             }
+            try workspace.throwIfCancelled("deform_conv3d")
         }
     }
 
@@ -149,11 +151,13 @@ public enum DeformConv3d {
                 gxp?.initialize(repeating: 0, count: g.paddedCount)
                 let gp = gParams + part * paramStride
                 for block in Threads.range(part, of: parts, total: g.blocks) {
+                    if workspace.stopRequested() { return }
                     backwardBlock(block, xp: xp, offsets: offN, weightT: wt, gradY: gyN, layout: layout,
                                   gradXPad: gxp, gradOffsets: goN, gradWeightT: gp, gradBiasT: gp + DDCShape.taps * g.cp,
                                   g: g, s: s)
                 }
             }
+            try workspace.throwIfCancelled("deform_conv3d_backward")
             if let gradX, let gxParts {
                 sumPartsUnpad(gxParts, parts: parts, into: gradX + n * shape.c * g.voxels, layout: layout, g: g,
                               scratch: rowScratch)

@@ -41,9 +41,15 @@ public enum DepthwiseConv3d {
 
     /// packed[t * cp + c] = weight[c * k^3 + t]; padding channels 0.
     public static func pack(weight: UnsafePointer<Float>, into packed: UnsafeMutablePointer<Float>, shape s: Shape) {
-        packed.initialize(repeating: 0, count: packedCount(s))
-        for c in 0..<s.c {
-            for t in 0..<s.taps { packed[t * s.cp + c] = weight[c * s.taps + t] }
+        pack(weight: weight, into: packed, channels: s.c, taps: s.taps)
+    }
+
+    /// The packing depends on the channels and the kernel only.
+    public static func pack(weight: UnsafePointer<Float>, into packed: UnsafeMutablePointer<Float>, channels c: Int, taps: Int) {
+        let cp = (c + 15) / 16 * 16
+        packed.initialize(repeating: 0, count: taps * cp)
+        for ch in 0..<c {
+            for t in 0..<taps { packed[t * cp + ch] = weight[ch * taps + t] }
         }
     }
 
@@ -87,16 +93,14 @@ public enum DepthwiseConv3d {
     /// PyTorch layout) += dL/dW, gradBias (C) += dL/db; any may be nil. The input gradient is the same
     /// kernel on grad_y with the taps flipped; the weight and bias gradients are per-part sums (taps x C)
     /// over each part's planes, added in part order.
-    public static func backward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
+    public static func backward(x: UnsafePointer<Float>, packedWeight: UnsafePointer<Float>, gradY: UnsafePointer<Float>,
                                 gradX: UnsafeMutablePointer<Float>?, gradWeight: UnsafeMutablePointer<Float>?,
                                 gradBias: UnsafeMutablePointer<Float>?, shape s: Shape, workspace: Workspace) throws {
         let taps = s.taps, cp = s.cp
         if let gradX {
+            // The forward's packed taps in reverse order (padding channels stay 0).
             let flipped = try workspace.buffer("depthwise_conv3d.flipped", count: packedCount(s))
-            flipped.initialize(repeating: 0, count: packedCount(s))
-            for c in 0..<s.c {
-                for t in 0..<taps { flipped[(taps - 1 - t) * cp + c] = weight[c * taps + t] }
-            }
+            for t in 0..<taps { (flipped + (taps - 1 - t) * cp).update(from: packedWeight + t * cp, count: cp) }
             try run(x: gradY, packedWeight: flipped, bias: nil, y: gradX, shape: s, workspace: workspace, accumulate: true)
         }
         if gradWeight == nil && gradBias == nil { return }

@@ -177,43 +177,74 @@ public enum InstanceNorm {
         }
     }
 
-    /// Adds the gradient of y = (x - mean) rstd (per sample and channel over the voxels, no affine) to
-    /// gradX: rstd (gradY - mean(gradY) - xhat mean(gradY xhat)), with the forward's mean and rstd
-    /// (N x C each). Two passes: the per-channel sums (per part, in Double, added in part order), then
-    /// the gradient.
-    public static func backward(x: UnsafePointer<Float>, mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>,
-                                gradY: UnsafePointer<Float>, gradX: UnsafeMutablePointer<Float>,
+    /// The gradient of an InstanceNorm, optionally followed by a LeakyReLU, from what the forward kept:
+    ///
+    ///     xhat = scale x + shift           (per sample and channel: scale = rstd, shift = -mean rstd),
+    ///                                       or xhat = x when scale/shift are nil (x already normalised)
+    ///     g    = gradY * act'(xhat)        act = LeakyReLU(leakySlope), or the identity when nil
+    ///     gradX (= or +=) rstd (g - mean_v(g) - xhat mean_v(g xhat))
+    ///
+    /// x, gradY, gradX: N x V x C (channels-last); scale, shift, rstd: N x C. `gradX` may be `gradY`
+    /// (in place) when `accumulate` is false. Two passes per sample: the per-channel sums (per part in
+    /// Double, added in part order), then the gradient.
+    public static func backward(x: UnsafePointer<Float>, scale: UnsafePointer<Float>?, shift: UnsafePointer<Float>?,
+                                rstd: UnsafePointer<Float>, leakySlope: Float?, gradY: UnsafePointer<Float>,
+                                gradX: UnsafeMutablePointer<Float>, accumulate: Bool,
                                 n: Int, voxels: Int, channels c: Int, workspace: Workspace) throws {
         let parts = max(1, min(Threads.count, voxels / 1024))
         let raw = try workspace.buffer("instancenorm.gradParts", count: parts * 2 * c * 2)
         let partials = UnsafeMutableRawPointer(raw).bindMemory(to: Double.self, capacity: parts * 2 * c)
+        let slope = leakySlope ?? 1
         for s in 0..<n {
             let xS = x + s * voxels * c, gS = gradY + s * voxels * c, gxS = gradX + s * voxels * c
-            let m = mean + s * c, r = rstd + s * c
+            let a = scale.map { $0 + s * c }, b = shift.map { $0 + s * c }
+            let r = rstd + s * c
             partials.initialize(repeating: 0, count: parts * 2 * c)
             parallelFor(parts) { part in
                 let sumG = partials + part * 2 * c, sumGX = sumG + c
-                for v in Threads.range(part, of: parts, total: voxels) {
-                    let row = xS + v * c, g = gS + v * c
-                    for i in 0..<c {
-                        sumG[i] += Double(g[i])
-                        sumGX[i] += Double(g[i] * (row[i] - m[i]) * r[i])
+                withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * c) { block in
+                    guard let bg = block.baseAddress else { return }
+                    let bgx = bg + c
+                    let range = Threads.range(part, of: parts, total: voxels)
+                    var v = range.lowerBound
+                    // Float sums over runs of 256 voxels, then Double.
+                    while v < range.upperBound {
+                        let end = min(v + 256, range.upperBound)
+                        bg.initialize(repeating: 0, count: 2 * c)
+                        while v < end {
+                            let row = xS + v * c, g = gS + v * c
+                            for i in 0..<c {
+                                let xhat = a.map { $0[i] * row[i] + (b?[i] ?? 0) } ?? row[i]
+                                let gi = xhat < 0 ? g[i] * slope : g[i]
+                                bg[i] += gi
+                                bgx[i] += gi * xhat
+                            }
+                            v += 1
+                        }
+                        for i in 0..<c { sumG[i] += Double(bg[i]); sumGX[i] += Double(bgx[i]) }
                     }
                 }
             }
             for i in 0..<c {
-                var a: Double = 0, b: Double = 0
-                for p in 0..<parts { a += partials[p * 2 * c + i]; b += partials[p * 2 * c + c + i] }
-                partials[i] = a / Double(voxels)
-                partials[c + i] = b / Double(voxels)
+                var sg: Double = 0, sgx: Double = 0
+                for p in 0..<parts { sg += partials[p * 2 * c + i]; sgx += partials[p * 2 * c + c + i] }
+                partials[i] = sg / Double(voxels)
+                partials[c + i] = sgx / Double(voxels)
             }
             let meanG = partials, meanGX = partials + c
             parallelFor(parts) { part in
-                for v in Threads.range(part, of: parts, total: voxels) {
-                    let row = xS + v * c, g = gS + v * c, gx = gxS + v * c
-                    for i in 0..<c {
-                        let xhat = (row[i] - m[i]) * r[i]
-                        gx[i] += r[i] * (g[i] - Float(meanG[i]) - xhat * Float(meanGX[i]))
+                withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * c) { m in
+                    guard let mg = m.baseAddress else { return }
+                    let mgx = mg + c
+                    for i in 0..<c { mg[i] = Float(meanG[i]); mgx[i] = Float(meanGX[i]) }
+                    for v in Threads.range(part, of: parts, total: voxels) {
+                        let row = xS + v * c, g = gS + v * c, gx = gxS + v * c
+                        for i in 0..<c {
+                            let xhat = a.map { $0[i] * row[i] + (b?[i] ?? 0) } ?? row[i]
+                            let gi = xhat < 0 ? g[i] * slope : g[i]
+                            let d = r[i] * (gi - mg[i] - xhat * mgx[i])
+                            gx[i] = accumulate ? gx[i] + d : d
+                        }
                     }
                 }
             }

@@ -8,6 +8,14 @@ public enum OffsetMode: String, Sendable, CaseIterable, Codable {
     case official
 }
 
+/// The DDC's offset branch: the 1x1x1 conv of the paper (PyTorch weight 81 x C x 1 x 1 x 1, the
+/// `aligned` and `official` modes), or the 3x3x3 conv of the Table 3 ablation (aligned, channels-last
+/// x, weight packed for `Conv3d`).
+public enum OffsetBranch {
+    case pointwise(weight: UnsafePointer<Float>, bias: UnsafePointer<Float>)
+    case conv3(packedWeight: UnsafePointer<Float>, bias: UnsafePointer<Float>)
+}
+
 /// The DDC layer as pure functions of buffers: offsets = conv_offset(x) (1x1x1, C -> 81, with bias),
 /// then y = DeformConv3d(x, offsets, weight, bias).
 ///
@@ -22,9 +30,8 @@ public enum DDCLayerOps {
                                offsetsOut: UnsafeMutablePointer<Float>?, shape: DDCShape,
                                layout: Layout = .channelsFirst, heldAxis: Int? = nil,
                                workspace: Workspace) throws {
-        let offsets = try computeOffsets(x: x, offsetWeight: offsetWeight, offsetBias: offsetBias,
-                                         mode: mode, shape: shape, layout: layout, workspace: workspace)
-        if let heldAxis { holdAxis(heldAxis, of: offsets, shape: shape) }
+        let offsets = try computeOffsets(x: x, branch: .pointwise(weight: offsetWeight, bias: offsetBias),
+                                         mode: mode, shape: shape, layout: layout, heldAxis: heldAxis, workspace: workspace)
         try DeformConv3d.forward(x: x, offsets: offsets, weight: weight, bias: bias, y: y,
                                  shape: shape, layout: layout, workspace: workspace)
         offsetsOut?.update(from: offsets, count: shape.offsetCount)
@@ -41,52 +48,86 @@ public enum DDCLayerOps {
                                 gradOffsetBias: UnsafeMutablePointer<Float>?,
                                 shape: DDCShape, layout: Layout = .channelsFirst, heldAxis: Int? = nil,
                                 workspace: Workspace) throws {
-        let offsets = try computeOffsets(x: x, offsetWeight: offsetWeight, offsetBias: offsetBias,
-                                         mode: mode, shape: shape, layout: layout, workspace: workspace)
-        if let heldAxis { holdAxis(heldAxis, of: offsets, shape: shape) }
-        let needOffsetGrad = gradX != nil || gradOffsetWeight != nil || gradOffsetBias != nil
-        let gradOffsets: UnsafeMutablePointer<Float>? = needOffsetGrad
-            ? try workspace.buffer("ddc.gradOffsets", count: shape.offsetCount) : nil
-        gradOffsets?.initialize(repeating: 0, count: shape.offsetCount)
+        let branch = OffsetBranch.pointwise(weight: offsetWeight, bias: offsetBias)
+        let offsets = try computeOffsets(x: x, branch: branch, mode: mode, shape: shape, layout: layout,
+                                         heldAxis: heldAxis, workspace: workspace)
+        let gradOffsets = try offsetGradientBuffer(shape, gradX: gradX, gradOffsetWeight: gradOffsetWeight,
+                                                   gradOffsetBias: gradOffsetBias, workspace: workspace)
         try DeformConv3d.backward(x: x, offsets: offsets, weight: weight, gradY: gradY,
                                   gradX: gradX, gradOffsets: gradOffsets, gradWeight: gradWeight,
                                   gradBias: gradBias, shape: shape, layout: layout, workspace: workspace)
         guard let gradOffsets else { return }
+        try offsetBranchBackward(x: x, branch: branch, mode: mode, gradOffsets: gradOffsets, gradX: gradX,
+                                 gradOffsetWeight: gradOffsetWeight, gradOffsetBias: gradOffsetBias,
+                                 shape: shape, layout: layout, heldAxis: heldAxis, workspace: workspace)
+    }
+
+    /// A zeroed N x 81 x V buffer for the offsets' gradient, or nil when nothing flows through them.
+    static func offsetGradientBuffer(_ shape: DDCShape, gradX: UnsafeMutablePointer<Float>?,
+                                     gradOffsetWeight: UnsafeMutablePointer<Float>?,
+                                     gradOffsetBias: UnsafeMutablePointer<Float>?,
+                                     workspace: Workspace) throws -> UnsafeMutablePointer<Float>? {
+        guard gradX != nil || gradOffsetWeight != nil || gradOffsetBias != nil else { return nil }
+        let g = try workspace.buffer("ddc.gradOffsets", count: shape.offsetCount)
+        g.initialize(repeating: 0, count: shape.offsetCount)
+        return g
+    }
+
+    /// Pushes the offsets' gradient (N x 81 x V, as the kernel read them) back through the offset branch:
+    /// gradX += its input gradient, gradOffsetWeight/Bias += its parameter gradients (PyTorch layout).
+    /// `gradOffsets` is used as scratch.
+    static func offsetBranchBackward(x: UnsafePointer<Float>, branch: OffsetBranch, mode: OffsetMode,
+                                     gradOffsets: UnsafeMutablePointer<Float>, gradX: UnsafeMutablePointer<Float>?,
+                                     gradOffsetWeight: UnsafeMutablePointer<Float>?,
+                                     gradOffsetBias: UnsafeMutablePointer<Float>?,
+                                     shape: DDCShape, layout: Layout, heldAxis: Int?, workspace: Workspace) throws {
         // A held axis's offsets are constants: nothing flows back through them.
         if let heldAxis { holdAxis(heldAxis, of: gradOffsets, shape: shape) }
-
-        // Through the offset branch: grad of the 1x1x1 conv's own output (aligned: N x 81 x V).
-        let pw = Pointwise.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, voxels: shape.voxels,
-                                 xLayout: layout, yLayout: .channelsFirst)
-        switch mode {
-        case .aligned:
-            try Pointwise.backward(x: x, weight: offsetWeight, gradY: gradOffsets, gradX: gradX,
-                                   gradWeight: gradOffsetWeight, gradBias: gradOffsetBias, shape: pw,
-                                   workspace: workspace)
-        case .official:
-            // The kernel read the first N*81*V values of the padded output P, so P's gradient is
-            // gradOffsets there and 0 beyond. Every position of P carries the bias; only interior
-            // positions see x.
-            let g = OfficialGeometry(shape)
-            let gradPadded = try workspace.buffer("ddc.gradOffsetsPadded", count: g.paddedCount)
-            gradPadded.update(from: gradOffsets, count: shape.offsetCount)
-            (gradPadded + shape.offsetCount).initialize(repeating: 0, count: g.paddedCount - shape.offsetCount)
-            if let gradOffsetBias {
-                for o in 0..<DDCShape.offsetChannels {
-                    var acc: Double = 0
-                    for n in 0..<shape.n {
-                        let plane = gradPadded + (n * DDCShape.offsetChannels + o) * g.paddedVoxels
-                        for i in 0..<g.paddedVoxels { acc += Double(plane[i]) }
-                    }
-                    gradOffsetBias[o] += Float(acc)
-                }
+        switch branch {
+        case .conv3(let packed, _):
+            guard mode == .aligned, layout == .channelsLast else {
+                throw DeformUXError.invalidArgument("DDC layer", "a 3x3x3 offset branch needs aligned offsets and channels-last input")
             }
-            // The interior of P's gradient is the aligned conv's output gradient.
-            let interior = gradOffsets  // reuse: gradOffsets is no longer needed
-            g.copyInterior(from: gradPadded, to: interior)
-            try Pointwise.backward(x: x, weight: offsetWeight, gradY: interior, gradX: gradX,
-                                   gradWeight: gradOffsetWeight, gradBias: nil, shape: pw,
-                                   workspace: workspace)
+            let cs = try Conv3d.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, d: shape.d, h: shape.h,
+                                      w: shape.w, kernel: 3, padding: 1)
+            let channelsLast = try workspace.buffer("ddc.offsetsChannelsLast", count: shape.offsetCount)
+            transposeOffsets(gradOffsets, toChannelsLast: channelsLast, shape: shape)
+            try Conv3d.backward(x: x, packedWeight: packed, gradY: channelsLast, gradX: gradX, gradWeight: gradOffsetWeight,
+                                gradBias: gradOffsetBias, shape: cs, workspace: workspace)
+        case .pointwise(let offsetWeight, _):
+            // Through the 1x1x1 conv: grad of its own output (aligned: N x 81 x V).
+            let pw = Pointwise.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, voxels: shape.voxels,
+                                     xLayout: layout, yLayout: .channelsFirst)
+            switch mode {
+            case .aligned:
+                try Pointwise.backward(x: x, weight: offsetWeight, gradY: gradOffsets, gradX: gradX,
+                                       gradWeight: gradOffsetWeight, gradBias: gradOffsetBias, shape: pw,
+                                       workspace: workspace)
+            case .official:
+                // The kernel read the first N*81*V values of the padded output P, so P's gradient is
+                // gradOffsets there and 0 beyond. Every position of P carries the bias; only interior
+                // positions see x.
+                let g = OfficialGeometry(shape)
+                let gradPadded = try workspace.buffer("ddc.gradOffsetsPadded", count: g.paddedCount)
+                gradPadded.update(from: gradOffsets, count: shape.offsetCount)
+                (gradPadded + shape.offsetCount).initialize(repeating: 0, count: g.paddedCount - shape.offsetCount)
+                if let gradOffsetBias {
+                    for o in 0..<DDCShape.offsetChannels {
+                        var acc: Double = 0
+                        for n in 0..<shape.n {
+                            let plane = gradPadded + (n * DDCShape.offsetChannels + o) * g.paddedVoxels
+                            for i in 0..<g.paddedVoxels { acc += Double(plane[i]) }
+                        }
+                        gradOffsetBias[o] += Float(acc)
+                    }
+                }
+                // The interior of P's gradient is the aligned conv's output gradient.
+                let interior = gradOffsets  // reuse: gradOffsets is no longer needed
+                g.copyInterior(from: gradPadded, to: interior)
+                try Pointwise.backward(x: x, weight: offsetWeight, gradY: interior, gradX: gradX,
+                                       gradWeight: gradOffsetWeight, gradBias: nil, shape: pw,
+                                       workspace: workspace)
+            }
         }
     }
 
@@ -100,40 +141,53 @@ public enum DDCLayerOps {
         }
     }
 
-    /// The offsets the kernel reads: a workspace buffer whose first N*81*V values are the field.
-    /// `offsetKernel` 3 is the Table 3 ablation: a 3x3x3 offset conv (padding 1, aligned mode,
-    /// channels-last x; forward only).
-    static func computeOffsets(x: UnsafePointer<Float>, offsetWeight: UnsafePointer<Float>,
-                               offsetBias: UnsafePointer<Float>, mode: OffsetMode, shape: DDCShape,
-                               layout: Layout, offsetKernel: Int = 1,
-                               workspace: Workspace) throws -> UnsafeMutablePointer<Float> {
+    /// N x 81 x V -> N x V x 81.
+    static func transposeOffsets(_ src: UnsafePointer<Float>, toChannelsLast dst: UnsafeMutablePointer<Float>,
+                                 shape: DDCShape) {
+        let per = shape.offsetCount / shape.n
+        for n in 0..<shape.n {
+            let s = src + n * per, d = dst + n * per
+            for o in 0..<DDCShape.offsetChannels {
+                for v in 0..<shape.voxels { d[v * DDCShape.offsetChannels + o] = s[o * shape.voxels + v] }
+            }
+        }
+    }
+
+    /// The offsets the kernel reads: a workspace buffer whose first N*81*V values are the field (a
+    /// held axis already zeroed).
+    static func computeOffsets(x: UnsafePointer<Float>, branch: OffsetBranch, mode: OffsetMode, shape: DDCShape,
+                               layout: Layout, heldAxis: Int?, workspace: Workspace) throws -> UnsafeMutablePointer<Float> {
         let aligned = try workspace.buffer("ddc.offsets", count: shape.offsetCount)
-        if offsetKernel == 3 {
+        var field = aligned
+        switch branch {
+        case .conv3(let packed, let bias):
             guard mode == .aligned, layout == .channelsLast else {
                 throw DeformUXError.invalidArgument("DDC layer", "a 3x3x3 offset branch needs aligned offsets and channels-last input")
             }
             let cs = try Conv3d.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, d: shape.d, h: shape.h,
                                       w: shape.w, kernel: 3, padding: 1)
-            let packed = try workspace.buffer("ddc.offsetWeightPacked", count: Conv3d.packedCount(cs))
-            Conv3d.pack(weight: offsetWeight, into: packed, shape: cs)
             let channelsLast = try workspace.buffer("ddc.offsetsChannelsLast", count: shape.offsetCount)
-            try Conv3d.forward(x: x, packedWeight: packed, bias: offsetBias, y: channelsLast, shape: cs, workspace: workspace)
+            try Conv3d.forward(x: x, packedWeight: packed, bias: bias, y: channelsLast, shape: cs, workspace: workspace)
+            let per = shape.offsetCount / shape.n
             for n in 0..<shape.n {
-                let src = channelsLast + n * shape.offsetCount / shape.n, dst = aligned + n * shape.offsetCount / shape.n
+                let src = channelsLast + n * per, dst = aligned + n * per
                 for v in 0..<shape.voxels {
                     for o in 0..<DDCShape.offsetChannels { dst[o * shape.voxels + v] = src[v * DDCShape.offsetChannels + o] }
                 }
             }
-            return aligned
+        case .pointwise(let weight, let bias):
+            let pw = Pointwise.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, voxels: shape.voxels,
+                                     xLayout: layout, yLayout: .channelsFirst)
+            Pointwise.forward(x: x, weight: weight, bias: bias, y: aligned, shape: pw)
+            if mode == .official {
+                let g = OfficialGeometry(shape)
+                let padded = try workspace.buffer("ddc.offsetsPadded", count: g.paddedCount)
+                g.fillPadded(interior: aligned, bias: bias, into: padded)
+                field = padded
+            }
         }
-        let pw = Pointwise.Shape(n: shape.n, cin: shape.c, cout: DDCShape.offsetChannels, voxels: shape.voxels,
-                                 xLayout: layout, yLayout: .channelsFirst)
-        Pointwise.forward(x: x, weight: offsetWeight, bias: offsetBias, y: aligned, shape: pw)
-        if mode == .aligned { return aligned }
-        let g = OfficialGeometry(shape)
-        let padded = try workspace.buffer("ddc.offsetsPadded", count: g.paddedCount)
-        g.fillPadded(interior: aligned, bias: offsetBias, into: padded)
-        return padded
+        if let heldAxis { holdAxis(heldAxis, of: field, shape: shape) }
+        return field
     }
 
     /// The padded N x 81 x (D+2) x (H+2) x (W+2) output of the official offset conv.
@@ -181,77 +235,130 @@ public enum DDCLayerOps {
     }
 }
 
-/// DeformUX-Net's depthwise deformable 3x3x3 convolution layer (`ddc` in the state dict): a depthwise
-/// 3x3x3 deformable conv whose offsets come from a parallel 1x1x1 conv of the input (`conv_offset`,
-/// initialised to zero, so a fresh layer is a plain depthwise 3x3x3 conv).
+/// DeformUX-Net's deformable convolution layer (`ddc` in the state dict), on channels-last activations:
+/// a depthwise 3x3x3 deformable conv (or, for the `standard` ablation, a full C -> C one) whose offsets
+/// come from a parallel conv of the input (`conv_offset`: 1x1x1, or 3x3x3 for the ablation;
+/// initialised to zero, so a fresh layer is a plain 3x3x3 conv). Single-plane ablations hold one
+/// offset axis at zero.
 ///
-/// Parameter names under `prefix`: `weight` (C,1,3,3,3), `bias` (C), `conv_offset.weight` (81,C,1,1,1),
-/// `conv_offset.bias` (81).
+/// Parameter names under `prefix`: `weight` (C,1,3,3,3) or (C,C,3,3,3), `bias` (C),
+/// `conv_offset.weight` (81,C,k,k,k), `conv_offset.bias` (81). It owns no memory: it computes with
+/// the run context it is given. Its backward recomputes the offsets from x.
 public final class DeformableDepthwiseConv3d {
     public let channels: Int
     public let offsetMode: OffsetMode
+    public let offsetKernel: Int
+    public let heldAxis: Int?
+    public let standard: Bool
     public let weight: ParameterRef, bias: ParameterRef
     public let offsetWeight: ParameterRef, offsetBias: ParameterRef
-    let workspace = Workspace()
-    /// Memory for the outputs, reused from call to call.
-    let pool = StoragePool()
 
     /// Adds the layer's parameters to `layout` under `prefix` (e.g. "stages.0.0.ddc.").
-    public init(channels: Int, offsetMode: OffsetMode = .aligned, prefix: String = "",
-                layout: inout ParameterLayout) throws {
+    public init(channels: Int, offsetMode: OffsetMode = .aligned, offsetKernel: Int = 1, heldAxis: Int? = nil,
+                standard: Bool = false, prefix: String = "", layout: inout ParameterLayout) throws {
         guard channels >= 1 else {
-            throw DeformUXError.invalidArgument("DDC layer", "channels must be >= 1, got \(channels)")
+            throw DeformUXError.invalidArgument("DDC layer", "channels must be >= 1", got: "\(channels)")
+        }
+        guard offsetKernel == 1 || offsetKernel == 3 else {
+            throw DeformUXError.invalidArgument("DDC layer", "the offset kernel must be 1 or 3", got: "\(offsetKernel)")
+        }
+        if offsetKernel == 3 || standard, offsetMode != .aligned {
+            throw DeformUXError.invalidArgument("DDC layer", "a 3x3x3 offset branch and the standard conv need aligned offsets")
         }
         self.channels = channels
         self.offsetMode = offsetMode
-        weight = try layout.add(prefix + "weight", shape: [channels, 1, 3, 3, 3])
+        self.offsetKernel = offsetKernel
+        self.heldAxis = heldAxis
+        self.standard = standard
+        let k = offsetKernel
+        weight = try layout.add(prefix + "weight", shape: [channels, standard ? channels : 1, 3, 3, 3])
         bias = try layout.add(prefix + "bias", shape: [channels])
-        offsetWeight = try layout.add(prefix + "conv_offset.weight", shape: [DDCShape.offsetChannels, channels, 1, 1, 1])
+        offsetWeight = try layout.add(prefix + "conv_offset.weight", shape: [DDCShape.offsetChannels, channels, k, k, k])
         offsetBias = try layout.add(prefix + "conv_offset.bias", shape: [DDCShape.offsetChannels])
     }
 
+    /// The 3x3x3 offset conv is packed for its kernel; everything else is read as it is.
+    public func forms(_ f: inout [WeightSnapshot.Form]) {
+        if offsetKernel == 3 {
+            f[offsetWeight.index] = .conv(Conv3d.Packing(cin: channels, cout: DDCShape.offsetChannels, kernel: 3, padding: 1))
+        }
+    }
+
     /// PyTorch's default Conv3d initialisation (uniform +-1/sqrt(fan_in), fan_in = 27 for a
-    /// depthwise 3x3x3) for the DDC weight and bias; the offset branch starts at zero.
+    /// depthwise 3x3x3, 27 C for the standard conv) for the weight and bias; the offset branch starts
+    /// at zero.
     public func initialize(_ store: ParameterStore, rng: inout SplitMix64) {
-        let bound = 1 / Float(27).squareRoot()
+        let fanIn = (standard ? channels : 1) * 27
+        let bound = 1 / Float(fanIn).squareRoot()
         let w = store.value(weight), b = store.value(bias)
-        for i in 0..<(channels * 27) { w[i] = rng.uniform(-bound, bound) }
+        for i in 0..<(channels * fanIn) { w[i] = rng.uniform(-bound, bound) }
         for i in 0..<channels { b[i] = rng.uniform(-bound, bound) }
-        store.value(offsetWeight).initialize(repeating: 0, count: DDCShape.offsetChannels * channels)
+        let k3 = offsetKernel * offsetKernel * offsetKernel
+        store.value(offsetWeight).initialize(repeating: 0, count: DDCShape.offsetChannels * channels * k3)
         store.value(offsetBias).initialize(repeating: 0, count: DDCShape.offsetChannels)
     }
 
     func shape(of x: Tensor) throws -> DDCShape {
-        guard x.rank == 5, x.shape[1] == channels else {
-            throw DeformUXError.shapeMismatch("DDC layer", "expected x of shape N x \(channels) x D x H x W, got \(x.shape)")
+        let v = try Volume5(x, "DDC layer")
+        guard v.c == channels else {
+            throw DeformUXError.shapeMismatch("DDC layer", "x has the wrong channel count",
+                                              expected: "N x D x H x W x \(channels) (channels-last)", got: "shape \(x.shape)")
         }
         try x.requireContiguous("DDC layer x")
-        return try DDCShape(n: x.shape[0], c: x.shape[1], d: x.shape[2], h: x.shape[3], w: x.shape[4])
+        return try DDCShape(n: v.n, c: v.c, d: v.d, h: v.h, w: v.w)
     }
 
-    public func forward(_ x: Tensor, parameters p: ParameterStore) throws -> Tensor {
+    func branch(_ ctx: RunContext) -> OffsetBranch {
+        offsetKernel == 3
+            ? .conv3(packedWeight: ctx.weight(offsetWeight), bias: ctx.weight(offsetBias))
+            : .pointwise(weight: ctx.weight(offsetWeight), bias: ctx.weight(offsetBias))
+    }
+
+    /// y = DDC(x) for channels-last x (N x D x H x W x C), into a new tensor or `into`.
+    public func forward(_ x: Tensor, _ ctx: RunContext, into: Tensor? = nil) throws -> Tensor {
         let s = try shape(of: x)
-        let y = try Tensor(uninitialized: x.shape, pool: pool)
-        try DDCLayerOps.forward(x: x.pointer, weight: p.value(weight), bias: p.value(bias),
-                                offsetWeight: p.value(offsetWeight), offsetBias: p.value(offsetBias),
-                                mode: offsetMode, y: y.pointer, offsetsOut: nil, shape: s, workspace: workspace)
+        let y = try into ?? ctx.output(x.shape)
+        let offsets = try DDCLayerOps.computeOffsets(x: x.pointer, branch: branch(ctx), mode: offsetMode, shape: s,
+                                                     layout: .channelsLast, heldAxis: heldAxis, workspace: ctx.workspace)
+        if standard {
+            try StandardDeformConv3d.forward(x: x.pointer, offsets: offsets, weight: ctx.weight(weight),
+                                             bias: ctx.weight(bias), y: y.pointer, shape: s, cout: channels,
+                                             workspace: ctx.workspace)
+        } else {
+            try DeformConv3d.forward(x: x.pointer, offsets: offsets, weight: ctx.weight(weight), bias: ctx.weight(bias),
+                                     y: y.pointer, shape: s, layout: .channelsLast, workspace: ctx.workspace)
+        }
         return y
     }
 
-    /// Adds the parameter gradients into `p.gradients()` and returns the gradient with respect to x.
-    public func backward(_ x: Tensor, gradY: Tensor, parameters p: ParameterStore) throws -> Tensor {
+    /// Adds dL/dx into gradX (nil: not wanted) and the parameter gradients into the store.
+    public func backward(_ x: Tensor, gradY: Tensor, _ ctx: RunContext, gradX: Tensor?) throws {
         let s = try shape(of: x)
         guard gradY.shape == x.shape else {
-            throw DeformUXError.shapeMismatch("DDC layer", "grad_output must have the shape of x \(x.shape), got \(gradY.shape)")
+            throw DeformUXError.shapeMismatch("DDC layer backward", "grad_output must have the shape of x",
+                                              expected: "\(x.shape)", got: "\(gradY.shape)")
         }
         try gradY.requireContiguous("DDC layer grad_output")
-        let gx = Tensor(shape: x.shape, strides: Tensor.contiguousStrides(x.shape),
-                        storage: try TensorStorage(count: x.count, zeroed: true, pool: pool), offset: 0)
-        try DDCLayerOps.backward(x: x.pointer, weight: p.value(weight), offsetWeight: p.value(offsetWeight),
-                                 offsetBias: p.value(offsetBias), mode: offsetMode, gradY: gradY.pointer,
-                                 gradX: gx.pointer, gradWeight: try p.gradient(weight), gradBias: try p.gradient(bias),
-                                 gradOffsetWeight: try p.gradient(offsetWeight), gradOffsetBias: try p.gradient(offsetBias),
-                                 shape: s, workspace: workspace)
-        return gx
+        let ws = ctx.workspace
+        let branch = branch(ctx)
+        let offsets = try DDCLayerOps.computeOffsets(x: x.pointer, branch: branch, mode: offsetMode, shape: s,
+                                                     layout: .channelsLast, heldAxis: heldAxis, workspace: ws)
+        let gOffW = ctx.gradient(offsetWeight), gOffB = ctx.gradient(offsetBias)
+        let gradOffsets = try DDCLayerOps.offsetGradientBuffer(s, gradX: gradX?.pointer, gradOffsetWeight: gOffW,
+                                                               gradOffsetBias: gOffB, workspace: ws)
+        if standard {
+            try StandardDeformConv3d.backward(x: x.pointer, offsets: offsets, weight: ctx.weight(weight), gradY: gradY.pointer,
+                                              gradX: gradX?.pointer, gradOffsets: gradOffsets,
+                                              gradWeight: ctx.gradient(weight), gradBias: ctx.gradient(bias),
+                                              shape: s, cout: channels, workspace: ws)
+        } else {
+            try DeformConv3d.backward(x: x.pointer, offsets: offsets, weight: ctx.weight(weight), gradY: gradY.pointer,
+                                      gradX: gradX?.pointer, gradOffsets: gradOffsets, gradWeight: ctx.gradient(weight),
+                                      gradBias: ctx.gradient(bias), shape: s, layout: .channelsLast, workspace: ws)
+        }
+        guard let gradOffsets else { return }
+        try DDCLayerOps.offsetBranchBackward(x: x.pointer, branch: branch, mode: offsetMode, gradOffsets: gradOffsets,
+                                             gradX: gradX?.pointer, gradOffsetWeight: gOffW, gradOffsetBias: gOffB,
+                                             shape: s, layout: .channelsLast, heldAxis: heldAxis, workspace: ws)
     }
 }

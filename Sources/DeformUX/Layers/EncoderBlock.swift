@@ -1,22 +1,29 @@
-import COpenBLAS
-
 /// One encoder block, ConvNeXt ordering with one residual (ARCHITECTURE.md section 2, following the
 /// released code rather than the paper's Eq. 3):
 ///
-///     y = DDC(x)                 DeformUX: depthwise deformable 3x3x3, offsets from a 1x1x1 conv of x
+///     y = DDC(x)                 DeformUX: deformable 3x3x3, offsets from a conv of x (`DeformableDepthwiseConv3d`)
 ///                                (3D UX-Net: depthwise Conv3d k x k x k, pad k/2, named `dwconv`)
-///     y = LN(y)                  channel LayerNorm, eps 1e-6
-///     y = pw2(GELU(pw1(y)))      C -> 4C -> C, dense or grouped (groups = C); absent with mlp = none
-///     out = x + gamma * y        layer scale, initialised to 1e-6; drop path 0
+///     z = LN(y)                  channel LayerNorm, eps 1e-6
+///     m = pw2(GELU(pw1(z)))      C -> 4C -> C, dense (`Pointwise`) or grouped (`GroupedPointwise3d`); m = z with mlp = none
+///     out = x + gamma * m        layer scale, initialised to 1e-6; drop path 0
 ///
 /// Parameters under `prefix` (e.g. "deformuxnet_3d.stages.0.1."): `ddc.weight`, `ddc.bias`,
 /// `ddc.conv_offset.weight`, `ddc.conv_offset.bias` (or `dwconv.weight`, `dwconv.bias`), `norm.weight`,
 /// `norm.bias`, `pwconv1.weight`, `pwconv1.bias`, `pwconv2.weight`, `pwconv2.bias`, `gamma`.
+///
+/// Inference runs the MLP in chunks of voxels whose 4C hidden values stay in cache (the same kernels on
+/// chunk-sized shapes) and writes LN and the residual in place; the saving forward keeps y (the LN
+/// input) and x, and the backward recomputes z, the offsets and the MLP's hidden values from them.
 final class EncoderBlock {
+    enum Spatial {
+        case deformable(DeformableDepthwiseConv3d)
+        /// 3D UX-Net's depthwise conv.
+        case depthwise(weight: ParameterRef, bias: ParameterRef, kernel: Int)
+    }
+
     let channels: Int
     let config: DeformUXNetConfig
-    let convWeight: ParameterRef, convBias: ParameterRef
-    let offsetWeight: ParameterRef?, offsetBias: ParameterRef?
+    let spatial: Spatial
     let norm: LayerNormLayer
     let pw1Weight: ParameterRef?, pw1Bias: ParameterRef?, pw2Weight: ParameterRef?, pw2Bias: ParameterRef?
     let gamma: ParameterRef
@@ -29,18 +36,14 @@ final class EncoderBlock {
         self.config = config
         switch config.block {
         case .deformux:
-            let k = config.offsetKernel
-            let inPerGroup = config.deformable == .standard ? c : 1
-            convWeight = try layout.add(prefix + "ddc.weight", shape: [c, inPerGroup, 3, 3, 3])
-            convBias = try layout.add(prefix + "ddc.bias", shape: [c])
-            offsetWeight = try layout.add(prefix + "ddc.conv_offset.weight", shape: [DDCShape.offsetChannels, c, k, k, k])
-            offsetBias = try layout.add(prefix + "ddc.conv_offset.bias", shape: [DDCShape.offsetChannels])
+            spatial = .deformable(try DeformableDepthwiseConv3d(
+                channels: c, offsetMode: config.offsetMode, offsetKernel: config.offsetKernel,
+                heldAxis: EncoderBlock.heldAxis(config.offsetPlanes), standard: config.deformable == .standard,
+                prefix: prefix + "ddc.", layout: &layout))
         case .uxnet:
             let k = config.kernelSize
-            convWeight = try layout.add(prefix + "dwconv.weight", shape: [c, 1, k, k, k])
-            convBias = try layout.add(prefix + "dwconv.bias", shape: [c])
-            offsetWeight = nil
-            offsetBias = nil
+            spatial = .depthwise(weight: try layout.add(prefix + "dwconv.weight", shape: [c, 1, k, k, k]),
+                                 bias: try layout.add(prefix + "dwconv.bias", shape: [c]), kernel: k)
         }
         norm = try LayerNormLayer(prefix + "norm.", channels: c, layout: &layout)
         switch config.mlp {
@@ -61,8 +64,8 @@ final class EncoderBlock {
     }
 
     /// The offset axis held at zero by a single-plane ablation (D, H, W are x, y, z).
-    var heldAxis: Int? {
-        switch config.offsetPlanes {
+    static func heldAxis(_ planes: DeformUXNetConfig.OffsetPlanes) -> Int? {
+        switch planes {
         case .all: return nil
         case .xy: return 2
         case .xz: return 1
@@ -70,118 +73,223 @@ final class EncoderBlock {
         }
     }
 
-    func forward(_ x: Tensor, _ ctx: RunContext) throws -> Tensor {
-        let v = Volume5(x)
-        let p = ctx.parameters
-        let y = try ctx.output(x.shape)
-        switch config.block {
-        case .deformux:
-            guard let offsetWeight, let offsetBias else {
-                throw DeformUXError.internal("encoder block", "the DeformUX block has no offset branch")
-            }
-            let s = try DDCShape(n: v.n, c: v.c, d: v.d, h: v.h, w: v.w)
-            let offsets = try DDCLayerOps.computeOffsets(x: x.pointer, offsetWeight: p.value(offsetWeight),
-                                                         offsetBias: p.value(offsetBias), mode: config.offsetMode,
-                                                         shape: s, layout: .channelsLast,
-                                                         offsetKernel: config.offsetKernel, workspace: ctx.workspace)
-            if let heldAxis { DDCLayerOps.holdAxis(heldAxis, of: offsets, shape: s) }
-            switch config.deformable {
-            case .depthwise:
-                try DeformConv3d.forward(x: x.pointer, offsets: offsets, weight: p.value(convWeight),
-                                         bias: p.value(convBias), y: y.pointer, shape: s, layout: .channelsLast,
-                                         workspace: ctx.workspace)
-            case .standard:
-                try StandardDeformConv3d.forward(x: x.pointer, offsets: offsets, weight: p.value(convWeight),
-                                                 bias: p.value(convBias), y: y.pointer, shape: s, cout: v.c,
-                                                 workspace: ctx.workspace)
-            }
-        case .uxnet:
-            let s = try DepthwiseConv3d.Shape(n: v.n, c: v.c, d: v.d, h: v.h, w: v.w, kernel: config.kernelSize)
-            let packed = try ctx.workspace.buffer("conv.packed", count: DepthwiseConv3d.packedCount(s))
-            DepthwiseConv3d.pack(weight: p.value(convWeight), into: packed, shape: s)
-            try DepthwiseConv3d.forward(x: x.pointer, packedWeight: packed, bias: p.value(convBias),
-                                        y: y.pointer, shape: s, workspace: ctx.workspace)
+    func forms(_ f: inout [WeightSnapshot.Form]) {
+        switch spatial {
+        case .deformable(let ddc): ddc.forms(&f)
+        case .depthwise(let w, _, let k): f[w.index] = .depthwise(channels: channels, kernel: k)
         }
-        ChannelLayerNorm.forward(x: y.pointer, weight: p.value(norm.weight), bias: p.value(norm.bias),
-                                 y: y.pointer, voxels: v.n * v.voxels, channels: v.c)
-        try mlpResidual(x: x.pointer, y: y.pointer, voxels: v.n * v.voxels, ctx)
+    }
+
+    struct Saved {
+        let x: Tensor
+        /// The spatial conv's output (the LayerNorm's input).
+        let y: Tensor
+    }
+
+    /// y = spatial conv(x), into a new tensor.
+    private func spatialForward(_ x: Tensor, _ ctx: RunContext) throws -> Tensor {
+        switch spatial {
+        case .deformable(let ddc):
+            return try ddc.forward(x, ctx)
+        case .depthwise(let w, let b, let k):
+            let v = try Volume5(x, "encoder block")
+            let s = try DepthwiseConv3d.Shape(n: v.n, c: v.c, d: v.d, h: v.h, w: v.w, kernel: k)
+            let y = try ctx.output(x.shape)
+            try DepthwiseConv3d.forward(x: x.pointer, packedWeight: ctx.weight(w), bias: ctx.weight(b),
+                                        y: y.pointer, shape: s, workspace: ctx.workspace)
+            return y
+        }
+    }
+
+    func forward(_ x: Tensor, _ ctx: RunContext) throws -> Tensor {
+        let y = try spatialForward(x, ctx)
+        _ = try norm.forward(y, ctx, into: y)
+        try mlpResidual(x: x.pointer, z: y.pointer, out: y.pointer, voxels: x.count / channels, ctx)
         return y
     }
 
-    /// y = x + gamma * MLP(y), chunk by chunk (y is overwritten in place).
-    func mlpResidual(x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, voxels: Int, _ ctx: RunContext) throws {
+    func forwardSaving(_ x: Tensor, _ ctx: RunContext) throws -> (out: Tensor, saved: Saved) {
+        let y = try spatialForward(x, ctx)
+        let out = try norm.forward(y, ctx)
+        try mlpResidual(x: x.pointer, z: out.pointer, out: out.pointer, voxels: x.count / channels, ctx)
+        return (out, Saved(x: x, y: y))
+    }
+
+    /// out = x + gamma * MLP(z), chunk by chunk with the MLP's kernels on chunk-sized shapes (out may
+    /// be z).
+    func mlpResidual(x: UnsafePointer<Float>, z: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, voxels: Int,
+                     _ ctx: RunContext) throws {
         let c = channels, hidden = 4 * c, chunk = EncoderBlock.mlpChunk
-        let p = ctx.parameters
-        let g = p.value(gamma)
+        let g = ctx.weight(gamma)
         let chunks = (voxels + chunk - 1) / chunk
         let parts = max(1, min(Threads.count, chunks))
         let perPart = chunk * (hidden + c)
         let scratch = try ctx.workspace.buffer("encoderblock.mlp", count: parts * perPart)
         let mlp = config.mlp
-        let w1 = pw1Weight.map { p.value($0) }, b1 = pw1Bias.map { p.value($0) }
-        let w2 = pw2Weight.map { p.value($0) }, b2 = pw2Bias.map { p.value($0) }
+        let w1 = pw1Weight.map { ctx.weight($0) }, b1 = pw1Bias.map { ctx.weight($0) }
+        let w2 = pw2Weight.map { ctx.weight($0) }, b2 = pw2Bias.map { ctx.weight($0) }
+        let ws = ctx.workspace
         parallelFor(parts) { part in
             let h = scratch + part * perPart
-            let out = h + chunk * hidden
+            let m = h + chunk * hidden
             for ch in Threads.range(part, of: parts, total: chunks) {
+                if ws.stopRequested() { return }
                 let v0 = ch * chunk
                 let rows = min(chunk, voxels - v0)
-                let yc = y + v0 * c, xc = x + v0 * c
+                let zc = z + v0 * c, xc = x + v0 * c, oc = out + v0 * c
                 switch mlp {
                 case .dense:
                     guard let w1, let b1, let w2, let b2 else { return }
-                    // h (rows x 4C) = y . W1^T + b1;  out (rows x C) = GELU(h) . W2^T + b2
-                    for r in 0..<rows { (h + r * hidden).update(from: b1, count: hidden) }
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(hidden), Int32(c),
-                                1, yc, Int32(c), w1, Int32(c), 1, h, Int32(hidden))
+                    Pointwise.forward(x: zc, weight: w1, bias: b1, y: h,
+                                      shape: .init(n: 1, cin: c, cout: hidden, voxels: rows, xLayout: .channelsLast, yLayout: .channelsLast))
                     Activation.gelu(x: h, y: h, count: rows * hidden)
-                    for r in 0..<rows { (out + r * c).update(from: b2, count: c) }
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(c), Int32(hidden),
-                                1, h, Int32(hidden), w2, Int32(hidden), 1, out, Int32(c))
+                    Pointwise.forward(x: h, weight: w2, bias: b2, y: m,
+                                      shape: .init(n: 1, cin: hidden, cout: c, voxels: rows, xLayout: .channelsLast, yLayout: .channelsLast))
                 case .grouped:
                     guard let w1, let b1, let w2, let b2 else { return }
-                    // groups = C: hidden 4c+k = w1[4c+k] * y[c] + b1[4c+k]; out c = sum_k w2[c,k] * GELU(hidden 4c+k) + b2[c]
-                    for r in 0..<rows {
-                        let yr = yc + r * c, hr = h + r * hidden
-                        for i in 0..<hidden { hr[i] = w1[i] * yr[i / 4] + b1[i] }
-                    }
+                    GroupedPointwise3d.expand(x: zc, weight: w1, bias: b1, y: h, voxels: rows, channels: c, ratio: 4)
                     Activation.gelu(x: h, y: h, count: rows * hidden)
-                    for r in 0..<rows {
-                        let hr = h + r * hidden, or = out + r * c
-                        for i in 0..<c {
-                            var s = b2[i]
-                            for k in 0..<4 { s += w2[i * 4 + k] * hr[i * 4 + k] }
-                            or[i] = s
-                        }
-                    }
+                    GroupedPointwise3d.reduce(x: h, weight: w2, bias: b2, y: m, voxels: rows, channels: c, ratio: 4)
                 case .none:
-                    out.update(from: yc, count: rows * c)
+                    m.update(from: zc, count: rows * c)
                 }
                 for r in 0..<rows {
-                    let yr = yc + r * c, xr = xc + r * c, or = out + r * c
-                    for i in 0..<c { yr[i] = xr[i] + g[i] * or[i] }
+                    let xr = xc + r * c, mr = m + r * c, or = oc + r * c
+                    for i in 0..<c { or[i] = xr[i] + g[i] * mr[i] }
                 }
             }
+        }
+        try ws.throwIfCancelled("encoder block")
+    }
+
+    /// Adds dL/dx into gradX and the parameter gradients into the store. `gradOut` is overwritten.
+    func backward(_ gradOut: Tensor, _ saved: Saved, _ ctx: RunContext, gradX: Tensor) throws {
+        let x = saved.x, y = saved.y
+        let v = try Volume5(x, "encoder block backward")
+        let c = channels, voxels = v.n * v.voxels, count = x.count
+        guard gradOut.shape == x.shape, gradX.shape == x.shape else {
+            throw DeformUXError.shapeMismatch("encoder block backward", "gradients must have the shape of x",
+                                              expected: "\(x.shape)", got: "\(gradOut.shape), \(gradX.shape)")
+        }
+        let ws = ctx.workspace
+        // The residual.
+        Activation.add(gradOut.pointer, into: gradX.pointer, count: count)
+        // Recompute z = LN(y) and push gradOut back through gamma and the MLP: dL/dz.
+        let z = try norm.forward(y, ctx)
+        let gz = try ctx.zeros(x.shape)
+        let cl = Layout.channelsLast
+        switch config.mlp {
+        case .dense, .grouped:
+            guard let w1Ref = pw1Weight, let b1Ref = pw1Bias, let w2Ref = pw2Weight, let b2Ref = pw2Bias else {
+                throw DeformUXError.internal("encoder block", "the MLP has no parameters")
+            }
+            let w1 = ctx.weight(w1Ref), b1 = ctx.weight(b1Ref), w2 = ctx.weight(w2Ref), b2 = ctx.weight(b2Ref)
+            let dense = config.mlp == .dense
+            let hidden = 4 * c
+            let h = try ctx.output([voxels, hidden])
+            if dense {
+                Pointwise.forward(x: z.pointer, weight: w1, bias: b1, y: h.pointer,
+                                  shape: .init(n: 1, cin: c, cout: hidden, voxels: voxels, xLayout: cl, yLayout: cl))
+            } else {
+                GroupedPointwise3d.expand(x: z.pointer, weight: w1, bias: b1, y: h.pointer, voxels: voxels, channels: c, ratio: 4)
+            }
+            let g = try ctx.output([voxels, hidden])
+            Activation.gelu(x: h.pointer, y: g.pointer, count: voxels * hidden)
+            let m = try ctx.output(x.shape)
+            if dense {
+                Pointwise.forward(x: g.pointer, weight: w2, bias: b2, y: m.pointer,
+                                  shape: .init(n: 1, cin: hidden, cout: c, voxels: voxels, xLayout: cl, yLayout: cl))
+            } else {
+                GroupedPointwise3d.reduce(x: g.pointer, weight: w2, bias: b2, y: m.pointer, voxels: voxels, channels: c, ratio: 4)
+            }
+            // gamma's gradient, then m becomes dL/dm = gradOut * gamma.
+            try EncoderBlock.gammaBackward(gradOut: gradOut.pointer, m: m.pointer, gamma: ctx.weight(gamma),
+                                           gradGamma: ctx.gradient(gamma), gradM: m.pointer, voxels: voxels,
+                                           channels: c, workspace: ws)
+            // pw2: parameter gradients from g, then dL/dg into g's memory (g is no longer needed).
+            if dense {
+                let s2 = Pointwise.Shape(n: 1, cin: hidden, cout: c, voxels: voxels, xLayout: cl, yLayout: cl)
+                try Pointwise.backward(x: g.pointer, weight: w2, gradY: m.pointer, gradX: nil, gradWeight: ctx.gradient(w2Ref),
+                                       gradBias: ctx.gradient(b2Ref), shape: s2, workspace: ws)
+                g.pointer.initialize(repeating: 0, count: g.count)
+                try Pointwise.backward(x: g.pointer, weight: w2, gradY: m.pointer, gradX: g.pointer, gradWeight: nil,
+                                       gradBias: nil, shape: s2, workspace: ws)
+            } else {
+                try GroupedPointwise3d.reduceBackward(x: g.pointer, weight: w2, gradY: m.pointer, gradX: nil,
+                                                      gradWeight: ctx.gradient(w2Ref), gradBias: ctx.gradient(b2Ref),
+                                                      voxels: voxels, channels: c, ratio: 4, workspace: ws)
+                g.pointer.initialize(repeating: 0, count: g.count)
+                try GroupedPointwise3d.reduceBackward(x: g.pointer, weight: w2, gradY: m.pointer, gradX: g.pointer,
+                                                      gradWeight: nil, gradBias: nil, voxels: voxels, channels: c,
+                                                      ratio: 4, workspace: ws)
+            }
+            // GELU: dL/dh in place over dL/dg.
+            Activation.geluBackward(x: h.pointer, gradY: g.pointer, gradX: g.pointer, count: voxels * hidden,
+                                    accumulate: false)
+            if dense {
+                try Pointwise.backward(x: z.pointer, weight: w1, gradY: g.pointer, gradX: gz.pointer,
+                                       gradWeight: ctx.gradient(w1Ref), gradBias: ctx.gradient(b1Ref),
+                                       shape: .init(n: 1, cin: c, cout: hidden, voxels: voxels, xLayout: cl, yLayout: cl),
+                                       workspace: ws)
+            } else {
+                try GroupedPointwise3d.expandBackward(x: z.pointer, weight: w1, gradY: g.pointer, gradX: gz.pointer,
+                                                      gradWeight: ctx.gradient(w1Ref), gradBias: ctx.gradient(b1Ref),
+                                                      voxels: voxels, channels: c, ratio: 4, workspace: ws)
+            }
+        case .none:
+            try EncoderBlock.gammaBackward(gradOut: gradOut.pointer, m: z.pointer, gamma: ctx.weight(gamma),
+                                           gradGamma: ctx.gradient(gamma), gradM: gz.pointer, voxels: voxels,
+                                           channels: c, workspace: ws)
+        }
+        // LayerNorm, then the spatial conv.
+        let gy = try ctx.zeros(x.shape)
+        try norm.backward(y, gradY: gz, ctx, gradX: gy)
+        switch spatial {
+        case .deformable(let ddc):
+            try ddc.backward(x, gradY: gy, ctx, gradX: gradX)
+        case .depthwise(let w, let b, let k):
+            let s = try DepthwiseConv3d.Shape(n: v.n, c: v.c, d: v.d, h: v.h, w: v.w, kernel: k)
+            try DepthwiseConv3d.backward(x: x.pointer, packedWeight: ctx.weight(w), gradY: gy.pointer, gradX: gradX.pointer,
+                                         gradWeight: ctx.gradient(w), gradBias: ctx.gradient(b), shape: s, workspace: ws)
+        }
+    }
+
+    /// gradGamma += sum over voxels of gradOut * m (per channel; per-part Double sums added in part
+    /// order), and gradM = gradOut * gamma (gradM may alias m).
+    static func gammaBackward(gradOut: UnsafePointer<Float>, m: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
+                              gradGamma: UnsafeMutablePointer<Float>?, gradM: UnsafeMutablePointer<Float>,
+                              voxels: Int, channels c: Int, workspace: Workspace) throws {
+        let parts = max(1, min(Threads.count, voxels / 1024))
+        let raw = try workspace.buffer("encoderblock.gammaParts", count: 2 * parts * c)
+        let partials = UnsafeMutableRawPointer(raw).bindMemory(to: Double.self, capacity: parts * c)
+        partials.initialize(repeating: 0, count: parts * c)
+        parallelFor(parts) { part in
+            let acc = partials + part * c
+            for v in Threads.range(part, of: parts, total: voxels) {
+                let g = gradOut + v * c, mv = m + v * c, d = gradM + v * c
+                for i in 0..<c {
+                    acc[i] += Double(g[i] * mv[i])
+                    d[i] = g[i] * gamma[i]
+                }
+            }
+        }
+        guard let gradGamma else { return }
+        for i in 0..<c {
+            var s: Double = 0
+            for p in 0..<parts { s += partials[p * c + i] }
+            gradGamma[i] += Float(s)
         }
     }
 
     func initialize(_ p: ParameterStore, _ rng: inout SplitMix64) {
         let c = channels
-        switch config.block {
-        case .deformux:
-            let fanIn = (config.deformable == .standard ? c : 1) * 27
-            initUniform(p, convWeight, count: c * fanIn, fanIn: fanIn, &rng)
-            initUniform(p, convBias, count: c, fanIn: fanIn, &rng)
-            // The offset branch starts at zero: a fresh block is a plain depthwise 3x3x3 conv.
-            if let offsetWeight, let offsetBias {
-                let k = config.offsetKernel
-                initConstant(p, offsetWeight, count: DDCShape.offsetChannels * c * k * k * k, 0)
-                initConstant(p, offsetBias, count: DDCShape.offsetChannels, 0)
-            }
-        case .uxnet:
-            let k3 = config.kernelSize * config.kernelSize * config.kernelSize
-            initUniform(p, convWeight, count: c * k3, fanIn: k3, &rng)
-            initUniform(p, convBias, count: c, fanIn: k3, &rng)
+        switch spatial {
+        case .deformable(let ddc):
+            ddc.initialize(p, rng: &rng)
+        case .depthwise(let w, let b, let k):
+            let k3 = k * k * k
+            initUniform(p, w, count: c * k3, fanIn: k3, &rng)
+            initUniform(p, b, count: c, fanIn: k3, &rng)
         }
         norm.initialize(p)
         if let pw1Weight, let pw1Bias, let pw2Weight, let pw2Bias {

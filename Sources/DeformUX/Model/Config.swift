@@ -45,23 +45,29 @@ public struct DeformUXNetConfig: Sendable, Equatable, Codable {
         self.deformable = deformable
     }
 
+    /// Bounds of `validate`: widths (channels), blocks per stage, UX-Net kernel size.
+    public static let maxWidth = 16384, maxDepth = 64, maxKernelSize = 31
+
     /// The state-dict prefix of the encoder.
     public var encoderPrefix: String { block == .deformux ? "deformuxnet_3d." : "uxnet_3d." }
 
     /// Checks every field; the message names the field, what was expected and what came.
     public func validate() throws {
         func fail(_ m: String) -> DeformUXError { DeformUXError.invalidArgument("DeformUXNet config", "\(m)") }
-        guard inChannels >= 1 else { throw fail("in_channels must be >= 1, got \(inChannels)") }
-        guard outChannels >= 1 else { throw fail("out_channels must be >= 1, got \(outChannels)") }
-        guard featureSize.count == 4, featureSize.allSatisfy({ $0 >= 1 }) else {
-            throw fail("feature_size must be 4 positive widths, got \(featureSize)")
+        // Upper bounds far above any real network, so that every size computed from a configuration
+        // fits in memory arithmetic (and a typo gives a message instead of a 1 TB allocation).
+        let maxWidth = DeformUXNetConfig.maxWidth, maxDepth = DeformUXNetConfig.maxDepth
+        guard (1...maxWidth).contains(inChannels) else { throw fail("in_channels must be in 1...\(maxWidth), got \(inChannels)") }
+        guard (1...maxWidth).contains(outChannels) else { throw fail("out_channels must be in 1...\(maxWidth), got \(outChannels)") }
+        guard featureSize.count == 4, featureSize.allSatisfy({ (1...maxWidth).contains($0) }) else {
+            throw fail("feature_size must be 4 widths in 1...\(maxWidth), got \(featureSize)")
         }
-        guard depths.count == 4, depths.allSatisfy({ $0 >= 0 }) else {
-            throw fail("depths must be 4 non-negative block counts, got \(depths)")
+        guard depths.count == 4, depths.allSatisfy({ (0...maxDepth).contains($0) }) else {
+            throw fail("depths must be 4 block counts in 0...\(maxDepth), got \(depths)")
         }
-        guard hiddenSize >= 1 else { throw fail("hidden_size must be >= 1, got \(hiddenSize)") }
-        guard kernelSize >= 1, kernelSize % 2 == 1 else {
-            throw fail("kernel_size must be odd and >= 1, got \(kernelSize)")
+        guard (1...maxWidth).contains(hiddenSize) else { throw fail("hidden_size must be in 1...\(maxWidth), got \(hiddenSize)") }
+        guard (1...DeformUXNetConfig.maxKernelSize).contains(kernelSize), kernelSize % 2 == 1 else {
+            throw fail("kernel_size must be odd and in 1...\(DeformUXNetConfig.maxKernelSize), got \(kernelSize)")
         }
         guard offsetKernel == 1 || offsetKernel == 3 else {
             throw fail("offset_kernel must be 1 or 3, got \(offsetKernel)")

@@ -11,8 +11,20 @@ public struct ModelSummary: Sendable, CustomStringConvertible {
     }
 
     public let rows: [Row]
-    public var totalParameters: Int { rows.reduce(0) { $0 + $1.parameters } }
-    public var totalMACs: Int { rows.reduce(0) { $0 + $1.macs } }
+    public let totalParameters: Int
+    /// Multiply-adds of the whole network (checked against overflow when the summary was made).
+    public let totalMACs: Int
+
+    init(rows: [Row]) throws {
+        self.rows = rows
+        var p = 0, m = 0
+        for r in rows {
+            p = try checkedSum(p, r.parameters)
+            m = try checkedSum(m, r.macs)
+        }
+        totalParameters = p
+        totalMACs = m
+    }
 
     public var description: String {
         var lines = [pad("module", 44) + pad("output", 26) + lpad("parameters", 14) + lpad("GMACs", 10)]
@@ -27,19 +39,22 @@ public struct ModelSummary: Sendable, CustomStringConvertible {
 }
 
 extension DeformUXNet {
-    /// The summary for an input of shape N x Cin x D x H x W (sizes multiples of 16).
+    /// The summary for an input of shape N x Cin x D x H x W (sizes multiples of 16). Every count is
+    /// computed with checked arithmetic: an input too large to count throws instead of trapping.
     public func summary(inputShape: [Int]) throws -> ModelSummary {
-        try validateInput(inputShape)
+        try validateInput(inputShape, operation: "summary")
         let c = config, f = c.featureSize
         let n = inputShape[0]
         let size = Array(inputShape[2...])
         func grid(_ level: Int) -> [Int] { size.map { $0 >> level } }
-        func vox(_ level: Int) -> Int { n * grid(level).reduce(1, *) }
+        func vox(_ level: Int) throws -> Int { try checkedProduct([n] + grid(level)) }
         func params(_ prefix: String) -> Int {
             parameters.layout.entries.filter { $0.name.hasPrefix(prefix) }.reduce(0) { $0 + $1.count }
         }
-        func resMACs(_ level: Int, _ cin: Int, _ cout: Int) -> Int {
-            vox(level) * (cout * cin * 27 + cout * cout * 27 + (cin != cout ? cout * cin : 0))
+        func resMACs(_ level: Int, _ cin: Int, _ cout: Int) throws -> Int {
+            let perVoxel = try checkedSum(checkedProduct([cout, cin, 27]), checkedProduct([cout, cout, 27]),
+                                          cin != cout ? checkedProduct([cout, cin]) : 0)
+            return try checkedProduct([vox(level), perVoxel])
         }
         var rows: [ModelSummary.Row] = []
         func add(_ module: String, _ channels: Int, _ level: Int, _ macs: Int, prefix: String? = nil) {
@@ -47,44 +62,70 @@ extension DeformUXNet {
                               parameters: params(prefix ?? module + "."), macs: macs))
         }
         let e = c.encoderPrefix
-        add(e + "downsample_layers.0", f[0], 1, vox(1) * f[0] * c.inChannels * 343)
+        add(e + "downsample_layers.0", f[0], 1, try checkedProduct([vox(1), f[0], c.inChannels, 343]))
         for i in 0..<4 {
             let level = i + 1
-            if i > 0 { add(e + "downsample_layers.\(i)", f[i], level, vox(level) * f[i] * f[i - 1] * 8) }
+            if i > 0 { add(e + "downsample_layers.\(i)", f[i], level, try checkedProduct([vox(level), f[i], f[i - 1], 8])) }
             for j in 0..<c.depths[i] {
                 let ch = f[i]
-                var macs = 0
+                var perVoxel = 0
                 switch c.block {
                 case .deformux:
                     let k3 = c.offsetKernel * c.offsetKernel * c.offsetKernel
-                    macs += vox(level) * 27 * ch * (c.deformable == .standard ? ch : 1)
-                    macs += vox(level) * DDCShape.offsetChannels * ch * k3
+                    perVoxel = try checkedSum(checkedProduct([27, ch, c.deformable == .standard ? ch : 1]),
+                                              checkedProduct([DDCShape.offsetChannels, ch, k3]))
                 case .uxnet:
-                    macs += vox(level) * ch * c.kernelSize * c.kernelSize * c.kernelSize
+                    perVoxel = try checkedProduct([ch, c.kernelSize, c.kernelSize, c.kernelSize])
                 }
                 switch c.mlp {
-                case .dense: macs += vox(level) * 8 * ch * ch
-                case .grouped: macs += vox(level) * 8 * ch
+                case .dense: perVoxel = try checkedSum(perVoxel, checkedProduct([8, ch, ch]))
+                case .grouped: perVoxel = try checkedSum(perVoxel, checkedProduct([8, ch]))
                 case .none: break
                 }
-                add(e + "stages.\(i).\(j)", ch, level, macs)
+                add(e + "stages.\(i).\(j)", ch, level, try checkedProduct([vox(level), perVoxel]))
             }
             add(e + "norm\(i)", f[i], level, 0)
         }
         let widths = [c.inChannels] + f + [c.hiddenSize]
         for k in 1...5 {
             let level = k == 1 ? 0 : k - 1
-            add("encoder\(k)", widths[k], level, resMACs(level, widths[k - 1], widths[k]))
+            add("encoder\(k)", widths[k], level, try resMACs(level, widths[k - 1], widths[k]))
         }
         for k in stride(from: 5, through: 2, by: -1) {
             let level = k - 2   // decoder k outputs at the resolution of encoder k-1
-            let up = vox(level) * widths[k] * widths[k - 1]  // k2 s2 transposed: 8 taps per input voxel
-            add("decoder\(k)", widths[k - 1], level, up + resMACs(level, 2 * widths[k - 1], widths[k - 1]))
+            let up = try checkedProduct([vox(level), widths[k], widths[k - 1]])  // k2 s2 transposed: 8 taps per input voxel
+            add("decoder\(k)", widths[k - 1], level, try checkedSum(up, resMACs(level, 2 * widths[k - 1], widths[k - 1])))
         }
-        add("decoder1", f[0], 0, resMACs(0, f[0], f[0]))
-        add("out", c.outChannels, 0, vox(0) * c.outChannels * f[0])
-        return ModelSummary(rows: rows)
+        add("decoder1", f[0], 0, try resMACs(0, f[0], f[0]))
+        add("out", c.outChannels, 0, try checkedProduct([vox(0), c.outChannels, f[0]]))
+        return try ModelSummary(rows: rows)
     }
+}
+
+/// The product of `factors`, or an error when it overflows (a count for a size no machine can run).
+func checkedProduct(_ factors: [Int]) throws -> Int {
+    var p = 1
+    for f in factors {
+        let (r, overflow) = p.multipliedReportingOverflow(by: f)
+        guard !overflow else {
+            throw DeformUXError.invalidArgument("summary", "the input is too large to count its multiply-adds")
+        }
+        p = r
+    }
+    return p
+}
+
+/// The sum of `terms`, or an error when it overflows.
+func checkedSum(_ terms: Int...) throws -> Int {
+    var s = 0
+    for t in terms {
+        let (r, overflow) = s.addingReportingOverflow(t)
+        guard !overflow else {
+            throw DeformUXError.invalidArgument("summary", "the input is too large to count its multiply-adds")
+        }
+        s = r
+    }
+    return s
 }
 
 private func pad(_ s: String, _ width: Int) -> String {

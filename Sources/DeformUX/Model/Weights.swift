@@ -29,9 +29,11 @@ extension DeformUXNet {
         if strict && !report.isComplete {
             throw DeformUXError.invalidArgument("load_state_dict", "the tensors do not match the model's parameters; nothing was loaded\n\(report)")
         }
-        for (entry, source) in plan {
-            let e = parameters.layout.entries[entry]
-            (parameters.values.pointer + e.offset).update(from: items[source].values, count: e.count)
+        try parameters.write("load state dict") {
+            for (entry, source) in plan {
+                let e = parameters.layout.entries[entry]
+                (parameters.values + e.offset).update(from: items[source].values, count: e.count)
+            }
         }
         return report
     }

@@ -13,6 +13,8 @@ public final class TensorStorage: @unchecked Sendable {
     private let owned: Bool
     /// Where the memory goes back to when this storage is released (nil: freed).
     private let pool: StoragePool?
+    /// For borrowed memory: the object that owns it, kept alive as long as this storage.
+    private let owner: AnyObject?
 
     /// Allocates `count` floats, zero-filled, or (zeroed false) left as the allocator gives them, for
     /// outputs a kernel overwrites in full. With a pool, memory of the same size released earlier is
@@ -37,15 +39,17 @@ public final class TensorStorage: @unchecked Sendable {
         self.count = count
         owned = true
         self.pool = pool
+        owner = nil
     }
 
-    /// Wraps memory owned by someone else (a NumPy array behind the C ABI). The owner keeps it alive
-    /// for as long as this storage is used.
-    public init(borrowing pointer: UnsafeMutablePointer<Float>, count: Int) {
+    /// Wraps memory owned by someone else: a NumPy array behind the C ABI (whose owner keeps it alive
+    /// for as long as this storage is used), or a region of `owner` (kept alive by this storage).
+    public init(borrowing pointer: UnsafeMutablePointer<Float>, count: Int, owner: AnyObject? = nil) {
         self.pointer = pointer
         self.count = count
         owned = false
         pool = nil
+        self.owner = owner
     }
 
     deinit {
@@ -97,21 +101,19 @@ public final class StoragePool: @unchecked Sendable {
     private var highWater = 0
     /// Sizes taken since the last `endPass`.
     private var used = Set<Int>()
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let mutex = ShortLock()
 
-    public init() { pthread_mutex_init(mutex, nil) }
+    public init() {}
 
     deinit {
         for (count, list) in retained { for p in list { freeFloats(p, count) } }
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
     }
 
     /// Memory of exactly `count` floats released earlier, or nil: the caller then allocates `count`
     /// floats itself (and calls `failed` if that fails).
     func take(count: Int) -> UnsafeMutablePointer<Float>? {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
+        mutex.lock()
+        defer { mutex.unlock() }
         used.insert(count)
         liveFloats += count
         if let p = retained[count]?.popLast() {
@@ -129,14 +131,14 @@ public final class StoragePool: @unchecked Sendable {
 
     /// The allocation after a miss of `take(count:)` failed.
     func failed(count: Int) {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
+        mutex.lock()
+        defer { mutex.unlock() }
         liveFloats -= count
     }
 
     func give(_ p: UnsafeMutablePointer<Float>, count: Int) {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
+        mutex.lock()
+        defer { mutex.unlock() }
         liveFloats -= count
         retained[count, default: []].append(p)
         retainedFloats += count
@@ -144,8 +146,8 @@ public final class StoragePool: @unchecked Sendable {
 
     /// Frees the retained memory of every size not taken since the previous call.
     public func endPass() {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
+        mutex.lock()
+        defer { mutex.unlock() }
         for (count, list) in retained where !used.contains(count) {
             for p in list { freeFloats(p, count) }
             retainedFloats -= count * list.count
@@ -156,8 +158,8 @@ public final class StoragePool: @unchecked Sendable {
 
     /// Frees all retained memory.
     public func trim() {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
+        mutex.lock()
+        defer { mutex.unlock() }
         for (count, list) in retained { for p in list { freeFloats(p, count) } }
         retained.removeAll()
         retainedFloats = 0
@@ -165,8 +167,8 @@ public final class StoragePool: @unchecked Sendable {
 
     /// Bytes held for reuse.
     public var retainedBytes: Int {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
+        mutex.lock()
+        defer { mutex.unlock() }
         return retainedFloats * 4
     }
 }
@@ -319,11 +321,23 @@ public struct Tensor: @unchecked Sendable {
 }
 
 /// Reusable scratch memory for kernels, grown on demand and kept between calls so that hot loops
-/// never allocate. One workspace per layer (or per caller); not shared between concurrent calls.
+/// never allocate, and the caller's `cancellation`, which kernels consult in their block loops. It
+/// belongs to whoever runs the kernels (a session, a trainer, a C ABI caller); not shared between
+/// concurrent calls.
 public final class Workspace: @unchecked Sendable {
     private var buffers: [String: TensorStorage] = [:]
+    /// Set by the runner for the duration of a call that can be cancelled.
+    public var cancellation: Cancellation?
 
     public init() {}
+
+    /// Whether the running call should stop early (see `Cancellation.stopRequested`).
+    @inline(__always) public func stopRequested() -> Bool { cancellation?.stopRequested() ?? false }
+
+    /// Throws `.cancelled` if the running call was asked to stop.
+    public func throwIfCancelled(_ operation: String) throws {
+        try cancellation?.throwIfCancelled(operation, "while running")
+    }
 
     /// At least `count` floats under `name`. The contents are whatever the last user left.
     public func buffer(_ name: String, count: Int) throws -> UnsafeMutablePointer<Float> {

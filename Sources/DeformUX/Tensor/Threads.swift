@@ -59,11 +59,14 @@ public func parallelFor(_ parts: Int, _ body: (Int) -> Void) {
 }
 
 /// A small persistent pool of pthreads. The calling thread works too.
+///
+/// After `fork()` the child has no workers (threads are not copied): `reinitialiseAfterFork` (called by
+/// the fork handler, see Locks.swift) resets the pool to empty, and the next job spawns workers again.
 final class ThreadPool: @unchecked Sendable {
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let mutex = ShortLock()
     private let wake: UnsafeMutablePointer<pthread_cond_t>
     private let done: UnsafeMutablePointer<pthread_cond_t>
-    /// Held by the caller whose job the pool is running.
+    /// Held by the caller whose job the pool is running (for the whole job).
     private let busy: UnsafeMutablePointer<pthread_mutex_t>
 
     var threadCount: Int  // guarded by mutex
@@ -79,18 +82,29 @@ final class ThreadPool: @unchecked Sendable {
 
     init(threadCount: Int) {
         self.threadCount = threadCount
-        mutex = .allocate(capacity: 1)
         wake = .allocate(capacity: 1)
         done = .allocate(capacity: 1)
         busy = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
         pthread_mutex_init(busy, nil)
         pthread_cond_init(wake, nil)
         pthread_cond_init(done, nil)
     }
 
-    func lock() { pthread_mutex_lock(mutex) }
-    func unlock() { pthread_mutex_unlock(mutex) }
+    func lock() { mutex.lock() }
+    func unlock() { mutex.unlock() }
+
+    /// In a forked child: no worker exists, no job runs, and no caller holds the pool.
+    func reinitialiseAfterFork() {
+        pthread_mutex_init(busy, nil)
+        pthread_cond_init(wake, nil)
+        pthread_cond_init(done, nil)
+        workers = 0
+        activeHelpers = 0
+        job = nil
+        nextPart = 0
+        totalParts = 0
+        unfinished = 0
+    }
 
     private static let insidePart = ThreadLocalFlag()
 
@@ -108,8 +122,11 @@ final class ThreadPool: @unchecked Sendable {
             for p in 0..<parts { body(p) }
             return
         }
-        while workers < helpers { spawnWorker() }
-        activeHelpers = helpers
+        while workers < helpers {
+            // A worker that cannot be created leaves its parts to the caller and the others.
+            if !spawnWorker() { break }
+        }
+        activeHelpers = min(helpers, workers)
         withoutActuallyEscaping(body) { escapable in
             job = escapable
             nextPart = 0
@@ -120,7 +137,7 @@ final class ThreadPool: @unchecked Sendable {
             unlock()
             drain()
             lock()
-            while unfinished > 0 { pthread_cond_wait(done, mutex) }
+            while unfinished > 0 { mutex.wait(done) }
             job = nil
             unlock()
         }
@@ -152,7 +169,7 @@ final class ThreadPool: @unchecked Sendable {
         var seen = startGeneration
         lock()
         while true {
-            while generation == seen { pthread_cond_wait(wake, mutex) }
+            while generation == seen { mutex.wait(wake) }
             seen = generation
             if index >= activeHelpers { continue }
             unlock()
@@ -161,9 +178,9 @@ final class ThreadPool: @unchecked Sendable {
         }
     }
 
-    private func spawnWorker() {
+    /// Starts one more worker (called with the mutex held); false if the system refused a thread.
+    private func spawnWorker() -> Bool {
         let index = workers
-        workers += 1
         // The worker starts from the generation current now, so it also takes the job about to start.
         let box = Unmanaged.passRetained(WorkerStart(pool: self, index: index, generation: generation)).toOpaque()
         var thread = pthread_t()
@@ -173,13 +190,13 @@ final class ThreadPool: @unchecked Sendable {
             start.pool.workerLoop(index: start.index, startGeneration: start.generation)
             return nil
         }, box)
-        if rc == 0 {
-            pthread_detach(thread)
-        } else {
-            // No thread: the caller and the existing workers take its parts.
+        guard rc == 0 else {
             Unmanaged<WorkerStart>.fromOpaque(box).release()
-            workers -= 1
+            return false
         }
+        pthread_detach(thread)
+        workers += 1
+        return true
     }
 }
 

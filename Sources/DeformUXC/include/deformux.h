@@ -67,9 +67,22 @@ const char *dfx_version(void);
 dfx_status dfx_set_num_threads(int32_t n);
 int32_t dfx_get_num_threads(void);
 
-/* The operator calls below keep their scratch memory per calling thread between calls (it is freed
- * when the thread ends); this frees the calling thread's now. */
-dfx_status dfx_release_thread_memory(void);
+/* Called between the steps of a long call with (user, steps done, total steps), and periodically during
+ * long steps (every ~0.1 s, on the calling thread) with the same numbers; return non-zero to cancel:
+ * the call then returns DFX_ERR_CANCELLED. May be NULL wherever it is accepted. */
+typedef int32_t (*dfx_progress_fn)(void *user, int64_t done, int64_t total);
+
+/* ------------------------------------------------------------------------------------------------
+ * Workspaces: scratch memory for the operator calls below, owned by the caller and kept between calls
+ * (a DDC at 48^3 x 48 channels needs about 100 MB; allocating it on every call costs more than the
+ * operator). One call at a time uses a workspace; pass NULL to use a temporary one for a single call.
+ */
+typedef struct dfx_workspace dfx_workspace;
+dfx_status dfx_workspace_create(dfx_workspace **out);
+void dfx_workspace_free(dfx_workspace *ws);
+/* Frees the scratch a workspace holds (it stays usable). */
+dfx_status dfx_workspace_release(dfx_workspace *ws);
+dfx_status dfx_workspace_bytes(dfx_workspace *ws, int64_t *out);
 
 /*
  * Depthwise deformable 3x3x3 convolution with one offset field shared by all channels.
@@ -79,9 +92,10 @@ dfx_status dfx_release_thread_memory(void);
  *   bias     C, or NULL for none
  *   y        N x C x D x H x W    (output)
  */
-dfx_status dfx_deform_conv3d_forward(const float *x, const float *offsets, const float *weight,
-                                     const float *bias, float *y,
-                                     int64_t n, int64_t c, int64_t d, int64_t h, int64_t w);
+dfx_status dfx_deform_conv3d_forward(dfx_workspace *ws, const float *x, const float *offsets,
+                                     const float *weight, const float *bias, float *y,
+                                     int64_t n, int64_t c, int64_t d, int64_t h, int64_t w,
+                                     dfx_progress_fn progress, void *user);
 
 /*
  * Gradients of dfx_deform_conv3d_forward. Any output pointer may be NULL to skip that gradient.
@@ -91,11 +105,12 @@ dfx_status dfx_deform_conv3d_forward(const float *x, const float *offsets, const
  *   grad_weight   C x 1 x 3 x 3 x 3    (output)
  *   grad_bias     C                    (output)
  */
-dfx_status dfx_deform_conv3d_backward(const float *x, const float *offsets, const float *weight,
-                                      const float *grad_y,
+dfx_status dfx_deform_conv3d_backward(dfx_workspace *ws, const float *x, const float *offsets,
+                                      const float *weight, const float *grad_y,
                                       float *grad_x, float *grad_offsets, float *grad_weight,
                                       float *grad_bias,
-                                      int64_t n, int64_t c, int64_t d, int64_t h, int64_t w);
+                                      int64_t n, int64_t c, int64_t d, int64_t h, int64_t w,
+                                      dfx_progress_fn progress, void *user);
 
 /*
  * The DDC layer: offsets = conv_offset(x) (1x1x1 conv C -> 81 with bias, padding per offset_mode),
@@ -103,34 +118,38 @@ dfx_status dfx_deform_conv3d_backward(const float *x, const float *offsets, cons
  *   offset_weight  81 x C x 1 x 1 x 1,  offset_bias 81
  *   offsets_out    N x 81 x D x H x W, or NULL: receives the offsets the kernel used
  */
-dfx_status dfx_ddc_layer_forward(const float *x, const float *weight, const float *bias,
+dfx_status dfx_ddc_layer_forward(dfx_workspace *ws, const float *x, const float *weight, const float *bias,
                                  const float *offset_weight, const float *offset_bias,
                                  int32_t offset_mode, float *y, float *offsets_out,
-                                 int64_t n, int64_t c, int64_t d, int64_t h, int64_t w);
+                                 int64_t n, int64_t c, int64_t d, int64_t h, int64_t w,
+                                 dfx_progress_fn progress, void *user);
 
 /*
  * Gradients of dfx_ddc_layer_forward with respect to x and all four parameters
  * (the offset path included). Any output pointer may be NULL to skip it.
  */
-dfx_status dfx_ddc_layer_backward(const float *x, const float *weight, const float *offset_weight,
-                                  const float *offset_bias, int32_t offset_mode,
+dfx_status dfx_ddc_layer_backward(dfx_workspace *ws, const float *x, const float *weight,
+                                  const float *offset_weight, const float *offset_bias, int32_t offset_mode,
                                   const float *grad_y,
                                   float *grad_x, float *grad_weight, float *grad_bias,
                                   float *grad_offset_weight, float *grad_offset_bias,
-                                  int64_t n, int64_t c, int64_t d, int64_t h, int64_t w);
+                                  int64_t n, int64_t c, int64_t d, int64_t h, int64_t w,
+                                  dfx_progress_fn progress, void *user);
 
 
 /* ------------------------------------------------------------------------------------------------
- * The network: DeformUX-Net (or 3D UX-Net) behind an opaque handle. Calls on one handle are
- * serialised; different handles run concurrently. Every create has a matching dfx_model_free.
- * Text outputs (buf, cap, needed): the text and its NUL are copied when cap is large enough;
- * *needed always receives the bytes required (call with cap 0 to ask).
+ * The network: DeformUX-Net (or 3D UX-Net). A model is weights (configuration, parameters, their
+ * gradients); a session runs it (activations, scratch, weights packed for the kernels, kept between
+ * calls and refreshed when the weights change). Several sessions may run one model at the same time
+ * from different threads; calls on the model (state dict, load, save) may run while a session
+ * computes: the session keeps the weights it started with. A session runs one call at a time. Every
+ * create has a matching free; a session keeps its model alive.
+ * Text outputs (buf, cap, needed): the text is copied into buf, truncated to cap - 1 bytes and
+ * NUL-terminated (when cap > 0); *needed receives the bytes the whole text needs. The copy is
+ * complete when *needed <= cap; otherwise call again with a larger buffer.
  */
 typedef struct dfx_model dfx_model;
-
-/* Called between the steps of a long call with (user, steps done, total steps); return non-zero to
- * cancel: the call then returns DFX_ERR_CANCELLED. */
-typedef int32_t (*dfx_progress_fn)(void *user, int64_t done, int64_t total);
+typedef struct dfx_session dfx_session;
 
 /* config_json: a JSON object with the Python names (in_channels, out_channels, feature_size, depths,
  * hidden_size, block, mlp, offset_mode, kernel_size, offset_kernel, offset_planes, deformable);
@@ -146,7 +165,12 @@ dfx_status dfx_model_channels(const dfx_model *model, int32_t *in_channels, int3
 dfx_status dfx_model_num_tensors(const dfx_model *model, int64_t *out);
 dfx_status dfx_model_tensor_info(const dfx_model *model, int64_t index, const char **name, int32_t *rank,
                                  int64_t shape[8]);
+/* Copies parameter `index` (count floats) into out. */
 dfx_status dfx_model_get_tensor(const dfx_model *model, int64_t index, float *out, int64_t count);
+/* Copies the gradient of parameter `index` (count floats, PyTorch layout) into out. */
+dfx_status dfx_model_get_grad(const dfx_model *model, int64_t index, float *out, int64_t count);
+/* Sets every gradient to zero (backward calls add into the gradients). */
+dfx_status dfx_model_zero_grad(dfx_model *model);
 
 /* Loads count float32 tensors: names[i], data[i] (C-contiguous), ranks[i], shapes[8*i .. 8*i+rank).
  * Names may carry a "module." prefix or the prototype names ("convxnet.", ".dcn."). strict != 0: every
@@ -160,18 +184,29 @@ dfx_status dfx_model_save(const dfx_model *model, const char *path);
 /* What the last load matched: counts, then every missing, unexpected and mis-shaped name. */
 dfx_status dfx_model_last_report(const dfx_model *model, char *buf, int64_t cap, int64_t *needed);
 
-/* Logits y (N x Cout x D x H x W, no softmax) for x (N x Cin x D x H x W); D, H, W multiples of 16.
- * progress may be NULL. */
-dfx_status dfx_model_forward(dfx_model *model, const float *x, int64_t n, int64_t d, int64_t h, int64_t w,
-                             float *y, dfx_progress_fn progress, void *user);
-
-/* Frees the memory a model keeps between forwards (activation memory reused from one call to the
- * next, scratch buffers); the next forward allocates it again. */
-dfx_status dfx_model_release_memory(dfx_model *model);
-
 /* Per-module parameters and multiply-adds for an input N x Cin x D x H x W, as a text table. */
 dfx_status dfx_model_summary(const dfx_model *model, int64_t n, int64_t d, int64_t h, int64_t w,
                              char *buf, int64_t cap, int64_t *needed);
+
+dfx_status dfx_session_create(dfx_model *model, dfx_session **out);
+void dfx_session_free(dfx_session *session);
+/* The input and output channel counts of the session's model; either pointer may be NULL. */
+dfx_status dfx_session_channels(dfx_session *session, int32_t *in_channels, int32_t *out_channels);
+
+/* Logits y (N x Cout x D x H x W, no softmax) for x (N x Cin x D x H x W); D, H, W multiples of 16. */
+dfx_status dfx_session_forward(dfx_session *session, const float *x, int64_t n, int64_t d, int64_t h, int64_t w,
+                               float *y, dfx_progress_fn progress, void *user);
+
+/* Adds the gradients of sum(forward(x) * grad_y) with respect to every parameter into the model's
+ * gradients (zero them first with dfx_model_zero_grad: gradients accumulate), and writes dL/dx into
+ * grad_x (N x Cin x D x H x W) unless it is NULL. grad_y has the logits' shape. */
+dfx_status dfx_session_backward(dfx_session *session, const float *x, int64_t n, int64_t d, int64_t h, int64_t w,
+                                const float *grad_y, float *grad_x, dfx_progress_fn progress, void *user);
+
+/* Frees the memory a session keeps between calls (activations, scratch, packed weights). */
+dfx_status dfx_session_release_memory(dfx_session *session);
+/* Bytes a session keeps between calls. */
+dfx_status dfx_session_retained_bytes(dfx_session *session, int64_t *out);
 
 #ifdef __cplusplus
 }
