@@ -139,12 +139,12 @@ final class ResBlock {
                                   n: n, voxels: voxels, channels: c)
                 bhat = r
             }
-            // dL/db for conv2's raw output b, from its normalised value.
-            let g = try ctx.output(out.shape)
+            // dL/db for conv2's raw output b, from its normalised value, written over it (the kernel reads
+            // each element before it writes it).
             try InstanceNorm.backward(x: bhat.pointer, scale: nil, shift: nil, rstd: scale2, leakySlope: nil,
-                                      gradY: p.pointer, gradX: g.pointer, accumulate: false,
+                                      gradY: p.pointer, gradX: bhat.pointer, accumulate: false,
                                       n: n, voxels: voxels, channels: c, workspace: ws)
-            gb = g
+            gb = bhat
         }
         // conv2 read h = LeakyReLU(IN(a)); dL/dh goes into P's memory (P is no longer needed).
         let gh = p
@@ -212,9 +212,13 @@ final class UpBlock {
         block.forms(&f)
     }
 
+    /// What backward needs: the input, and the ResBlock's saved values without the upsampled input,
+    /// which backward recomputes (a k2 s2 transposed conv costs a few percent of the block and saves
+    /// the largest activation at full resolution).
     struct Saved {
         let x: Tensor
-        let block: ResBlock.Saved
+        let skip: Tensor
+        let a: Tensor, out: Tensor, affine: Tensor
     }
 
     /// The upsampled input, checked against the skip.
@@ -242,16 +246,15 @@ final class UpBlock {
     func forwardSaving(_ x: Tensor, skip: Tensor, _ ctx: RunContext) throws -> (out: Tensor, saved: Saved) {
         let (up, _) = try upsample(x, skip: skip, ctx)
         let (out, saved) = try block.forwardSaving(up, skip, ctx)
-        return (out, Saved(x: x, block: saved))
+        return (out, Saved(x: x, skip: skip, a: saved.a, out: saved.out, affine: saved.affine))
     }
 
     /// Adds dL/dx into gradX (nil: not wanted) and dL/dskip into gradSkip; `gradOut` is overwritten.
     func backward(_ gradOut: Tensor, _ saved: Saved, _ ctx: RunContext, gradX: Tensor?, gradSkip: Tensor) throws {
-        let up = saved.block.x
-        let v = try Volume5(saved.x, "up block backward")
-        let s = try ConvTranspose3d.Shape(n: v.n, cin: v.c, cout: cout, d: v.d, h: v.h, w: v.w)
+        let (up, s) = try upsample(saved.x, skip: saved.skip, ctx)
         let gUp = try ctx.zeros(up.shape)
-        try block.backward(gradOut, saved.block, ctx, gradX: gUp, gradX2: gradSkip)
+        try block.backward(gradOut, ResBlock.Saved(x: up, x2: saved.skip, a: saved.a, out: saved.out, affine: saved.affine),
+                           ctx, gradX: gUp, gradX2: gradSkip)
         try ConvTranspose3d.backward(x: saved.x.pointer, packedWeight: ctx.weight(transposedWeight), gradY: gUp.pointer,
                                      gradX: gradX?.pointer, gradWeight: ctx.gradient(transposedWeight), gradBias: nil,
                                      shape: s, workspace: ctx.workspace)

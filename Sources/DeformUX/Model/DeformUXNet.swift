@@ -218,7 +218,7 @@ public final class DeformUXNet {
         guard let dec2 = tape.dec[3], let enc1 = tape.enc[0] else {
             throw DeformUXError.internal("DeformUXNet.backward", "the tape is incomplete")
         }
-        var gSkip = try ctx.zeros(dec2.block.x2?.shape ?? [])
+        var gSkip = try ctx.zeros(dec2.skip.shape)
         gNext = try ctx.zeros(dec2.x.shape)
         try decoders[3].backward(g, dec2, ctx, gradX: gNext, gradSkip: gSkip)
         tape.dec[3] = nil
@@ -233,7 +233,7 @@ public final class DeformUXNet {
             guard let dec = tape.dec[i], let enc = tape.enc[3 - i] else {
                 throw DeformUXError.internal("DeformUXNet.backward", "the tape is incomplete")
             }
-            gSkip = try ctx.zeros(dec.block.x2?.shape ?? [])
+            gSkip = try ctx.zeros(dec.skip.shape)
             gNext = try ctx.zeros(dec.x.shape)
             try decoders[i].backward(g, dec, ctx, gradX: gNext, gradSkip: gSkip)
             tape.dec[i] = nil

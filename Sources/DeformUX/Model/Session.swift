@@ -1,3 +1,11 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// What runs a `DeformUXNet` (STYLE.md habit 16): the working memory of its forwards and backwards.
 ///
 /// A session owns a `WeightSnapshot` (every parameter packed for its kernel or copied, refreshed only
@@ -105,8 +113,17 @@ public final class Session {
             self.op = op; self.total = total; self.progress = progress; self.cancellation = cancellation
         }
 
+        /// DEFORMUX_TRACE_MEMORY=1 prints the activation memory after every step (a developer's tool).
+        static let trace = getenv("DEFORMUX_TRACE_MEMORY") != nil
+        weak var pool: StoragePool?
+        weak var workspace: Workspace?
+
         func advance(_ name: String) throws {
             done += 1
+            if Steps.trace, let pool, let workspace {
+                let live = pool.liveBytes
+                print("deformux memory: \(op) step \(done)/\(total) \(name): activations \(live.now >> 20) MB (peak \(live.peak >> 20) MB), retained \(pool.retainedBytes >> 20) MB, scratch \(workspace.bytes >> 20) MB")
+            }
             try cancellation?.check(op, "during \(name)")
             if let progress, !progress(done, total) {
                 cancellation?.cancel()
@@ -119,6 +136,8 @@ public final class Session {
     private func begin(_ op: String, gradients: UnsafeMutablePointer<Float>?, total: Int,
                        progress: DeformUXNet.Progress?, cancellation: Cancellation?) throws -> (RunContext, Steps) {
         let s = Steps(op, total: total, progress: progress, cancellation: cancellation)
+        s.pool = pool
+        s.workspace = workspace
         workspace.cancellation = cancellation
         try snapshot.refresh(from: model.parameters, operation: op)
         let ctx = RunContext(weights: snapshot, workspace: workspace, pool: pool, gradients: gradients,

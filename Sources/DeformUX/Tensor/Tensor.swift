@@ -165,6 +165,13 @@ public final class StoragePool: @unchecked Sendable {
         retainedFloats = 0
     }
 
+    /// Bytes handed out and not yet given back, and the most there ever were.
+    public var liveBytes: (now: Int, peak: Int) {
+        mutex.lock()
+        defer { mutex.unlock() }
+        return (liveFloats * 4, highWater * 4)
+    }
+
     /// Bytes held for reuse.
     public var retainedBytes: Int {
         mutex.lock()
