@@ -9,8 +9,8 @@
   ``module.`` is dropped, the prototype names ``convxnet.`` -> ``deformuxnet_3d.`` and ``.dcn.`` -> ``.ddc.``;
   then any ``--prefix-map OLD=NEW`` (a key starting with OLD gets NEW instead).
 * Infers the configuration from the shapes (in/out channels, feature sizes, depths, hidden size, block
-  deformux/uxnet, UX-Net's kernel size, MLP dense/grouped, and the offset-kernel-3 / standard-deformable
-  ablations), checks every key and shape against ARCHITECTURE.md section 5 for that configuration, and
+  deformux/uxnet, UX-Net's kernel size, MLP dense/grouped/none, and the offset-kernel-3 /
+  standard-deformable ablations; the single-plane ablations cannot be seen in the weights), checks every key and shape against ARCHITECTURE.md section 5 for that configuration, and
   writes float32 safetensors (atomically) with the configuration as JSON under the metadata key
   ``deformux.config``, using the engine's JSON keys (Sources/DeformUX/Model/ConfigJSON.swift:
   in_channels, out_channels, feature_size, depths, hidden_size, block, mlp, offset_mode, and
@@ -19,7 +19,9 @@
   ``official`` (the default here); pass ``--offset-mode aligned`` for models trained with aligned offsets.
 
 torch is needed only to read the .pth (imported inside `load_checkpoint`); everything else is numpy.
-This module imports nothing from the rest of the package, so it also runs as a plain script.
+Apart from `_atomic.py` (the atomic file write) this module imports nothing from the package, so it
+also loads as a top-level module with python/deformux/ on sys.path (as the fixture generators in tools/
+use it) and runs as a plain script.
 """
 import argparse
 import json
@@ -30,7 +32,10 @@ import sys
 
 import numpy as np
 
-from ._atomic import atomic_write
+if __package__:
+    from ._atomic import atomic_write
+else:  # a top-level module (tools/ put python/deformux/ on sys.path) or a plain script: _atomic is beside it
+    from _atomic import atomic_write
 
 CONFIG_KEY = "deformux.config"
 
@@ -149,11 +154,12 @@ def expected_shapes(config):
                 s[b + "dwconv.bias"] = (c,)
             s[b + "norm.weight"] = (c,)
             s[b + "norm.bias"] = (c,)
-            grouped = config["mlp"] == "grouped"
-            s[b + "pwconv1.weight"] = (4 * c, 1 if grouped else c, 1, 1, 1)
-            s[b + "pwconv1.bias"] = (4 * c,)
-            s[b + "pwconv2.weight"] = (c, 4 if grouped else 4 * c, 1, 1, 1)
-            s[b + "pwconv2.bias"] = (c,)
+            if config["mlp"] != "none":  # the Table 3 ablation "no MLP" has no pwconv1/pwconv2
+                grouped = config["mlp"] == "grouped"
+                s[b + "pwconv1.weight"] = (4 * c, 1 if grouped else c, 1, 1, 1)
+                s[b + "pwconv1.bias"] = (4 * c,)
+                s[b + "pwconv2.weight"] = (c, 4 if grouped else 4 * c, 1, 1, 1)
+                s[b + "pwconv2.bias"] = (c,)
             s[b + "gamma"] = (c,)
         s[e + f"norm{i}.weight"] = (c,)
         s[e + f"norm{i}.bias"] = (c,)
@@ -209,8 +215,9 @@ def infer_config(shapes, offset_mode="official"):
         raise ValueError("cannot infer the configuration: the encoder has no blocks")
     b0 = e + f"stages.{first}.0."
     mlp = "dense"
-    pw1 = need(b0 + "pwconv1.weight")
-    if pw1[1] == 1 and feature_size[first] > 1:
+    if b0 + "pwconv1.weight" not in shapes and b0 + "pwconv2.weight" not in shapes:
+        mlp = "none"
+    elif need(b0 + "pwconv1.weight")[1] == 1 and feature_size[first] > 1:
         mlp = "grouped"
     config = {
         "in_channels": stem[1],
