@@ -2,9 +2,24 @@ import XCTest
 @testable import DeformUX
 
 /// The paper's Table 3 ablations: the standard (full) deformable conv, the 3x3x3 offset branch,
-/// single-plane offsets and no MLP. Kernels against plain-loop references; whole networks build, count
-/// their parameters and run.
+/// single-plane offsets and no MLP. Kernels against plain-loop references; whole networks against the
+/// PyTorch transcription (Tests/Fixtures/network/ablation_*, written by tools/make_network_fixtures.py)
+/// at the main variants' bound, and they count their parameters.
 final class AblationTests: XCTestCase {
+    // MARK: Whole networks against PyTorch (atol 1e-4, rtol 1e-4, as NetworkTests)
+
+    func testOffsetKernel3MatchesPyTorch() throws { try NetworkTests.runFixture("ablation_offset_kernel3") }
+    /// Each plane fixture's logits change by 0.15 to 0.33 when its weights run with another offset_planes
+    /// setting (its V.json, checked by the generator), so a swapped axis mapping cannot pass these.
+    func testPlaneXYMatchesPyTorch() throws { try NetworkTests.runFixture("ablation_planes_xy") }
+    /// Official offsets: the held axis (H) is zeroed in the flat-read field.
+    func testPlaneXZOfficialMatchesPyTorch() throws { try NetworkTests.runFixture("ablation_planes_xz") }
+    func testPlaneYZMatchesPyTorch() throws { try NetworkTests.runFixture("ablation_planes_yz") }
+    func testNoMLPMatchesPyTorch() throws { try NetworkTests.runFixture("ablation_mlp_none") }
+    func testStandardDeformableMatchesPyTorch() throws { try NetworkTests.runFixture("ablation_standard") }
+
+    // MARK: Kernels and counts
+
     /// The standard deformable conv (channels-last) against its plain-loop reference in Double.
     func testStandardDeformableConvMatchesReference() throws {
         let cases: [(String, DDCShape)] = [

@@ -54,6 +54,7 @@ def test_normalize_name():
 
 def test_infer_config_round_trips_through_expected_shapes():
     for extra in [{}, {"offset_kernel": 3, "offset_mode": "aligned"}, {"deformable": "standard", "offset_mode": "aligned"},
+                  {"mlp": "none"}, {"mlp": "none", "block": "uxnet", "kernel_size": 3},
                   {"block": "uxnet", "mlp": "grouped", "kernel_size": 5, "offset_mode": "official"}]:
         cfg = {"in_channels": 3, "out_channels": 2, "feature_size": [4, 6, 10, 12], "depths": [0, 1, 3, 2],
                "hidden_size": 16, "block": "deformux", "mlp": "dense", "offset_mode": "official", **extra}

@@ -41,7 +41,22 @@ def test_parameter_counts(block, mlp, cout, count):
     assert DeformUXNet(out_channels=cout, block=block, mlp=mlp).num_parameters() == count
 
 
-@pytest.mark.parametrize("variant", ["dense_aligned", "grouped_official", "dense_official_n2", "uxnet"])
+def _fixture_variants():
+    """Every variant of Tests/Fixtures/network/manifest.json with its own io file (the main ones and the
+    Table 3 ablations; released_layout reuses grouped_official's)."""
+    with open(os.path.join(FIXTURES, "manifest.json")) as f:
+        names = json.load(f)["variants"]
+    return [n for n in names if os.path.exists(os.path.join(FIXTURES, f"{n}.io.safetensors"))]
+
+
+def test_fixture_manifest_lists_the_ablations():
+    names = _fixture_variants()
+    for name in ("dense_aligned", "uxnet", "ablation_offset_kernel3", "ablation_planes_xz", "ablation_mlp_none",
+                 "ablation_standard"):
+        assert name in names
+
+
+@pytest.mark.parametrize("variant", _fixture_variants())
 def test_matches_pytorch(variant):
     m = DeformUXNet.from_file(os.path.join(FIXTURES, f"{variant}.safetensors"))
     io, _ = read_safetensors(os.path.join(FIXTURES, f"{variant}.io.safetensors"))
