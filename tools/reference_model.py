@@ -5,7 +5,9 @@ checkpoints for python/deformux/convert.py. Needs torch; the engine never does.
 
 Module and parameter names are exactly the state-dict keys of ARCHITECTURE.md section 5 (the released
 code's): `deformuxnet_3d.` (or `uxnet_3d.`) encoder, `encoder1..5`, `decoder5..1`, `out`.
-The DDC is tools/ddc_torch_impl.py (grid_sample), with the `aligned` / `official` offset modes.
+The DDC is tools/ddc_torch_impl.py (grid_sample), with the `aligned` / `official` offset modes and the
+paper's Table 3 ablations as options (ARCHITECTURE.md section 3): `offset_kernel=3`, `offset_planes`
+"xy" / "xz" / "yz", `deformable="standard"`, and `mlp="none"`.
 
     python3 tools/reference_model.py --check-counts     # section 6's parameter counts, exactly
 """
