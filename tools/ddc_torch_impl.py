@@ -22,7 +22,10 @@ def kernel_positions(n, d, h, w, dtype, device=None):
 
 
 def ddc(x, offsets, weight, bias):
-    """x N x C x D x H x W, offsets N x 81 x D x H x W (channel 3t + a), weight C x 1 x 3 x 3 x 3, bias C or None."""
+    """x N x C x D x H x W, offsets N x 81 x D x H x W (channel 3t + a), bias Cout or None.
+    weight C x 1 x 3 x 3 x 3: the depthwise DDC, y[c] = b[c] + sum_t w[c, t] sample_t(x[c]);
+    weight Cout x C x 3 x 3 x 3 (C > 1): the `standard` ablation (Table 3), a full deformable conv with the
+    same shared offsets, y[o] = b[o] + sum_c sum_t w[o, c, t] sample_t(x[c])."""
     n, c, d, h, w = x.shape
     p = kernel_positions(n, d, h, w, x.dtype, x.device)[None] + offsets.view(n, 27, 3, d, h, w)
     size = torch.tensor([d, h, w], dtype=x.dtype, device=x.device).view(1, 1, 3, 1, 1, 1)
@@ -31,22 +34,52 @@ def ddc(x, offsets, weight, bias):
     grid = g.permute(0, 1, 3, 4, 5, 2).flip(-1).reshape(n, 27 * d, h, w, 3)
     s = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     s = s.view(n, c, 27, d, h, w)
-    y = torch.einsum("nctdhw,ct->ncdhw", s, weight.reshape(c, 27))
+    if weight.shape[1] == 1:
+        y = torch.einsum("nctdhw,ct->ncdhw", s, weight.reshape(c, 27))
+    else:
+        assert weight.shape[1] == c, (weight.shape, x.shape)
+        y = torch.einsum("nctdhw,oct->nodhw", s, weight.reshape(weight.shape[0], c, 27))
     if bias is not None:
-        y = y + bias.view(1, c, 1, 1, 1)
+        y = y + bias.view(1, -1, 1, 1, 1)
     return y
 
 
-def layer_offsets(x, offset_weight, offset_bias, mode):
-    """The offset branch: 1x1x1 conv C -> 81. 'aligned': padding 0. 'official': the released code's
-    padding 1, whose N x 81 x (D+2) x (H+2) x (W+2) buffer is read flat as N x 81 x D x H x W."""
+# The offset axes of a plane (ARCHITECTURE.md section 8: D, H, W are x, y, z).
+AXES = {"x": 0, "y": 1, "z": 2}
+
+
+def held_axis(planes):
+    """The offset axis a single-plane ablation holds at zero (section 3): the one not in the plane
+    ("xy" -> 2, the W axis; "xz" -> 1, H; "yz" -> 0, D). None for "all"."""
+    if planes == "all":
+        return None
+    assert len(planes) == 2 and set(planes) <= set(AXES), planes
+    (axis,) = set(AXES.values()) - {AXES[p] for p in planes}
+    return axis
+
+
+def layer_offsets(x, offset_weight, offset_bias, mode, planes="all"):
+    """The offset branch: conv C -> 81. With a 1x1x1 kernel, 'aligned': padding 0; 'official': the
+    released code's padding 1, whose N x 81 x (D+2) x (H+2) x (W+2) buffer is read flat as
+    N x 81 x D x H x W. With a 3x3x3 kernel (the Table 3 ablation; aligned only): padding 1.
+    `planes` other than "all" then sets the held axis's channels (3t + axis) to zero."""
     n, c, d, h, w = x.shape
-    if mode == "aligned":
-        return F.conv3d(x, offset_weight, offset_bias)
-    padded = F.conv3d(x, offset_weight, offset_bias, padding=1)
-    return padded.reshape(-1)[: n * 81 * d * h * w].view(n, 81, d, h, w)
+    k = offset_weight.shape[-1]
+    if k == 3:
+        assert mode == "aligned", "the 3x3x3 offset branch exists in aligned mode only"
+        offsets = F.conv3d(x, offset_weight, offset_bias, padding=1)
+    elif mode == "aligned":
+        offsets = F.conv3d(x, offset_weight, offset_bias)
+    else:
+        padded = F.conv3d(x, offset_weight, offset_bias, padding=1)
+        offsets = padded.reshape(-1)[: n * 81 * d * h * w].view(n, 81, d, h, w)
+    axis = held_axis(planes)
+    if axis is not None:
+        offsets = offsets.clone()
+        offsets[:, axis::3] = 0  # constants: no gradient flows back through them
+    return offsets
 
 
-def ddc_layer(x, weight, bias, offset_weight, offset_bias, mode):
-    offsets = layer_offsets(x, offset_weight, offset_bias, mode)
+def ddc_layer(x, weight, bias, offset_weight, offset_bias, mode, planes="all"):
+    offsets = layer_offsets(x, offset_weight, offset_bias, mode, planes)
     return ddc(x, offsets, weight, bias), offsets

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes PyTorch fixtures for the DDC kernel and layer to Tests/Fixtures/ddc/ (run from anywhere;
-needs torch and numpy, the Swift tests that read the files do not).
+needs torch and numpy, the Swift tests that read the files do not). Deterministic: rerunning it
+rewrites identical bytes. `--out DIR` writes elsewhere (python/tests/test_tools.py compares).
 
 Format, readable without dependencies: manifest.txt has one line per case,
     name kind N C D H W mode array:count array:count ...
@@ -13,6 +14,7 @@ layer arrays:  x weight bias offset_weight offset_bias grad_y | y offsets grad_x
 Offsets of kernel cases are odd multiples of 2^-11 (never a whole number, exact in float32): the offset
 gradient jumps at whole numbers and grid_sample's coordinate round trip is not exact.
 """
+import argparse
 import os
 import sys
 
@@ -86,7 +88,10 @@ def layer_case(name, n, c, d, h, w, mode, seed):
     return name, "layer", (n, c, d, h, w), mode, arrays
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.normpath(OUT), help="directory to write to (default: %(default)s)")
+    out = ap.parse_args(argv).out
     torch.manual_seed(0)
     cases = [
         kernel_case("kernel_7x5x3_c3_n2", 2, 3, 7, 5, 3, "uniform", 1),
@@ -100,19 +105,19 @@ def main():
         layer_case("layer_aligned_1x1x1_c3", 1, 3, 1, 1, 1, "aligned", 14),
         layer_case("layer_official_1x1x1_c3_n2", 2, 3, 1, 1, 1, "official", 15),
     ]
-    os.makedirs(OUT, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     lines = ["# name kind N C D H W mode array:count ... (see tools/make_ddc_fixtures.py); <name>.bin is float32 LE"]
     total = 0
     for name, kind, dims, mode, arrays in cases:
         blob = b"".join(np.ascontiguousarray(a, dtype="<f4").tobytes() for _, a in arrays)
-        with open(os.path.join(OUT, name + ".bin"), "wb") as f:
+        with open(os.path.join(out, name + ".bin"), "wb") as f:
             f.write(blob)
         total += len(blob)
         fields = [name, kind, *map(str, dims), mode] + [f"{k}:{a.size}" for k, a in arrays]
         lines.append(" ".join(fields))
-    with open(os.path.join(OUT, "manifest.txt"), "w") as f:
+    with open(os.path.join(out, "manifest.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"wrote {len(cases)} cases, {total} bytes, to {os.path.normpath(OUT)}")
+    print(f"wrote {len(cases)} cases, {total} bytes, to {out}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 (tools/reference_model.py). Needs torch and numpy (and, for interop_tiny.safetensors only, the
 `safetensors` package); the Swift tests that read the files need none of them.
 
-    python3 tools/make_network_fixtures.py            # rewrites every file; deterministic (fixed seeds)
+    python3 tools/make_network_fixtures.py                 # rewrites every file; deterministic (fixed seeds)
+    python3 tools/make_network_fixtures.py --out DIR       # elsewhere (python/tests/test_tools.py compares)
+    python3 tools/make_network_fixtures.py --only uxnet    # some variants only (no manifest)
 
 Files are described in Tests/Fixtures/network/README.md. In short, per variant V:
     V.safetensors      weights, F32, state-dict names of ARCHITECTURE.md section 5; __metadata__ holds
@@ -12,10 +14,16 @@ Files are described in Tests/Fixtures/network/README.md. In short, per variant V
                        encoder's normed stage outputs x2..x5)
     V.json             the configuration, the shapes and the files, for reading without safetensors
 Weights are float32; the forward pass runs in float64 from them and its results are rounded to float32.
+
+A variant is a `Variant` (configuration, input shape, seed); `make_variant` builds its model and writes
+its three files, and `reference_outputs` computes what goes into V.io.safetensors besides the input:
+add an output there (a gradient, say) and every variant gets it.
 """
+import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,19 +34,44 @@ OUT = os.path.join(REPO, "Tests", "Fixtures", "network")
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "python", "deformux"))  # convert.py alone (not the package)
 from reference_model import ChannelLayerNorm, DDC, Block, DeformUXNet  # noqa: E402
-from convert import write_safetensors, read_safetensors, normalize_name, CONFIG_KEY  # noqa: E402
+from convert import write_safetensors, read_safetensors, normalize_name, expected_shapes, CONFIG_KEY  # noqa: E402
 
-FEATURES = [8, 12, 16, 24]  # small, and two widths that are not powers of two
-HIDDEN = 32
 OUT_CHANS = 3
 
-# name, block, mlp, offset mode, input shape N x 1 x D x H x W, seed
+
+@dataclass(frozen=True)
+class Variant:
+    """One fixture: the network `DeformUXNet(1, 3, feature_size, depths, hidden_size, **options)` with
+    weights from `seed`, run on a standard-normal input of `input_shape` (N x 1 x D x H x W)."""
+    name: str
+    input_shape: tuple
+    seed: int
+    options: dict = field(default_factory=dict)  # block, mlp, offset_mode, the Table 3 ablation options
+    feature_size: tuple = (8, 12, 16, 24)  # small, and two widths that are not powers of two
+    depths: tuple = (2, 2, 2, 2)
+    hidden_size: int = 32
+
+
 VARIANTS = [
-    ("dense_aligned", "deformux", "dense", "aligned", (1, 1, 32, 32, 32), 1),
-    ("grouped_official", "deformux", "grouped", "official", (1, 1, 32, 16, 32), 2),
+    Variant("dense_aligned", (1, 1, 32, 32, 32), 1, dict(block="deformux", mlp="dense", offset_mode="aligned")),
+    Variant("grouped_official", (1, 1, 32, 16, 32), 2, dict(block="deformux", mlp="grouped", offset_mode="official")),
     # N = 2: the official mode's flat read of the padded offset buffer crosses the sample boundary.
-    ("dense_official_n2", "deformux", "dense", "official", (2, 1, 16, 32, 16), 3),
-    ("uxnet", "uxnet", "grouped", "aligned", (1, 1, 32, 32, 32), 4),
+    Variant("dense_official_n2", (2, 1, 16, 32, 16), 3, dict(block="deformux", mlp="dense", offset_mode="official")),
+    Variant("uxnet", (1, 1, 32, 32, 32), 4, dict(block="uxnet", mlp="grouped", offset_mode="aligned")),
+]
+
+# The paper's Table 3 ablations (ARCHITECTURE.md section 3), smaller (the files total about 2 MB): one
+# block per stage, widths 4..8. Every input has an axis of 32, so that stage 3 is not a single voxel.
+ABLATION = dict(feature_size=(4, 6, 8, 8), depths=(1, 1, 1, 1), hidden_size=8)
+ABLATIONS = [
+    Variant("ablation_offset_kernel3", (1, 1, 16, 32, 16), 11, dict(offset_kernel=3), **ABLATION),
+    Variant("ablation_planes_xy", (1, 1, 32, 16, 16), 12, dict(offset_planes="xy"), **ABLATION),
+    # official offsets: the held axis is zeroed in the flat-read field
+    Variant("ablation_planes_xz", (1, 1, 16, 32, 16), 13,
+            dict(offset_planes="xz", offset_mode="official", mlp="grouped"), **ABLATION),
+    Variant("ablation_planes_yz", (1, 1, 16, 16, 32), 14, dict(offset_planes="yz"), **ABLATION),
+    Variant("ablation_mlp_none", (1, 1, 16, 32, 16), 15, dict(mlp="none"), **ABLATION),
+    Variant("ablation_standard", (1, 1, 32, 16, 16), 16, dict(deformable="standard"), **ABLATION),
 ]
 
 
@@ -48,7 +81,7 @@ def randomize(model, gen):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, DDC):
-                c = m.weight.shape[0]
+                c = m.conv_offset.weight[0].numel()  # fan-in: C (1x1x1 branch) or 27 C (3x3x3)
                 # offsets of about +-1 voxel: sum of c terms of size ~|x| * 0.6 / sqrt(c), plus a bias
                 m.conv_offset.weight.uniform_(-0.6 / c ** 0.5, 0.6 / c ** 0.5, generator=gen)
                 m.conv_offset.bias.uniform_(-1.0, 1.0, generator=gen)
@@ -70,58 +103,98 @@ def released_name(name):
     return "module." + name.replace(".ddc.", ".dcn.")
 
 
-def make_variant(name, block, mlp, mode, shape, seed):
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(1000 + seed)
-    model = DeformUXNet(1, OUT_CHANS, FEATURES, hidden_size=HIDDEN, block=block, mlp=mlp, offset_mode=mode)
+def build_model(v):
+    """The variant's float32 model: PyTorch's default initialisation from the global seed, then
+    `randomize` from its own generator. Returns (model, generator) (the input is drawn from it next)."""
+    torch.manual_seed(v.seed)
+    gen = torch.Generator().manual_seed(1000 + v.seed)
+    model = DeformUXNet(1, OUT_CHANS, list(v.feature_size), depths=list(v.depths), hidden_size=v.hidden_size,
+                        **v.options)
     randomize(model, gen)
-    state = {k: f32(v) for k, v in model.state_dict().items()}
-    x = torch.randn(shape, generator=gen, dtype=torch.float32)
+    return model, gen
+
+
+def reference_outputs(model64, x64):
+    """What V.io.safetensors holds besides the input, computed in float64: the logits and the skips."""
     with torch.no_grad():
-        m64 = model.double()
-        y, skips = m64.forward_all(x.double())
-    config = dict(model.config)
-    meta = {CONFIG_KEY: json.dumps(config, sort_keys=True), "deformux.fixture": name}
-    write_safetensors(os.path.join(OUT, f"{name}.safetensors"), state, meta)
-    io = {"input": f32(x), "output": f32(y)}
+        y, skips = model64.forward_all(x64)
+    io = {"output": y}
     for i, s in enumerate(skips):
-        io[f"skip{i}"] = f32(s)
-    write_safetensors(os.path.join(OUT, f"{name}.io.safetensors"), io, {"deformux.fixture": name})
+        io[f"skip{i}"] = s
+    return io
+
+
+def make_variant(v, out=OUT):
+    """Builds the variant's model and writes V.safetensors, V.io.safetensors and V.json to `out`.
+    Returns (float32 state dict, description)."""
+    model, gen = build_model(v)
+    state = {k: f32(t) for k, t in model.state_dict().items()}
+    x = torch.randn(v.input_shape, generator=gen, dtype=torch.float32)
+    config = dict(model.config)
+    assert set(expected_shapes(config)) == set(state), "convert.expected_shapes disagrees with the reference"
+    io = {"input": f32(x)}
+    model64, x64 = model.double(), x.double()
+    io.update({k: f32(t) for k, t in reference_outputs(model64, x64).items()})
+    meta = {CONFIG_KEY: json.dumps(config, sort_keys=True), "deformux.fixture": v.name}
+    write_safetensors(os.path.join(out, f"{v.name}.safetensors"), state, meta)
+    write_safetensors(os.path.join(out, f"{v.name}.io.safetensors"), io, {"deformux.fixture": v.name})
     desc = {
-        "name": name,
+        "name": v.name,
         "config": config,
-        "weights": f"{name}.safetensors",
-        "io": f"{name}.io.safetensors",
-        "shapes": {k: list(v.shape) for k, v in io.items()},
-        "parameter_count": int(sum(v.size for v in state.values())),
+        "weights": f"{v.name}.safetensors",
+        "io": f"{v.name}.io.safetensors",
+        "shapes": {k: list(a.shape) for k, a in io.items()},
+        "parameter_count": int(sum(a.size for a in state.values())),
         "output_max_abs": float(np.abs(io["output"]).max()),
     }
-    with open(os.path.join(OUT, f"{name}.json"), "w") as f:
+    if config.get("offset_planes", "all") != "all":
+        desc["output_max_change_with_other_planes"] = plane_sensitivity(model64, x64, io["output"], config["offset_planes"])
+    with open(os.path.join(out, f"{v.name}.json"), "w") as f:
         json.dump(desc, f, indent=1, sort_keys=True)
         f.write("\n")
     # Round trip through our numpy reader, checked against the model.
-    back, meta_back = read_safetensors(os.path.join(OUT, f"{name}.safetensors"))
+    back, meta_back = read_safetensors(os.path.join(out, f"{v.name}.safetensors"))
     assert set(back) == set(state) and all(np.array_equal(back[k], state[k]) for k in state)
     assert json.loads(meta_back[CONFIG_KEY]) == config
     return state, desc
 
 
-def make_released_layout(state, source):
+def plane_sensitivity(model64, x64, output, own):
+    """{planes: max |logit change|} when the plane variant's weights run with each other offset_planes
+    setting. Each must exceed the tests' 1e-4 bound by far, so that a fixture passes only with the right
+    held axis (a swapped axis mapping in the engine cannot pass)."""
+    ddcs = [m for m in model64.modules() if isinstance(m, DDC)]
+    change = {}
+    for other in ("all", "xy", "xz", "yz"):
+        if other == own:
+            continue
+        for m in ddcs:
+            m.offset_planes = other
+        with torch.no_grad():
+            y = f32(model64(x64))
+        change[other] = float(np.abs(y.astype(np.float64) - output).max())
+        assert change[other] > 0.01, (own, other, change[other])
+    for m in ddcs:
+        m.offset_planes = own
+    return change
+
+
+def make_released_layout(state, source, out=OUT):
     """The weights of `source` under the released code's names, for the name-mapping tests."""
     renamed = {released_name(k): v for k, v in state.items()}
     assert all(normalize_name(k) in state for k in renamed)
-    write_safetensors(os.path.join(OUT, "released_layout.safetensors"), renamed,
+    write_safetensors(os.path.join(out, "released_layout.safetensors"), renamed,
                       {"deformux.fixture": "released_layout", "deformux.same_as": source})
     desc = {"name": "released_layout", "same_weights_as": source, "weights": "released_layout.safetensors",
             "io": f"{source}.io.safetensors",
             "note": "keys are module.convxnet.* with .dcn. for the DDC (and module.* for the decoder); "
                     "they normalise to the keys of " + source + ".safetensors. No deformux.config metadata."}
-    with open(os.path.join(OUT, "released_layout.json"), "w") as f:
+    with open(os.path.join(out, "released_layout.json"), "w") as f:
         json.dump(desc, f, indent=1, sort_keys=True)
         f.write("\n")
 
 
-def make_interop():
+def make_interop(out=OUT):
     """A tiny file written by the reference implementation (the `safetensors` package, torch
     flavour), with every dtype the engine reads. Values are exact in their dtypes."""
     try:
@@ -137,29 +210,39 @@ def make_interop():
         "e_scalar": torch.tensor(3.25, dtype=torch.float32),
         "f_empty": torch.zeros((0, 4), dtype=torch.float32),
     }
-    path = os.path.join(OUT, "interop_tiny.safetensors")
+    path = os.path.join(out, "interop_tiny.safetensors")
     save_file(t, path, metadata={"format": "pt"})  # one key: the Rust writer orders keys at random
     os.chmod(path, 0o644)
 
 
-def main():
-    os.makedirs(OUT, exist_ok=True)
-    manifest = []
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=OUT, help="directory to write to (default: %(default)s)")
+    names = [v.name for v in VARIANTS + ABLATIONS] + ["released_layout", "interop_tiny"]
+    ap.add_argument("--only", nargs="+", choices=names, metavar="NAME",
+                    help="write these only (and no manifest); one of: " + ", ".join(names))
+    args = ap.parse_args(argv)
+    wanted = set(args.only or names)
+    os.makedirs(args.out, exist_ok=True)
     states = {}
-    for v in VARIANTS:
-        state, desc = make_variant(*v)
-        states[v[0]] = state
-        manifest.append(desc["name"])
+    for v in VARIANTS + ABLATIONS:
+        if v.name not in wanted and not (v.name == "grouped_official" and "released_layout" in wanted):
+            continue
+        state, desc = make_variant(v, args.out)
+        states[v.name] = state
         print(f"{desc['name']}: {desc['parameter_count']} parameters, input {desc['shapes']['input']}, "
               f"max |logit| {desc['output_max_abs']:.3g}")
-    make_released_layout(states["grouped_official"], "grouped_official")
-    manifest.append("released_layout")
-    make_interop()
-    with open(os.path.join(OUT, "manifest.json"), "w") as f:
-        json.dump({"variants": manifest}, f, indent=1)
-        f.write("\n")
-    total = sum(os.path.getsize(os.path.join(OUT, n)) for n in os.listdir(OUT))
-    print(f"total {total / 1e6:.2f} MB in {OUT}")
+    if "released_layout" in wanted:
+        make_released_layout(states["grouped_official"], "grouped_official", args.out)
+    if "interop_tiny" in wanted:
+        make_interop(args.out)
+    if args.only is None:
+        manifest = [v.name for v in VARIANTS] + ["released_layout"] + [v.name for v in ABLATIONS]
+        with open(os.path.join(args.out, "manifest.json"), "w") as f:
+            json.dump({"variants": manifest}, f, indent=1)
+            f.write("\n")
+    total = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out))
+    print(f"total {total / 1e6:.2f} MB in {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ checkpoints for python/deformux/convert.py. Needs torch; the engine never does.
 
 Module and parameter names are exactly the state-dict keys of ARCHITECTURE.md section 5 (the released
 code's): `deformuxnet_3d.` (or `uxnet_3d.`) encoder, `encoder1..5`, `decoder5..1`, `out`.
-The DDC is tools/ddc_torch_impl.py (grid_sample), with the `aligned` / `official` offset modes.
+The DDC is tools/ddc_torch_impl.py (grid_sample), with the `aligned` / `official` offset modes and the
+paper's Table 3 ablations as options (ARCHITECTURE.md section 3): `offset_kernel=3`, `offset_planes`
+"xy" / "xz" / "yz", `deformable="standard"`, and `mlp="none"`.
 
     python3 tools/reference_model.py --check-counts     # section 6's parameter counts, exactly
 """
@@ -39,48 +41,60 @@ class ChannelLayerNorm(nn.Module):
 
 
 class DDC(nn.Module):
-    """Depthwise deformable 3x3x3 conv with one tri-planar offset field (81 channels) from a 1x1x1 conv."""
+    """Depthwise deformable 3x3x3 conv with one tri-planar offset field (81 channels) from a 1x1x1 conv.
 
-    def __init__(self, c, offset_mode="aligned"):
+    The Table 3 ablations (section 3): `offset_kernel` 3 (a 3x3x3 offset conv, padding 1, aligned only),
+    `offset_planes` "xy" / "xz" / "yz" (the third axis's offset channels held at zero), `deformable`
+    "standard" (a full C -> C deformable conv, weight C x C x 3 x 3 x 3, instead of the depthwise one)."""
+
+    def __init__(self, c, offset_mode="aligned", offset_kernel=1, offset_planes="all", deformable="depthwise"):
         super().__init__()
-        assert offset_mode in ("aligned", "official")
+        assert offset_mode in ("aligned", "official") and offset_kernel in (1, 3)
+        assert offset_planes in ("all", "xy", "xz", "yz") and deformable in ("depthwise", "standard")
+        assert offset_mode == "aligned" or (offset_kernel == 1 and deformable == "depthwise")
         self.offset_mode = offset_mode
-        ref = nn.Conv3d(c, c, 3, padding=1, groups=c)  # PyTorch's default init for the weights
+        self.offset_planes = offset_planes
+        groups = c if deformable == "depthwise" else 1
+        ref = nn.Conv3d(c, c, 3, padding=1, groups=groups)  # PyTorch's default init for the weights
         self.weight = nn.Parameter(ref.weight.detach().clone())
         self.bias = nn.Parameter(ref.bias.detach().clone())
-        self.conv_offset = nn.Conv3d(c, 81, 1)
+        self.conv_offset = nn.Conv3d(c, 81, offset_kernel)
         nn.init.zeros_(self.conv_offset.weight)  # a fresh block is a plain depthwise conv
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x):
         y, _ = ddc_layer(x, self.weight, self.bias, self.conv_offset.weight, self.conv_offset.bias,
-                         self.offset_mode)
+                         self.offset_mode, self.offset_planes)
         return y
 
 
 class Block(nn.Module):
     """ConvNeXt-ordered block: x + gamma * pw2(GELU(pw1(LN(spatial(x))))) (section 2). `block` is
-    "deformux" (the DDC, named `ddc`) or "uxnet" (depthwise Conv3d k7 named `dwconv`)."""
+    "deformux" (the DDC, named `ddc`) or "uxnet" (depthwise Conv3d k7 named `dwconv`). `mlp` "none" (the
+    Table 3 ablation) drops pw1, GELU and pw2: x + gamma * LN(spatial(x))."""
 
     def __init__(self, c, block="deformux", mlp="dense", offset_mode="aligned", kernel_size=7,
-                 layer_scale=1e-6):
+                 layer_scale=1e-6, offset_kernel=1, offset_planes="all", deformable="depthwise"):
         super().__init__()
         self.block = block
+        self.mlp = mlp
         if block == "deformux":
-            self.ddc = DDC(c, offset_mode)
+            self.ddc = DDC(c, offset_mode, offset_kernel, offset_planes, deformable)
         else:
             self.dwconv = nn.Conv3d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
         self.norm = ChannelLayerNorm(c)
-        groups = c if mlp == "grouped" else 1
-        self.pwconv1 = nn.Conv3d(c, 4 * c, 1, groups=groups)
-        self.act = nn.GELU()  # exact erf form
-        self.pwconv2 = nn.Conv3d(4 * c, c, 1, groups=groups)
+        if mlp != "none":
+            groups = c if mlp == "grouped" else 1
+            self.pwconv1 = nn.Conv3d(c, 4 * c, 1, groups=groups)
+            self.act = nn.GELU()  # exact erf form
+            self.pwconv2 = nn.Conv3d(4 * c, c, 1, groups=groups)
         self.gamma = nn.Parameter(layer_scale * torch.ones(c))
 
     def forward(self, x):
         y = self.ddc(x) if self.block == "deformux" else self.dwconv(x)
         y = self.norm(y)
-        y = self.pwconv2(self.act(self.pwconv1(y)))
+        if self.mlp != "none":
+            y = self.pwconv2(self.act(self.pwconv1(y)))
         return x + self.gamma[:, None, None, None] * y
 
 
@@ -187,19 +201,23 @@ class DeformUXNet(nn.Module):
 
     def __init__(self, in_chans=1, out_chans=14, feature_size=(48, 96, 192, 384), depths=(2, 2, 2, 2),
                  hidden_size=768, block="deformux", mlp="dense", offset_mode="aligned", kernel_size=7,
-                 layer_scale=1e-6):
+                 layer_scale=1e-6, offset_kernel=1, offset_planes="all", deformable="depthwise"):
         super().__init__()
-        assert block in ("deformux", "uxnet") and mlp in ("dense", "grouped")
+        assert block in ("deformux", "uxnet") and mlp in ("dense", "grouped", "none")
+        ablations = dict(offset_kernel=offset_kernel, offset_planes=offset_planes, deformable=deformable)
+        defaults = dict(offset_kernel=1, offset_planes="all", deformable="depthwise")
+        assert block == "deformux" or ablations == defaults, "the offset ablations apply to block deformux"
         # The engine's JSON configuration keys (Sources/DeformUX/Model/ConfigJSON.swift); kernel_size is
-        # UX-Net's dwconv kernel and only written for block uxnet.
+        # UX-Net's dwconv kernel and only written for block uxnet, the ablation keys only when not default.
         self.config = dict(in_channels=in_chans, out_channels=out_chans, feature_size=list(feature_size),
                            depths=list(depths), hidden_size=hidden_size, block=block, mlp=mlp,
                            offset_mode=offset_mode)
         if block == "uxnet":
             self.config["kernel_size"] = kernel_size
+        self.config.update({k: v for k, v in ablations.items() if v != defaults[k]})
         f = list(feature_size)
         enc = Encoder(in_chans, f, depths, block=block, mlp=mlp, offset_mode=offset_mode,
-                      kernel_size=kernel_size, layer_scale=layer_scale)
+                      kernel_size=kernel_size, layer_scale=layer_scale, **ablations)
         self.encoder_name = "deformuxnet_3d" if block == "deformux" else "uxnet_3d"
         self.add_module(self.encoder_name, enc)
         self.encoder1 = BasicBlock(in_chans, f[0])

@@ -60,7 +60,7 @@ final class Conv3dTests: XCTestCase {
     }
 
     func checkConv(_ c: ConvCase, seed: UInt64, expectPath: Conv3d.Path?) throws {
-        var rng = TestRNG(seed: seed)
+        var rng = SplitMix64(seed: seed)
         let voxels = c.d * c.h * c.w
         let c1 = c.cin - c.cin2
         let x1 = rng.floats(c.n * voxels * c1)
@@ -120,7 +120,7 @@ final class Conv3dTests: XCTestCase {
         let guardThreads = ThreadCountGuard()
         defer { guardThreads.restore() }
         for (i, (c, transform, slope)) in cases.enumerated() {
-            var rng = TestRNG(seed: UInt64(600 + i))
+            var rng = SplitMix64(seed: UInt64(600 + i))
             let voxels = c.d * c.h * c.w
             let c1 = c.cin - c.cin2
             let x1 = rng.floats(c.n * voxels * c1), x2 = rng.floats(c.n * voxels * c.cin2)
@@ -209,31 +209,28 @@ final class Conv3dTests: XCTestCase {
             ("fd depthwise k3 p1 groups 3 3x2x4 c3", 1, 3, 3, 3, 2, 4, 3, 1, 1),
         ]
         for (i, c) in cases.enumerated() {
-            var rng = TestRNG(seed: UInt64(700 + i))
-            let x = (0..<(c.n * c.d * c.h * c.w * c.cin)).map { _ in rng.uniform(-1, 1) }
+            var rng = SplitMix64(seed: UInt64(700 + i))
+            let x: [Double] = (0..<(c.n * c.d * c.h * c.w * c.cin)).map { _ in rng.uniform(-1, 1) }
             let groups = c.0.contains("depthwise") ? c.cin : 1
-            let wt = (0..<(c.cout * c.cin / groups * c.k * c.k * c.k)).map { _ in rng.uniform(-1, 1) }
-            let b = (0..<c.cout).map { _ in rng.uniform(-1, 1) }
+            let wt: [Double] = (0..<(c.cout * c.cin / groups * c.k * c.k * c.k)).map { _ in rng.uniform(-1, 1) }
+            let b: [Double] = (0..<c.cout).map { _ in rng.uniform(-1, 1) }
             func forward(_ x: [Double], _ wt: [Double], _ b: [Double]) -> [Double] {
                 ConvReference.conv3d(x: x, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wt, bias: b, cout: c.cout,
                                      kernel: c.k, stride: c.stride, padding: c.pad, groups: groups)
             }
             let y = forward(x, wt, b)
-            let gy = y.map { _ in rng.uniform(-1, 1) }
+            let gy: [Double] = y.map { _ in rng.uniform(-1, 1) }
             func loss(_ y: [Double]) -> Double { zip(y, gy).reduce(0) { $0 + $1.0 * $1.1 } }
             let g = ConvReference.conv3dBackward(x: x, n: c.n, cin: c.cin, d: c.d, h: c.h, w: c.w, weight: wt, gradY: gy,
                                                  cout: c.cout, kernel: c.k, stride: c.stride, padding: c.pad, groups: groups)
             let e = 1e-3
             for _ in 0..<8 {
                 let xi = rng.int(0...(x.count - 1)), wi = rng.int(0...(wt.count - 1)), bi = rng.int(0...(c.cout - 1))
-                var xp = x, xm = x; xp[xi] += e; xm[xi] -= e
-                let fdX = (loss(forward(xp, wt, b)) - loss(forward(xm, wt, b))) / (2 * e)
+                let fdX = centralDifferences(x, at: [xi], h: e) { loss(forward($0, wt, b)) }[0]
                 XCTAssertEqual(g.gradX[xi], fdX, accuracy: 1e-8, "\(c.0): dL/dx at flat \(xi)")
-                var wp = wt, wm = wt; wp[wi] += e; wm[wi] -= e
-                let fdW = (loss(forward(x, wp, b)) - loss(forward(x, wm, b))) / (2 * e)
+                let fdW = centralDifferences(wt, at: [wi], h: e) { loss(forward(x, $0, b)) }[0]
                 XCTAssertEqual(g.gradWeight[wi], fdW, accuracy: 1e-8, "\(c.0): dL/dW at flat \(wi)")
-                var bp = b, bm = b; bp[bi] += e; bm[bi] -= e
-                let fdB = (loss(forward(x, wt, bp)) - loss(forward(x, wt, bm))) / (2 * e)
+                let fdB = centralDifferences(b, at: [bi], h: e) { loss(forward(x, wt, $0)) }[0]
                 XCTAssertEqual(g.gradBias[bi], fdB, accuracy: 1e-8, "\(c.0): dL/db at \(bi)")
             }
         }
@@ -257,7 +254,7 @@ final class Conv3dTests: XCTestCase {
         let guardThreads = ThreadCountGuard()
         defer { guardThreads.restore() }
         for (i, c) in cases.enumerated() {
-            var rng = TestRNG(seed: UInt64(800 + i))
+            var rng = SplitMix64(seed: UInt64(800 + i))
             let shape = try Conv3d.Shape(n: c.n, cin: c.cin, cout: c.cout, d: c.d, h: c.h, w: c.w,
                                          kernel: c.k, stride: c.stride, padding: c.pad, cin2: c.cin2)
             let voxels = c.d * c.h * c.w, c1 = c.cin - c.cin2
@@ -340,7 +337,7 @@ final class Conv3dTests: XCTestCase {
         let guardThreads = ThreadCountGuard()
         defer { guardThreads.restore() }
         for (i, c) in cases.enumerated() {
-            var rng = TestRNG(seed: UInt64(300 + i))
+            var rng = SplitMix64(seed: UInt64(300 + i))
             let x = rng.floats(c.n * c.d * c.h * c.w * c.cin)
             let weight = rng.floats(c.cin * c.cout * c.k * c.k * c.k)
             let bias = c.bias ? rng.floats(c.cout) : nil
@@ -377,7 +374,7 @@ final class Conv3dTests: XCTestCase {
         let guardThreads = ThreadCountGuard()
         defer { guardThreads.restore() }
         for (i, c) in cases.enumerated() {
-            var rng = TestRNG(seed: UInt64(900 + i))
+            var rng = SplitMix64(seed: UInt64(900 + i))
             let s = try ConvTranspose3d.Shape(n: c.n, cin: c.cin, cout: c.cout, d: c.d, h: c.h, w: c.w, kernel: c.k)
             let x = rng.floats(s.inputCount), weight = rng.floats(s.weightCount), gy = rng.floats(s.outputCount)
             let gxInit = rng.floats(x.count), gwInit = rng.floats(weight.count), gbInit = rng.floats(c.cout)
@@ -417,28 +414,28 @@ final class Conv3dTests: XCTestCase {
     }
 
     func testReferenceConvTransposeBackwardFiniteDifferences() throws {
-        var rng = TestRNG(seed: 950)
+        var rng = SplitMix64(seed: 950)
         let (n, cin, cout, d, h, w, k) = (2, 3, 2, 2, 3, 2, 2)
-        let x = (0..<(n * d * h * w * cin)).map { _ in rng.uniform(-1, 1) }
-        let wt = (0..<(cin * cout * k * k * k)).map { _ in rng.uniform(-1, 1) }
-        let b = (0..<cout).map { _ in rng.uniform(-1, 1) }
+        let x: [Double] = (0..<(n * d * h * w * cin)).map { _ in rng.uniform(-1, 1) }
+        let wt: [Double] = (0..<(cin * cout * k * k * k)).map { _ in rng.uniform(-1, 1) }
+        let b: [Double] = (0..<cout).map { _ in rng.uniform(-1, 1) }
         func forward(_ x: [Double], _ wt: [Double], _ b: [Double]) -> [Double] {
             ConvReference.convTranspose3d(x: x, n: n, cin: cin, d: d, h: h, w: w, weight: wt, bias: b, cout: cout,
                                           kernel: k, stride: k)
         }
-        let gy = forward(x, wt, b).map { _ in rng.uniform(-1, 1) }
+        let gy: [Double] = forward(x, wt, b).map { _ in rng.uniform(-1, 1) }
         func loss(_ y: [Double]) -> Double { zip(y, gy).reduce(0) { $0 + $1.0 * $1.1 } }
         let g = ConvReference.convTranspose3dBackward(x: x, n: n, cin: cin, d: d, h: h, w: w, weight: wt, gradY: gy,
                                                       cout: cout, kernel: k, stride: k)
         let e = 1e-3
         for _ in 0..<8 {
             let xi = rng.int(0...(x.count - 1)), wi = rng.int(0...(wt.count - 1)), bi = rng.int(0...(cout - 1))
-            var xp = x, xm = x; xp[xi] += e; xm[xi] -= e
-            XCTAssertEqual(g.gradX[xi], (loss(forward(xp, wt, b)) - loss(forward(xm, wt, b))) / (2 * e), accuracy: 1e-8, "dL/dx at \(xi)")
-            var wp = wt, wm = wt; wp[wi] += e; wm[wi] -= e
-            XCTAssertEqual(g.gradWeight[wi], (loss(forward(x, wp, b)) - loss(forward(x, wm, b))) / (2 * e), accuracy: 1e-8, "dL/dW at \(wi)")
-            var bp = b, bm = b; bp[bi] += e; bm[bi] -= e
-            XCTAssertEqual(g.gradBias[bi], (loss(forward(x, wt, bp)) - loss(forward(x, wt, bm))) / (2 * e), accuracy: 1e-8, "dL/db at \(bi)")
+            XCTAssertEqual(g.gradX[xi], centralDifferences(x, at: [xi], h: e) { loss(forward($0, wt, b)) }[0],
+                           accuracy: 1e-8, "dL/dx at \(xi)")
+            XCTAssertEqual(g.gradWeight[wi], centralDifferences(wt, at: [wi], h: e) { loss(forward(x, $0, b)) }[0],
+                           accuracy: 1e-8, "dL/dW at \(wi)")
+            XCTAssertEqual(g.gradBias[bi], centralDifferences(b, at: [bi], h: e) { loss(forward(x, wt, $0)) }[0],
+                           accuracy: 1e-8, "dL/db at \(bi)")
         }
     }
 
@@ -456,7 +453,7 @@ final class Conv3dTests: XCTestCase {
         let guardThreads = ThreadCountGuard()
         defer { guardThreads.restore() }
         for (i, c) in cases.enumerated() {
-            var rng = TestRNG(seed: UInt64(400 + i))
+            var rng = SplitMix64(seed: UInt64(400 + i))
             let x = rng.floats(c.n * c.d * c.h * c.w * c.c)
             let weight = rng.floats(c.c * c.k * c.k * c.k)
             let bias = c.bias ? rng.floats(c.c) : nil
@@ -492,7 +489,7 @@ final class Conv3dTests: XCTestCase {
         let guardThreads = ThreadCountGuard()
         defer { guardThreads.restore() }
         for (i, c) in cases.enumerated() {
-            var rng = TestRNG(seed: UInt64(1000 + i))
+            var rng = SplitMix64(seed: UInt64(1000 + i))
             let s = try DepthwiseConv3d.Shape(n: c.n, c: c.c, d: c.d, h: c.h, w: c.w, kernel: c.k)
             let x = rng.floats(s.count), weight = rng.floats(s.weightCount), gy = rng.floats(s.count)
             let gxInit = rng.floats(x.count), gwInit = rng.floats(weight.count), gbInit = rng.floats(c.c)
@@ -536,7 +533,7 @@ final class Conv3dTests: XCTestCase {
     func testGroupedPointwiseMatchesReference() throws {
         // 8192 voxels or more split into 2 parts.
         for (i, (c, voxels)) in [(1, 5), (3, 7), (17, 11), (48, 50), (8, 9000)].enumerated() {
-            var rng = TestRNG(seed: UInt64(500 + i))
+            var rng = SplitMix64(seed: UInt64(500 + i))
             let r = 4
             // pw1: C -> 4C, weight 4C x 1 x 1 x 1 x 1; pw2: 4C -> C, weight C x 4 x 1 x 1 x 1.
             let x1 = rng.floats(voxels * c), w1 = rng.floats(r * c), b1 = rng.floats(r * c)
@@ -576,7 +573,7 @@ final class Conv3dTests: XCTestCase {
         defer { guardThreads.restore() }
         // 8192 voxels or more split into 2 parts.
         for (i, (c, voxels)) in [(1, 5), (3, 7), (17, 11), (48, 50), (8, 9000)].enumerated() {
-            var rng = TestRNG(seed: UInt64(1100 + i))
+            var rng = SplitMix64(seed: UInt64(1100 + i))
             let r = 4
             for expand in [true, false] {
                 let (cin, cout) = expand ? (c, r * c) : (r * c, c)

@@ -10,7 +10,7 @@ final class DDCLayerTests: XCTestCase {
         let x: [Float], weight: [Float], bias: [Float], offsetWeight: [Float], offsetBias: [Float], gradY: [Float]
 
         init(_ s: DDCShape, seed: UInt64) {
-            var rng = TestRNG(seed: seed)
+            var rng = SplitMix64(seed: seed)
             shape = s
             x = rng.floats(s.count)
             weight = rng.floats(s.weightCount)
@@ -159,18 +159,9 @@ final class DDCLayerTests: XCTestCase {
                     return zip(y, gy).reduce(0) { $0 + $1.0 * $1.1 }
                 }
                 let g = DDCLayerReference.backward(x: x, weight: w, offsetWeight: ow, offsetBias: ob, mode: mode, gradY: gy, shape: s)
-                let nx = (0..<x.count).map { i -> Double in
-                    var p = x, m = x; p[i] += h; m[i] -= h
-                    return (loss(p, ow, ob) - loss(m, ow, ob)) / (2 * h)
-                }
-                let now = (0..<ow.count).map { i -> Double in
-                    var p = ow, m = ow; p[i] += h; m[i] -= h
-                    return (loss(x, p, ob) - loss(x, m, ob)) / (2 * h)
-                }
-                let nob = (0..<ob.count).map { i -> Double in
-                    var p = ob, m = ob; p[i] += h; m[i] -= h
-                    return (loss(x, ow, p) - loss(x, ow, m)) / (2 * h)
-                }
+                let nx = centralDifferences(x, h: h) { loss($0, ow, ob) }
+                let now = centralDifferences(ow, h: h) { loss(x, $0, ob) }
+                let nob = centralDifferences(ob, h: h) { loss(x, ow, $0) }
                 let l = "case '\(name)' [\(s), \(mode)]"
                 assertClose(g.gradX, nx, atol: tol.atol, rtol: tol.rtol, "\(l): grad x vs finite differences")
                 assertClose(g.gradOffsetWeight, now, atol: tol.atol, rtol: tol.rtol, shape: [81, s.c], "\(l): grad offset weight vs finite differences")

@@ -37,12 +37,12 @@ enum OffsetKind: CustomStringConvertible {
         return true
     }
 
-    func draw(_ count: Int, _ rng: inout TestRNG) -> [Float] {
-        func quantized(_ r: Double, _ rng: inout TestRNG) -> Float {
+    func draw(_ count: Int, _ rng: inout SplitMix64) -> [Float] {
+        func quantized(_ r: Double, _ rng: inout SplitMix64) -> Float {
             let m = Int((r * 1024 - 1) / 2)
             return Float(Double(2 * rng.int(-m...(m - 1)) + 1) / 1024)
         }
-        func far(_ m: Double, _ rng: inout TestRNG) -> Float {
+        func far(_ m: Double, _ rng: inout SplitMix64) -> Float {
             Float(rng.uniform(m / 2, m) * (rng.bool() ? 1 : -1))
         }
         return (0..<count).map { _ in
@@ -71,7 +71,7 @@ struct DDCData {
     let x: [Float], offsets: [Float], weight: [Float], bias: [Float]?, gradY: [Float]
 
     init(_ shape: DDCShape, offsets kind: OffsetKind, bias hasBias: Bool = true, seed: UInt64) {
-        var rng = TestRNG(seed: seed)
+        var rng = SplitMix64(seed: seed)
         self.shape = shape
         x = rng.floats(shape.count)
         offsets = kind.draw(shape.offsetCount, &rng)

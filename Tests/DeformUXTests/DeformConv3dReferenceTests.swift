@@ -7,7 +7,7 @@ final class DeformConv3dReferenceTests: XCTestCase {
     /// Offsets whose fractional part is in [0.1, 0.9] (whole part in [-2, 1]): every sampling position
     /// is at least 0.1 from an integer, away from the kinks of trilinear sampling, and some fall off
     /// each border.
-    static func offsetsAwayFromIntegers(_ count: Int, _ rng: inout TestRNG) -> [Double] {
+    static func offsetsAwayFromIntegers(_ count: Int, _ rng: inout SplitMix64) -> [Double] {
         (0..<count).map { _ in Double(rng.int(-2...1)) + rng.uniform(0.1, 0.9) }
     }
 
@@ -29,21 +29,18 @@ final class DeformConv3dReferenceTests: XCTestCase {
         let h = 1e-6
         let tol = (atol: 1e-7, rtol: 1e-6)
         for (index, (name, s)) in shapes.enumerated() {
-            var rng = TestRNG(seed: UInt64(300 + index))
-            let x = (0..<s.count).map { _ in rng.uniform(-1, 1) }
+            var rng = SplitMix64(seed: UInt64(300 + index))
+            let x: [Double] = (0..<s.count).map { _ in rng.uniform(-1, 1) }
             let off = Self.offsetsAwayFromIntegers(s.offsetCount, &rng)
-            let w = (0..<s.weightCount).map { _ in rng.uniform(-1, 1) }
-            let b = (0..<s.c).map { _ in rng.uniform(-1, 1) }
-            let gy = (0..<s.count).map { _ in rng.uniform(-1, 1) }
+            let w: [Double] = (0..<s.weightCount).map { _ in rng.uniform(-1, 1) }
+            let b: [Double] = (0..<s.c).map { _ in rng.uniform(-1, 1) }
+            let gy: [Double] = (0..<s.count).map { _ in rng.uniform(-1, 1) }
             let g = DeformConv3dReference.backward(x: x, offsets: off, weight: w, gradY: gy, shape: s)
 
-            func numeric(_ count: Int, _ perturb: (Int, Double) -> Double) -> [Double] {
-                (0..<count).map { i in (perturb(i, h) - perturb(i, -h)) / (2 * h) }
-            }
-            let nx = numeric(s.count) { i, e in var p = x; p[i] += e; return Self.loss(p, off, w, b, gy, s) }
-            let no = numeric(s.offsetCount) { i, e in var p = off; p[i] += e; return Self.loss(x, p, w, b, gy, s) }
-            let nw = numeric(s.weightCount) { i, e in var p = w; p[i] += e; return Self.loss(x, off, p, b, gy, s) }
-            let nb = numeric(s.c) { i, e in var p = b; p[i] += e; return Self.loss(x, off, w, p, gy, s) }
+            let nx = centralDifferences(x, h: h) { Self.loss($0, off, w, b, gy, s) }
+            let no = centralDifferences(off, h: h) { Self.loss(x, $0, w, b, gy, s) }
+            let nw = centralDifferences(w, h: h) { Self.loss(x, off, $0, b, gy, s) }
+            let nb = centralDifferences(b, h: h) { Self.loss(x, off, w, $0, gy, s) }
             let label = "case '\(name)' [\(s)]"
             assertClose(g.gradX, nx, atol: tol.atol, rtol: tol.rtol, shape: [s.n, s.c, s.d, s.h, s.w], "\(label) grad x vs finite differences")
             assertClose(g.gradOffsets, no, atol: tol.atol, rtol: tol.rtol, shape: [s.n, 81, s.d, s.h, s.w], "\(label) grad offsets vs finite differences")
@@ -113,7 +110,7 @@ final class DeformConv3dReferenceTests: XCTestCase {
     /// y[o] = x[o +- e_a], and 0 past the edge. Exact in both kernels (all weights are 0 or 1).
     func testUnitOffsetShiftsAlongItsAxis() throws {
         let s = ddcShape(2, 17, 4, 3, 5)
-        var rng = TestRNG(seed: 330)
+        var rng = SplitMix64(seed: 330)
         let x = rng.floats(s.count)
         var w = [Float](repeating: 0, count: s.weightCount)
         for c in 0..<s.c { w[c * 27 + 13] = 1 }

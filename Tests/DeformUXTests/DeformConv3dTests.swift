@@ -112,7 +112,7 @@ final class DeformConv3dTests: XCTestCase {
             assertIdentical(g.gradWeight, [Float](repeating: 0, count: data.shape.weightCount), "offsets \(kind): grad weight")
         }
         // Every offset NaN or infinite: same.
-        var rng = TestRNG(seed: 11)
+        var rng = SplitMix64(seed: 11)
         let base = DDCData(ddcShape(1, 16, 3, 3, 3), offsets: .zero, seed: 12)
         let bad: [Float] = (0..<base.shape.offsetCount).map { _ in [Float.nan, .infinity, -.infinity][rng.int(0...2)] }
         let y = try DeformConv3d.forward(x: Tensor(shape: base.xShape, values: base.x),
@@ -133,7 +133,7 @@ final class DeformConv3dTests: XCTestCase {
         x[s.voxels + 26] = .nan     // channel 1, voxel (2, 2, 2)
         let xs = [1, 2, 3, 3, 3]
         for (kind, seed) in [(OffsetKind.far(1e3), UInt64(41)), (.nonFinite, 42)] {
-            var rng = TestRNG(seed: seed)
+            var rng = SplitMix64(seed: seed)
             var off = kind.draw(s.offsetCount, &rng)
             if case .nonFinite = kind { off = off.map { $0.isFinite ? 1e3 : $0 } }  // every sample outside
             let w = [Float](repeating: 1, count: s.weightCount)
@@ -150,7 +150,7 @@ final class DeformConv3dTests: XCTestCase {
         let data = DDCData(ddcShape(2, 17, 3, 5, 4), offsets: .uniform(2.5), seed: 21)
         let s = data.shape
         let fresh = try data.fastBackward()
-        var rng = TestRNG(seed: 22)
+        var rng = SplitMix64(seed: 22)
         let gx0 = rng.floats(s.count), go0 = rng.floats(s.offsetCount)
         let gw0 = rng.floats(s.weightCount), gb0 = rng.floats(s.c)
         var gx = gx0, go = go0, gw = gw0, gb = gb0

@@ -9,7 +9,7 @@ final class NetworkTests: XCTestCase {
     static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent("Fixtures/network")
 
-    func fixture(_ name: String) -> String { NetworkTests.fixtures.appendingPathComponent(name).path }
+    static func fixture(_ name: String) -> String { fixtures.appendingPathComponent(name).path }
 
     // MARK: Parameter counts (section 6 of the spec; these are tests there too)
 
@@ -64,30 +64,39 @@ final class NetworkTests: XCTestCase {
 
     // MARK: Agreement with PyTorch
 
-    /// Runs a fixture variant: the model built from the file's recorded configuration, weights loaded
-    /// strictly, logits compared with the reference (float64 forward rounded to float32).
-    func runFixture(_ variant: String, weights: String? = nil, file: StaticString = #filePath, line: UInt = #line) throws {
+    /// The engine's logits for a fixture variant and the reference's: the model built from the file's
+    /// recorded configuration (changed by `configure`, if given), weights loaded strictly (from
+    /// `weights`.safetensors if given), run on the variant's input.
+    static func fixtureLogits(_ variant: String, weights: String? = nil,
+                              configure: (inout DeformUXNetConfig) -> Void = { _ in }) throws -> (got: Tensor, want: [Float]) {
         let weightsFile = try SafetensorsFile(path: fixture("\(weights ?? variant).safetensors"))
         let configFile = weights == nil ? weightsFile : try SafetensorsFile(path: fixture("\(variant).safetensors"))
         let json = try XCTUnwrap(configFile.metadata[DeformUXNet.configMetadataKey], "\(variant): no config")
-        let net = try DeformUXNet(config: DeformUXNetConfig(json: json))
+        var config = try DeformUXNetConfig(json: json)
+        configure(&config)
+        let net = try DeformUXNet(config: config)
         let report = try net.load(from: fixture("\(weights ?? variant).safetensors"))
         XCTAssertTrue(report.isComplete, "\(variant): \(report)")
         let io = try SafetensorsFile(path: fixture("\(variant).io.safetensors"))
-        let x = try io.tensor("input")
-        let want = try io.floats("output")
-        let y = try net.forward(x)
+        let y = try net.forward(try io.tensor("input"))
         XCTAssertEqual(y.shape, io.entry("output")?.shape, "\(variant): logits shape")
+        return (y, try io.floats("output"))
+    }
+
+    /// Runs a fixture variant and compares its logits with the reference's (a float64 forward rounded
+    /// to float32) at atol 1e-4, rtol 1e-4 (Tests/Fixtures/network/README.md).
+    static func runFixture(_ variant: String, weights: String? = nil, file: StaticString = #filePath, line: UInt = #line) throws {
+        let (y, want) = try fixtureLogits(variant, weights: weights)
         assertClose(try y.toArray(), want, atol: 1e-4, rtol: 1e-4, shape: y.shape,
                     "\(weights ?? variant): logits vs PyTorch", file: file, line: line)
     }
 
-    func testDenseAlignedMatchesPyTorch() throws { try runFixture("dense_aligned") }
-    func testGroupedOfficialMatchesPyTorch() throws { try runFixture("grouped_official") }
-    func testDenseOfficialTwoSamplesMatchesPyTorch() throws { try runFixture("dense_official_n2") }
-    func testUXNetMatchesPyTorch() throws { try runFixture("uxnet") }
+    func testDenseAlignedMatchesPyTorch() throws { try Self.runFixture("dense_aligned") }
+    func testGroupedOfficialMatchesPyTorch() throws { try Self.runFixture("grouped_official") }
+    func testDenseOfficialTwoSamplesMatchesPyTorch() throws { try Self.runFixture("dense_official_n2") }
+    func testUXNetMatchesPyTorch() throws { try Self.runFixture("uxnet") }
     /// The released prototype's names (`module.`, `convxnet.`, `.dcn.`) load into the same model.
-    func testReleasedLayoutNamesLoad() throws { try runFixture("grouped_official", weights: "released_layout") }
+    func testReleasedLayoutNamesLoad() throws { try Self.runFixture("grouped_official", weights: "released_layout") }
 
     // MARK: Loading and saving
 
@@ -173,7 +182,7 @@ final class NetworkTests: XCTestCase {
     /// of another size, must give identical logits.
     func testRepeatedForwardsAgree() throws {
         let net = try DeformUXNet(config: DeformUXNetConfig(outChannels: 2, featureSize: [4, 8, 8, 8], hiddenSize: 8), seed: 6)
-        var rng = TestRNG(seed: 12)
+        var rng = SplitMix64(seed: 12)
         let x = try Tensor(shape: [1, 1, 16, 32, 16], values: rng.floats(8192))
         let first = try net.forward(x).toArray()
         XCTAssertEqual(try net.forward(x).toArray(), first)

@@ -7,7 +7,7 @@ import XCTest
 final class NormTests: XCTestCase {
     func testChannelLayerNormMatchesReference() throws {
         for (label, voxels, c) in [("C1", 7, 1), ("C17", 33, 17), ("C48", 100, 48)] {
-            var rng = TestRNG(seed: UInt64(c))
+            var rng = SplitMix64(seed: UInt64(c))
             let x = rng.floats(voxels * c, -3, 5), w = rng.floats(c), b = rng.floats(c)
             let want = NormReference.channelLayerNorm(x.map(Double.init), weight: w.map(Double.init),
                                                       bias: b.map(Double.init), channels: c)
@@ -26,7 +26,7 @@ final class NormTests: XCTestCase {
     /// fused apply with a normalised residual and LeakyReLU, against the reference composition.
     func testInstanceNormFromSumsWithResidualMatchesReference() throws {
         let n = 2, voxels = 300, c = 5
-        var rng = TestRNG(seed: 3)
+        var rng = SplitMix64(seed: 3)
         let y = rng.floats(n * voxels * c, -2, 4), r = rng.floats(n * voxels * c, 1, 3)
         func sums(_ a: [Float]) -> [Double] {
             var s = [Double](repeating: 0, count: n * 2 * c)
@@ -57,7 +57,7 @@ final class NormTests: XCTestCase {
 
     func testInstanceNormTwoPassStatistics() throws {
         let voxels = 5000, c = 3
-        var rng = TestRNG(seed: 4)
+        var rng = SplitMix64(seed: 4)
         let x = rng.floats(voxels * c, 100, 101)  // a large mean: the two-pass form keeps the variance exact
         var mean = [Float](repeating: 0, count: c), rstd = [Float](repeating: 0, count: c)
         try x.withUnsafeBufferPointer { xp in
@@ -86,20 +86,13 @@ final class NormTests: XCTestCase {
 
     func testChannelLayerNormBackwardMatchesFiniteDifferences() throws {
         let voxels = 6, c = 5
-        var rng = TestRNG(seed: 21)
+        var rng = SplitMix64(seed: 21)
         let x = rng.floats(voxels * c, -2, 3), w = rng.floats(c, 0.5, 1.5), b = rng.floats(c), gy = rng.floats(voxels * c)
         let xd = x.map(Double.init), wd = w.map(Double.init), bd = b.map(Double.init), gyd = gy.map(Double.init)
         func loss(_ x: [Double], _ w: [Double], _ b: [Double]) -> Double {
             zip(NormReference.channelLayerNorm(x, weight: w, bias: b, channels: c), gyd).reduce(0) { $0 + $1.0 * $1.1 }
         }
-        let h = 1e-6
-        func fd(_ base: [Double], _ f: ([Double]) -> Double) -> [Double] {
-            (0..<base.count).map { i in
-                var p = base, m = base
-                p[i] += h; m[i] -= h
-                return (f(p) - f(m)) / (2 * h)
-            }
-        }
+        func fd(_ base: [Double], _ f: ([Double]) -> Double) -> [Double] { centralDifferences(base, h: 1e-6, f) }
         var gx = [Float](repeating: 0.25, count: x.count), gw = [Float](repeating: 0, count: c), gb = [Float](repeating: 0, count: c)
         try x.withUnsafeBufferPointer { xp in try w.withUnsafeBufferPointer { wp in try gy.withUnsafeBufferPointer { gp in
             try gx.withUnsafeMutableBufferPointer { gxp in try gw.withUnsafeMutableBufferPointer { gwp in try gb.withUnsafeMutableBufferPointer { gbp in
@@ -116,18 +109,13 @@ final class NormTests: XCTestCase {
 
     func testInstanceNormBackwardMatchesFiniteDifferences() throws {
         let n = 2, voxels = 40, c = 3
-        var rng = TestRNG(seed: 22)
+        var rng = SplitMix64(seed: 22)
         let x = rng.floats(n * voxels * c, -1, 4), gy = rng.floats(n * voxels * c)
         let gyd = gy.map(Double.init)
         func loss(_ x: [Double]) -> Double {
             zip(NormReference.instanceNorm(x, n: n, voxels: voxels, channels: c), gyd).reduce(0) { $0 + $1.0 * $1.1 }
         }
-        let h = 1e-6
-        let want: [Double] = (0..<x.count).map { i in
-            var p = x.map(Double.init), m = p
-            p[i] += h; m[i] -= h
-            return (loss(p) - loss(m)) / (2 * h)
-        }
+        let want = centralDifferences(x.map(Double.init), h: 1e-6, loss)
         var mean = [Float](repeating: 0, count: n * c), rstd = [Float](repeating: 0, count: n * c)
         var gx = [Float](repeating: 0, count: x.count)
         let ws = Workspace()
@@ -155,11 +143,7 @@ final class NormTests: XCTestCase {
         xs.withUnsafeBufferPointer { a in gy.withUnsafeBufferPointer { g in gx.withUnsafeMutableBufferPointer { o in
             Activation.geluBackward(x: a.baseAddress!, gradY: g.baseAddress!, gradX: o.baseAddress!, count: xs.count)
         } } }
-        let h = 1e-6
-        let want = xs.map { x -> Double in
-            let d = Double(x)
-            return (NormReference.gelu(d + h, erf: Foundation.erf) - NormReference.gelu(d - h, erf: Foundation.erf)) / (2 * h)
-        }
+        let want = xs.map { x in centralDifferences([Double(x)], h: 1e-6) { NormReference.gelu($0[0], erf: Foundation.erf) }[0] }
         assertClose(gx, want, atol: 2e-6, rtol: 1e-5, "GELU derivative")
     }
 }

@@ -65,7 +65,7 @@ final class SafetensorsTests: XCTestCase {
 
     func testRoundTripIsExactSortedAlignedAndAtomic() throws {
         let path = tempDir.appendingPathComponent("rt.safetensors").path
-        var rng = TestRNG(seed: 7)
+        var rng = SplitMix64(seed: 7)
         let tensors: [String: Tensor] = [
             "z.last": try Tensor(shape: [2, 3, 1, 1, 5], values: rng.floats(30)),
             "a.first": try Tensor(shape: [7], values: rng.floats(7)),
@@ -198,6 +198,134 @@ final class SafetensorsTests: XCTestCase {
         for (label, bytes, fragments) in cases {
             assertRejects(bytes, fragments, label)
         }
+    }
+
+    /// JSONDecoder keeps one of two equal keys silently (Python's json the last), so a header with a
+    /// repeated key means different things to different readers: rejected, in any object.
+    func testRepeatedKeysAreRejected() throws {
+        let data = floatBytes([1, 2, 3, 4, 5, 6])
+        let a = #""a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#
+        let b = #""b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}"#
+        let cases: [(String, String, [String])] = [
+            ("tensor twice, same entry", "{\(a),\(b),\(a)}", ["tensor \"a\" is given twice in the header"]),
+            ("tensor twice, other offsets", "{\(a),\(b),\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[8,24]}}",
+             ["\"a\" is given twice"]),
+            ("escaped spelling of the same key", "{\(a),\(b),\"\\u0061\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}",
+             ["\"a\" is given twice"]),
+            ("__metadata__ twice", #"{"__metadata__":{"k":"1"},"# + "\(a),\(b)," + #""__metadata__":{"k":"2"}}"#,
+             ["\"__metadata__\" is given twice"]),
+            ("metadata key twice", #"{"__metadata__":{"deformux.config":"{}","deformux.config":"{\"mlp\": \"none\"}"},"# + "\(a),\(b)}",
+             ["__metadata__: key \"deformux.config\" is given twice"]),
+            ("dtype twice", #"{"a":{"dtype":"F16","dtype":"F32","shape":[2],"data_offsets":[0,8]},"# + "\(b)}",
+             ["tensor a: key \"dtype\" is given twice"]),
+            ("data_offsets twice", #"{"a":{"dtype":"F32","shape":[2],"data_offsets":[16,24],"data_offsets":[0,8]},"# + "\(b)}",
+             ["tensor a: key \"data_offsets\" is given twice"]),
+        ]
+        XCTAssertNoThrow(try SafetensorsFile(bytes: fileBytes("{\(a),\(b)}", data: data), path: "good"))
+        for (label, header, fragments) in cases {
+            assertRejects(fileBytes(header, data: data), fragments, label)
+        }
+        // Keys that only look alike are different keys; nested objects may reuse their parent's keys.
+        XCTAssertNoThrow(try SafetensorsFile(bytes: fileBytes(#"{"__metadata__":{"a":"x","A":"y","a ":"z"},"# + "\(a),\(b)}", data: data),
+                                             path: "distinct keys"))
+    }
+
+    /// The format requires the tensors to tile the data section: no gap before, between or after them.
+    func testGapsAndTrailingBytesAreRejected() throws {
+        func entry(_ name: String, _ begin: Int, _ end: Int) -> String {
+            #""\#(name)":{"dtype":"F32","shape":[\#((end - begin) / 4)],"data_offsets":[\#(begin),\#(end)]}"#
+        }
+        let cases: [(String, String, Int, [String])] = [
+            ("gap between", "{\(entry("a", 0, 8)),\(entry("b", 12, 20))}", 20, ["bytes 8..<12", "gap before tensor b", "tile"]),
+            ("gap at the start", "{\(entry("a", 4, 12))}", 12, ["bytes 0..<4", "gap before tensor a"]),
+            ("trailing bytes", "{\(entry("a", 0, 8)),\(entry("b", 8, 16))}", 20, ["4 bytes after the last tensor", "16..<20"]),
+            ("no tensors, some data", #"{"__metadata__":{"k":"v"}}"#, 4, ["4 bytes after the last tensor"]),
+            ("empty tensor in a gap", "{\(entry("a", 0, 8)),\(entry("e", 12, 12)),\(entry("b", 12, 16))}", 16, ["bytes 8..<12", "gap before tensor"]),
+            ("empty tensor inside another", "{\(entry("a", 0, 8)),\(entry("e", 4, 4))}", 8, ["a", "e", "overlap"]),
+        ]
+        for (label, header, dataBytes, fragments) in cases {
+            assertRejects(fileBytes(header, data: [UInt8](repeating: 0, count: dataBytes)), fragments, label)
+        }
+        // Empty tensors where the next tensor begins, or at the very end, are allowed; so is no data at all.
+        for (label, header, dataBytes) in [("empty first", "{\(entry("e", 0, 0)),\(entry("a", 0, 8))}", 8),
+                                            ("empty last", "{\(entry("a", 0, 8)),\(entry("e", 8, 8))}", 8),
+                                            ("only metadata", #"{"__metadata__":{"k":"v"}}"#, 0)] {
+            XCTAssertNoThrow(try SafetensorsFile(bytes: fileBytes(header, data: [UInt8](repeating: 0, count: dataBytes)), path: label), label)
+        }
+    }
+
+    /// Opening reads the 8-byte length and the header, checks them, and stops: a wrong file of several GB
+    /// (sparse here: no disk used) is rejected without reading or allocating its size. Checked by the
+    /// peak resident memory of this process around the call (Linux: VmHWM, reset through clear_refs).
+    func testAWrongHugeFileFailsWithoutReadingIt() throws {
+        let path = tempDir.appendingPathComponent("huge.safetensors").path
+        let header = Array(#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#.utf8)
+        var n = UInt64(header.count).littleEndian
+        try Data(withUnsafeBytes(of: &n) { Array($0) } + header + [UInt8](repeating: 0, count: 8)).write(to: URL(fileURLWithPath: path))
+        let size: Int64 = 3 << 30
+        guard truncate(path, off_t(size)) == 0 else { throw XCTSkip("cannot make a sparse file here") }
+        let before = try peakResidentBytesAfterReset()
+        XCTAssertThrowsError(try SafetensorsFile(path: path)) { e in
+            let m = "\(e)"
+            XCTAssertTrue(m.contains(path) && m.contains("after the last tensor"), m)
+            XCTAssertEqual((e as? DeformUXError)?.kind, .io)
+        }
+        let grown = try peakResidentBytes() - before
+        XCTAssertLessThan(grown, 64 << 20, "opening a wrong 3 GB file raised the peak resident memory by \(grown >> 20) MB")
+    }
+
+    /// The peak resident memory (VmHWM) after resetting it to the current resident size.
+    private func peakResidentBytesAfterReset() throws -> Int {
+        #if os(Linux)
+        guard (try? "5".write(toFile: "/proc/self/clear_refs", atomically: false, encoding: .utf8)) != nil else {
+            throw XCTSkip("cannot reset the peak resident memory (/proc/self/clear_refs)")
+        }
+        return try peakResidentBytes()
+        #else
+        throw XCTSkip("measures memory through /proc (Linux)")
+        #endif
+    }
+
+    private func peakResidentBytes() throws -> Int {
+        let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
+        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+              let kb = Int(line.split(separator: " ").dropFirst().first ?? "") else {
+            throw XCTSkip("no VmHWM in /proc/self/status")
+        }
+        return kb * 1024
+    }
+
+    /// Tensors are read when copied: a file truncated after opening gives an io error naming it, not a trap.
+    func testFileTruncatedAfterOpeningGivesAnError() throws {
+        let path = tempDir.appendingPathComponent("shrinks.safetensors").path
+        let t = try Tensor(shape: [1000], values: (0..<1000).map(Float.init))
+        try Safetensors.write(["w": t, "a": try Tensor(shape: [2], values: [7, 8])], to: path)
+        let f = try SafetensorsFile(path: path)
+        XCTAssertEqual(try f.floats("a"), [7, 8])
+        XCTAssertEqual(truncate(path, off_t(try XCTUnwrap(f.entry("w")).byteRange.lowerBound + 100)), 0)
+        XCTAssertThrowsError(try f.floats("w")) { e in
+            let m = "\(e)"
+            XCTAssertTrue(m.contains(path) && m.contains("tensor w") && m.contains("changed while reading"), m)
+            XCTAssertEqual((e as? DeformUXError)?.kind, .io)
+        }
+    }
+
+    /// F16, BF16 and F64 tensors larger than the conversion buffer convert chunk by chunk, exactly.
+    func testLargeConvertedTensorsReadInChunks() throws {
+        let count = Safetensors.conversionChunkBytes / 2 * 3 + 17  // F16: three chunks and a bit
+        var halves = [UInt16](repeating: 0, count: count)
+        for i in 0..<count { halves[i] = UInt16(truncatingIfNeeded: i &* 2654435761 >> 7) & 0x7BFF }  // no NaN/inf
+        let doubles = (0..<(count / 3)).map { Double($0) * 0.001 - 7 }
+        var data = halves.withUnsafeBytes { Array($0) }
+        let f64Begin = data.count
+        data += doubles.withUnsafeBytes { Array($0) }
+        let header = #"{"h":{"dtype":"F16","shape":[\#(count)],"data_offsets":[0,\#(f64Begin)]},"# +
+            #""d":{"dtype":"F64","shape":[\#(doubles.count)],"data_offsets":[\#(f64Begin),\#(data.count)]}}"#
+        let path = tempDir.appendingPathComponent("big16.safetensors").path
+        try Data(fileBytes(header, data: data)).write(to: URL(fileURLWithPath: path))
+        let f = try SafetensorsFile(path: path)
+        XCTAssertEqual(try f.floats("h").map(\.bitPattern), halves.map { Safetensors.halfToFloat($0).bitPattern })
+        XCTAssertEqual(try f.floats("d"), doubles.map { Float($0) })
     }
 
     func testCorruptFileOnDiskNamesThePath() throws {

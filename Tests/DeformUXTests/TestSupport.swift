@@ -2,20 +2,10 @@ import Foundation
 import XCTest
 @testable import DeformUX
 
-/// A seeded generator for test data (SplitMix64), so every case is reproducible from its seed.
-struct TestRNG {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
-    /// Uniform in [lo, hi).
+/// Test data comes from the engine's own seeded generator (`SplitMix64`, Layers/Parameters.swift), so
+/// every case is reproducible from its seed; these helpers draw the kinds of values the tests need.
+extension SplitMix64 {
+    /// Uniform in [lo, hi), in Double (53 random bits).
     mutating func uniform(_ lo: Double, _ hi: Double) -> Double {
         lo + (hi - lo) * Double(next() >> 11) / Double(UInt64(1) << 53)
     }
@@ -29,6 +19,18 @@ struct TestRNG {
     /// `count` floats uniform in [lo, hi).
     mutating func floats(_ count: Int, _ lo: Double = -1, _ hi: Double = 1) -> [Float] {
         (0..<count).map { _ in Float(uniform(lo, hi)) }
+    }
+}
+
+/// Central differences (f(x + h e_i) - f(x - h e_i)) / 2h of a scalar function of `x`, in Double, at
+/// the flat indices `indices` (every index by default): the finite-difference oracle of the gradient
+/// checks (STYLE.md habit 9). The one helper for all of them.
+func centralDifferences(_ x: [Double], at indices: [Int]? = nil, h: Double, _ f: ([Double]) -> Double) -> [Double] {
+    (indices ?? Array(x.indices)).map { i in
+        var plus = x, minus = x
+        plus[i] += h
+        minus[i] -= h
+        return (f(plus) - f(minus)) / (2 * h)
     }
 }
 

@@ -13,6 +13,8 @@ extension ``deformux._C``): the network (``deformux.DeformUXNet``) and its DDC o
 Errors: bad arguments raise TypeError/ValueError naming the argument, out of memory MemoryError, other
 engine failures :class:`DeformUXError` (a RuntimeError).
 """
+import numbers
+
 from . import _C
 from ._C import DeformUXError, FileFormatError
 from . import ops
@@ -26,10 +28,12 @@ __all__ = ["ops", "DeformUXNet", "Session", "DeformUXError", "FileFormatError", 
 def set_num_threads(n):
     """Sets the number of worker threads every engine call uses (default: the number of CPUs).
 
-    n must be an int >= 1 (TypeError / ValueError otherwise). The setting is process-wide.
+    n must be an integer >= 1 (an int or a NumPy integer; TypeError / ValueError otherwise). The
+    setting is process-wide.
     """
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    n = int(n)
     if n < 1:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
     if n > 2**31 - 1:

@@ -9,8 +9,8 @@
   ``module.`` is dropped, the prototype names ``convxnet.`` -> ``deformuxnet_3d.`` and ``.dcn.`` -> ``.ddc.``;
   then any ``--prefix-map OLD=NEW`` (a key starting with OLD gets NEW instead).
 * Infers the configuration from the shapes (in/out channels, feature sizes, depths, hidden size, block
-  deformux/uxnet, UX-Net's kernel size, MLP dense/grouped, and the offset-kernel-3 / standard-deformable
-  ablations), checks every key and shape against ARCHITECTURE.md section 5 for that configuration, and
+  deformux/uxnet, UX-Net's kernel size, MLP dense/grouped/none, and the offset-kernel-3 /
+  standard-deformable ablations; the single-plane ablations cannot be seen in the weights), checks every key and shape against ARCHITECTURE.md section 5 for that configuration, and
   writes float32 safetensors (atomically) with the configuration as JSON under the metadata key
   ``deformux.config``, using the engine's JSON keys (Sources/DeformUX/Model/ConfigJSON.swift:
   in_channels, out_channels, feature_size, depths, hidden_size, block, mlp, offset_mode, and
@@ -19,7 +19,9 @@
   ``official`` (the default here); pass ``--offset-mode aligned`` for models trained with aligned offsets.
 
 torch is needed only to read the .pth (imported inside `load_checkpoint`); everything else is numpy.
-This module imports nothing from the rest of the package, so it also runs as a plain script.
+Apart from `_atomic.py` (the atomic file write) this module imports nothing from the package, so it
+also loads as a top-level module with python/deformux/ on sys.path (as the fixture generators in tools/
+use it) and runs as a plain script.
 """
 import argparse
 import json
@@ -30,7 +32,10 @@ import sys
 
 import numpy as np
 
-from ._atomic import atomic_write
+if __package__:
+    from ._atomic import atomic_write
+else:  # a top-level module (tools/ put python/deformux/ on sys.path) or a plain script: _atomic is beside it
+    from _atomic import atomic_write
 
 CONFIG_KEY = "deformux.config"
 
@@ -40,10 +45,19 @@ _DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"
 # ----------------------------------------------------------------------------------------------------
 # safetensors with numpy only
 
+MAX_HEADER_BYTES = 100 << 20  # as the engine: a larger header is certainly not a weight file
+
+
+def fspath(path):
+    """`path` (str, bytes or os.PathLike) as a str, the way the engine and error messages want it."""
+    return os.fsdecode(path)
+
+
 def write_safetensors(path, tensors, metadata=None):
     """Writes {name: array} as F32 safetensors: tensors sorted by name, packed back to back, header
     space-padded to a multiple of 8 bytes. Atomic: a temporary file in the same directory is renamed
-    over `path` when complete."""
+    over `path` when complete. `path` may be str, bytes or os.PathLike."""
+    path = fspath(path)
     header = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -67,37 +81,109 @@ def write_safetensors(path, tensors, metadata=None):
             f.write(a.tobytes())
 
 
-def read_safetensors(path):
-    """Reads F32/F64/F16/BF16 safetensors into ({name: float32 array}, metadata), checking the header."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise ValueError(f"{path}: too short for a safetensors file")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > min(len(data) - 8, 100 << 20):
-        raise ValueError(f"{path}: header length {n} runs past the end of the file or is too large")
-    header = json.loads(data[8:8 + n].decode("utf-8"))
-    body = memoryview(data)[8 + n:]
-    meta = header.pop("__metadata__", {}) or {}
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """json object_pairs_hook: a key given twice in one object is an error (json keeps the last one
+    silently, the engine's reader would see the first: a file must not mean two things)."""
     out = {}
-    for name, e in header.items():
-        begin, end = e["data_offsets"]
-        count = int(np.prod(e["shape"], dtype=np.int64))
-        if not 0 <= begin <= end <= len(body):
-            raise ValueError(f"{path}: tensor {name}: data_offsets {e['data_offsets']} out of range")
+    for k, v in pairs:
+        if k in out:
+            raise _RepeatedKey(f"key {json.dumps(k)} is given twice in one object of the header")
+        out[k] = v
+    return out
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_safetensors(path):
+    """Reads F32/F64/F16/BF16 safetensors into ({name: float32 array}, metadata), checking the header
+    as the engine does (IO/Safetensors.swift): the 8-byte length is checked before the header is read,
+    and the header before the data section is read; no key may be given twice; every entry needs a
+    known dtype, a shape of non-negative ints and data_offsets [begin, end] matching it; and the
+    tensors must tile the data section (no gap, overlap or trailing bytes). Raises ValueError naming the
+    file (and the tensor), OSError if it cannot be read. `path` may be str, bytes or os.PathLike."""
+    path = fspath(path)
+
+    def bad(message):
+        return ValueError(f"{path}: {message}")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{len(head)} bytes, too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise bad(f"header length {n} is larger than the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)")
+        if n > size - 8:
+            raise bad(f"header length {n} runs past the end of the file ({size} bytes; truncated?)")
+        raw_header = f.read(n)
+        try:
+            header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_unique_keys)
+        except _RepeatedKey as e:
+            raise bad(str(e)) from None
+        except (UnicodeDecodeError, ValueError) as e:
+            raise bad(f"header is not valid UTF-8 JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise bad("header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise bad("__metadata__ must be an object mapping strings to strings")
+        data_length = size - 8 - n
+        entries = []
+        for name, e in sorted(header.items()):
+            t = f"tensor {name}"
+            if not (isinstance(e, dict) and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list)
+                    and isinstance(e.get("data_offsets"), list)):
+                raise bad(f"{t}: entry must be an object with dtype, shape and data_offsets")
+            shape, offsets, dtype = e["shape"], e["data_offsets"], e["dtype"]
+            if not all(_is_int(d) and d >= 0 for d in shape):
+                raise bad(f"{t}: shape must be non-negative integers, got {shape}")
+            if len(offsets) != 2 or not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+                raise bad(f"{t}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets}")
+            begin, end = offsets
+            if end > data_length:
+                raise bad(f"{t}: data_offsets {offsets} run past the data section ({data_length} bytes; truncated?)")
+            if dtype == "BF16":
+                itemsize = 2
+            elif dtype in _DTYPES:
+                itemsize = _DTYPES[dtype].itemsize
+            else:
+                raise bad(f"{t}: unsupported dtype {dtype}")
+            count = 1
+            for d in shape:
+                count *= d
+            if end - begin != itemsize * count:
+                raise bad(f"{t}: {end - begin} data bytes for shape {shape} of {dtype}, expected {count} x {itemsize}")
+            entries.append((begin, end, name, dtype, shape))
+        position = 0
+        for begin, end, name, _, _ in sorted(entries):
+            if begin < position:
+                raise bad(f"tensor {name} (bytes {begin}..{end}) overlaps the tensor before it")
+            if begin > position:
+                raise bad(f"bytes {position}..{begin} of the data section belong to no tensor (a gap before tensor "
+                          f"{name}); tensors must tile the data section")
+            position = end
+        if position != data_length:
+            raise bad(f"the data section has {data_length - position} bytes after the last tensor; tensors must "
+                      "tile the data section")
+        body = f.read(data_length)  # only now, and only what the checked header describes
+        if len(body) != data_length:
+            raise bad(f"the file changed while reading ({8 + n + len(body)} of {size} bytes)")
+    body = memoryview(body)
+    out = {}
+    for begin, end, name, dtype, shape in entries:
         raw = body[begin:end]
-        if e["dtype"] == "BF16":
-            if end - begin != 2 * count:
-                raise ValueError(f"{path}: tensor {name}: size mismatch")
+        if dtype == "BF16":
             a = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        elif e["dtype"] in _DTYPES:
-            dt = _DTYPES[e["dtype"]]
-            if end - begin != dt.itemsize * count:
-                raise ValueError(f"{path}: tensor {name}: size mismatch")
-            a = np.frombuffer(raw, dtype=dt).astype(np.float32)
         else:
-            raise ValueError(f"{path}: tensor {name}: unsupported dtype {e['dtype']}")
-        out[name] = a.reshape(e["shape"])
+            a = np.frombuffer(raw, dtype=_DTYPES[dtype]).astype(np.float32)
+        out[name] = a.reshape(shape)
     return out, meta
 
 
@@ -149,11 +235,12 @@ def expected_shapes(config):
                 s[b + "dwconv.bias"] = (c,)
             s[b + "norm.weight"] = (c,)
             s[b + "norm.bias"] = (c,)
-            grouped = config["mlp"] == "grouped"
-            s[b + "pwconv1.weight"] = (4 * c, 1 if grouped else c, 1, 1, 1)
-            s[b + "pwconv1.bias"] = (4 * c,)
-            s[b + "pwconv2.weight"] = (c, 4 if grouped else 4 * c, 1, 1, 1)
-            s[b + "pwconv2.bias"] = (c,)
+            if config["mlp"] != "none":  # the Table 3 ablation "no MLP" has no pwconv1/pwconv2
+                grouped = config["mlp"] == "grouped"
+                s[b + "pwconv1.weight"] = (4 * c, 1 if grouped else c, 1, 1, 1)
+                s[b + "pwconv1.bias"] = (4 * c,)
+                s[b + "pwconv2.weight"] = (c, 4 if grouped else 4 * c, 1, 1, 1)
+                s[b + "pwconv2.bias"] = (c,)
             s[b + "gamma"] = (c,)
         s[e + f"norm{i}.weight"] = (c,)
         s[e + f"norm{i}.bias"] = (c,)
@@ -209,8 +296,9 @@ def infer_config(shapes, offset_mode="official"):
         raise ValueError("cannot infer the configuration: the encoder has no blocks")
     b0 = e + f"stages.{first}.0."
     mlp = "dense"
-    pw1 = need(b0 + "pwconv1.weight")
-    if pw1[1] == 1 and feature_size[first] > 1:
+    if b0 + "pwconv1.weight" not in shapes and b0 + "pwconv2.weight" not in shapes:
+        mlp = "none"
+    elif need(b0 + "pwconv1.weight")[1] == 1 and feature_size[first] > 1:
         mlp = "grouped"
     config = {
         "in_channels": stem[1],
@@ -249,7 +337,8 @@ def compare(shapes, expected):
 # PyTorch checkpoints
 
 def load_checkpoint(path, unsafe_pickle=False):
-    """{key: float32 numpy array} from a .pth. Needs torch."""
+    """{key: float32 numpy array} from a .pth (str, bytes or os.PathLike path). Needs torch."""
+    path = fspath(path)
     try:
         import torch
     except ImportError as e:
@@ -280,7 +369,9 @@ def load_checkpoint(path, unsafe_pickle=False):
 
 
 def convert(src, dst, offset_mode="official", prefix_map=(), strict=True, unsafe_pickle=False, log=print):
-    """Converts checkpoint `src` to safetensors `dst`; returns the inferred configuration."""
+    """Converts checkpoint `src` to safetensors `dst` (paths: str, bytes or os.PathLike); returns the
+    inferred configuration."""
+    src, dst = fspath(src), fspath(dst)
     raw = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
     tensors = {}
     for k, v in raw.items():

@@ -10,6 +10,7 @@ The offsets of the whole MNI volume would be 81 x 197 x 233 x 189 floats (2.8 GB
 processed in slabs along D. A rotation about D moves nothing along D, so a slab plus a halo of
 2 slices on each side gives exactly the voxels the whole-volume operator would read.
 """
+import numbers
 import os
 import time
 from importlib import resources
@@ -80,10 +81,15 @@ def deform_volume(volume, angle_deg=10.0, slab=16):
 
 
 def run(input_path=None, output_path="out/demo_ddc.nii.gz", angle=10.0, slab=16, log=print):
-    """The demo job. Returns a dict summary (also printed through `log`)."""
+    """The demo job. Paths are str, bytes or os.PathLike; `slab` an int or NumPy integer. Returns a dict
+    summary (also printed through `log`)."""
+    if isinstance(slab, bool) or not isinstance(slab, numbers.Integral):
+        raise TypeError(f"demo: --slab must be an int, got {type(slab).__name__}")
+    slab = int(slab)
     if slab < 1:
         raise ValueError(f"demo: --slab must be >= 1, got {slab}")
-    input_path = Path(input_path) if input_path else bundled_t1_path()
+    input_path = Path(os.fsdecode(input_path)) if input_path else bundled_t1_path()
+    output_path = os.fsdecode(output_path)
     start = time.perf_counter()
     vol = read_nifti(input_path)
     data = vol.data

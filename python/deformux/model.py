@@ -91,7 +91,9 @@ class DeformUXNet:
     @classmethod
     def from_file(cls, path, **overrides):
         """A network built from the configuration recorded in a safetensors file (written by
-        :meth:`save` or ``deformux.convert``), with its weights loaded strictly."""
+        :meth:`save` or ``deformux.convert``), with its weights loaded strictly. `path`: str, bytes or
+        os.PathLike."""
+        path = os.fsdecode(path)
         config = dict(_read_config(path))
         config.update(overrides)
         m = cls(**config)
@@ -184,12 +186,12 @@ class DeformUXNet:
         """Loads weights from a safetensors file (F32, F16, BF16 or F64). Strict: raises ValueError
         listing every missing, unexpected and mis-shaped name, and loads nothing. Returns the report
         (a text: counts, then the names of each kind of problem)."""
-        _C.model_load(self._handle, os.fspath(path), bool(strict))
+        _C.model_load(self._handle, os.fsdecode(path), bool(strict))  # str, bytes or os.PathLike
         return _C.model_last_report(self._handle)
 
     def save(self, path):
         """Writes the weights (F32 safetensors, configuration in the metadata), atomically."""
-        _C.model_save(self._handle, os.fspath(path))
+        _C.model_save(self._handle, os.fsdecode(path))  # str, bytes or os.PathLike
 
     def state_dict(self):
         """A dict of name -> float32 array (copies), in the released code's names and order."""
@@ -228,9 +230,12 @@ class DeformUXNet:
             session.release_memory()
 
     def summary(self, input_size=(96, 96, 96), batch=1):
-        """Per-module parameters and multiply-adds for an input of spatial size ``input_size``, as text."""
-        d, h, w = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)
-        return _C.model_summary(self._handle, batch, d, h, w)
+        """Per-module parameters and multiply-adds for an input of spatial size ``input_size`` (one
+        integer or three; ints or NumPy integers), as text."""
+        if isinstance(input_size, (int, np.integer)):
+            input_size = (input_size,) * 3
+        d, h, w = _ints("input_size", input_size, 3, 1)
+        return _C.model_summary(self._handle, _int("batch", batch), d, h, w)
 
 
 class Session:

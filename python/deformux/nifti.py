@@ -44,8 +44,9 @@ def _open(path):
 
 
 def read_nifti(path):
-    """Reads a single-file NIfTI-1 volume. Returns a Volume; raises NiftiError, OSError."""
-    path = os.fspath(path)
+    """Reads a single-file NIfTI-1 volume (`path`: str, bytes or os.PathLike). Returns a Volume;
+    raises NiftiError, OSError."""
+    path = os.fsdecode(path)
     try:
         with _open(path) as f:
             raw = f.read()
@@ -134,8 +135,9 @@ def write_nifti(path, data, affine, template_header=None, description="deformux"
     The affine goes to the sform (code 2, 'aligned'). With `template_header` (a Volume.header of the
     same grid), its qform and sform fields are copied as they are, so the output's spatial metadata
     is the input's. Written atomically: a temporary file in the same directory, then os.replace.
+    `path`: str, bytes or os.PathLike.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     data = np.asarray(data, dtype="<f4")
     if data.ndim != 3:
         raise ValueError(f"write_nifti: data must be 3D [x][y][z], got shape {data.shape}")

@@ -13,10 +13,14 @@ from helpers import REPO
 from deformux import convert
 
 
-def test_numpy_safetensors_round_trip_is_exact_and_atomic(tmp_path):
+def _round_trip_tensors():
     rng = np.random.default_rng(0)
-    tensors = {"b": rng.standard_normal((2, 3, 1)).astype(np.float32), "a": np.float32(2.5) * np.ones(()),
-               "empty": np.zeros((0, 4), np.float32)}
+    return {"b": rng.standard_normal((2, 3, 1)).astype(np.float32), "a": np.float32(2.5) * np.ones(()),
+            "empty": np.zeros((0, 4), np.float32)}
+
+
+def test_numpy_safetensors_round_trip_is_exact_and_atomic(tmp_path):
+    tensors = _round_trip_tensors()
     path = tmp_path / "x.safetensors"
     convert.write_safetensors(str(path), tensors, {"k": "v \"quoted\""})
     back, meta = convert.read_safetensors(str(path))
@@ -29,7 +33,14 @@ def test_numpy_safetensors_round_trip_is_exact_and_atomic(tmp_path):
     n = int.from_bytes(raw[:8], "little")
     assert (8 + n) % 8 == 0
     assert os.listdir(tmp_path) == ["x.safetensors"]
-    st = pytest.importorskip("safetensors.numpy")
+
+
+def test_numpy_safetensors_file_reads_with_the_safetensors_package(tmp_path):
+    st = pytest.importorskip("safetensors.numpy", reason="needs the safetensors package to cross-check the file "
+                                                         "(not importable here)")
+    tensors = _round_trip_tensors()
+    path = tmp_path / "x.safetensors"
+    convert.write_safetensors(str(path), tensors, {"k": "v"})
     official = st.load_file(str(path))
     for k in tensors:
         np.testing.assert_array_equal(official[k], tensors[k])
@@ -43,14 +54,21 @@ def test_normalize_name():
 
 def test_infer_config_round_trips_through_expected_shapes():
     for extra in [{}, {"offset_kernel": 3, "offset_mode": "aligned"}, {"deformable": "standard", "offset_mode": "aligned"},
+                  {"mlp": "none"}, {"mlp": "none", "block": "uxnet", "kernel_size": 3},
                   {"block": "uxnet", "mlp": "grouped", "kernel_size": 5, "offset_mode": "official"}]:
         cfg = {"in_channels": 3, "out_channels": 2, "feature_size": [4, 6, 10, 12], "depths": [0, 1, 3, 2],
                "hidden_size": 16, "block": "deformux", "mlp": "dense", "offset_mode": "official", **extra}
         assert convert.infer_config(convert.expected_shapes(cfg), cfg["offset_mode"]) == cfg, extra
 
 
+def _torch():
+    """torch, or a skip saying why (the converter reads .pth checkpoints with it; the engine never needs it)."""
+    return pytest.importorskip("torch", reason="needs torch to write and read .pth checkpoints (not importable here)")
+
+
 def _reference():
-    pytest.importorskip("torch")
+    """tools/reference_model.py, the PyTorch transcription of the network (needs torch)."""
+    _torch()
     sys.path.insert(0, str(REPO / "tools"))
     import reference_model
     return reference_model
@@ -62,7 +80,7 @@ def _reference():
     ("uxnet", "grouped", 5, [2, 1, 1, 2], "model", False),
 ])
 def test_convert_reference_checkpoint(tmp_path, block, mlp, kernel, depths, wrap, released):
-    import torch
+    torch = _torch()
     rm = _reference()
     torch.manual_seed(0)
     m = rm.DeformUXNet(2, 5, [8, 12, 16, 24], depths=depths, hidden_size=20, block=block, mlp=mlp,
@@ -98,7 +116,7 @@ def test_counts_match_architecture_section6():
 
 
 def test_convert_strict_lists_missing_and_unexpected(tmp_path):
-    import torch
+    torch = _torch()
     rm = _reference()
     m = rm.DeformUXNet(1, 3, [8, 12, 16, 24], hidden_size=16)
     sd = dict(m.state_dict())

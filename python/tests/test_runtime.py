@@ -12,7 +12,7 @@ import pytest
 
 import deformux
 from deformux import _C, ops
-from helpers import assert_close, f32, rng
+from helpers import assert_close, f32, main_thread_rate_during, rng
 
 
 def inputs(shape, seed=0):
@@ -95,15 +95,6 @@ def test_concurrent_calls_from_python_threads():
 
 # ---- the GIL ----
 
-def _count_rate(stop, seconds):
-    """Counts in a Python loop until `stop` is set or `seconds` pass; returns counts per second."""
-    count, start = 0, time.perf_counter()
-    end = start + seconds
-    while not stop.is_set() and time.perf_counter() < end:
-        count += 1
-    return count / (time.perf_counter() - start)
-
-
 def test_gil_is_released_during_engine_calls():
     """While a worker thread is inside engine calls (each >= ~80 ms), the main thread keeps counting
     in a Python loop at a good fraction of its solo rate (measured: 50-100%). Were the GIL held, the
@@ -121,21 +112,7 @@ def test_gil_is_released_during_engine_calls():
             break
         c *= 2
     calls = max(3, int(np.ceil(0.8 / one_call)))
-    solo_rate = _count_rate(threading.Event(), 0.3)
-
-    started, done = threading.Event(), threading.Event()
-
-    def worker():
-        started.set()
-        for _ in range(calls):
-            ops.deform_conv3d_backward(x, off, wt, g)
-        done.set()
-
-    t = threading.Thread(target=worker)
-    t.start()
-    started.wait()
-    rate = _count_rate(done, 120.0)
-    t.join()
+    rate, solo_rate = main_thread_rate_during(lambda: ops.deform_conv3d_backward(x, off, wt, g), calls)
     print(f"one call {one_call * 1e3:.0f} ms x {calls}; main loop {rate:.3g}/s vs solo {solo_rate:.3g}/s")
     assert rate >= 0.3 * solo_rate, (f"main thread counted at {rate:.3g}/s during engine calls, solo "
                                      f"{solo_rate:.3g}/s: the GIL seems to be held")

@@ -35,8 +35,17 @@ public enum SafetensorsDType: String, Sendable, CaseIterable {
     }
 }
 
-/// A parsed, validated safetensors file held in memory (the file is read once; tensors are converted
-/// straight from those bytes into the caller's memory).
+/// A parsed, validated safetensors file. Opening one reads only the 8-byte header length and the header
+/// (both checked before anything else is read or allocated); tensor bytes are read from the file when a
+/// tensor is copied, straight into the caller's memory, so a wrong multi-GB file fails fast and a right
+/// one is never held in memory twice.
+///
+/// Checked when opening: the header length is at most `maxHeaderBytes` and inside the file; the header
+/// is UTF-8 JSON, an object, with no key given twice in any of its objects; every entry has a known
+/// dtype, a shape whose element count does not overflow, and `data_offsets` inside the data section
+/// that match shape x dtype size; and the tensors tile the data section exactly (sorted by offset, each
+/// begins where the previous one ends, the last ends at the end of the file: no gaps, no overlaps, no
+/// trailing bytes, as the format requires).
 public struct SafetensorsFile: @unchecked Sendable {
     public struct Entry: Sendable, Equatable {
         public let name: String
@@ -55,37 +64,75 @@ public struct SafetensorsFile: @unchecked Sendable {
     /// The `__metadata__` map (empty if absent).
     public let metadata: [String: String]
 
-    private let bytes: [UInt8]
+    /// Where the data section's bytes come from: the open file, or the bytes given.
+    private let source: SafetensorsSource
+    /// Offset of the data section in `source` (8 + header length).
     private let dataStart: Int
     private let indexByName: [String: Int]
 
     /// Header length limit: a larger header is certainly not a weight file.
     public static let maxHeaderBytes = 100 * 1024 * 1024
 
-    /// Reads and validates the file at `path`.
+    /// Opens and validates the file at `path`, reading its header only.
     public init(path: String) throws {
-        try self.init(bytes: Safetensors.readFile(path), path: path)
+        let what = "safetensors \(path)"
+        let file = try SafetensorsSource(openingFile: path, what: what)
+        let size = file.size
+        guard size >= 8 else {
+            throw DeformUXError.io(what, "file is \(size) bytes, too short for the 8-byte header length", path: path)
+        }
+        var lengthBytes = [UInt8](repeating: 0, count: 8)
+        try lengthBytes.withUnsafeMutableBytes { b in
+            if let base = b.baseAddress { try file.read(into: base, at: 0, count: 8, what: what) }
+        }
+        let headerLength = try SafetensorsFile.checkedHeaderLength(lengthBytes, fileSize: size, what: what, path: path)
+        // Allocated only now, for a length checked against the limit and the file's size.
+        var header = [UInt8](repeating: 0, count: headerLength)
+        try header.withUnsafeMutableBytes { b in
+            if let base = b.baseAddress { try file.read(into: base, at: 8, count: headerLength, what: what) }
+        }
+        try self.init(header: header[...], fileSize: size, source: file, path: path)
     }
 
-    /// Parses and validates `bytes` (the whole file); `path` labels error messages.
+    /// Parses and validates `bytes` (a whole file in memory); `path` labels error messages.
     public init(bytes: [UInt8], path: String) throws {
         let what = "safetensors \(path)"
         guard bytes.count >= 8 else {
-            throw DeformUXError.io(what, "file is \(bytes.count) bytes, too short for the 8-byte header length")
+            throw DeformUXError.io(what, "file is \(bytes.count) bytes, too short for the 8-byte header length", path: path)
         }
-        var n: UInt64 = 0
-        for i in 0..<8 { n |= UInt64(bytes[i]) << (8 * UInt64(i)) }
-        guard n <= UInt64(SafetensorsFile.maxHeaderBytes) else {
-            throw DeformUXError.io(what, "header length \(n) bytes is larger than the \(SafetensorsFile.maxHeaderBytes)-byte limit (not a safetensors file?)")
-        }
-        let headerLength = Int(n)
-        guard headerLength <= bytes.count - 8 else {
-            throw DeformUXError.io(what, "header length \(headerLength) bytes runs past the end of the file (\(bytes.count) bytes; truncated?)")
-        }
-        let dataStart = 8 + headerLength
-        let dataLength = bytes.count - dataStart
+        let headerLength = try SafetensorsFile.checkedHeaderLength(Array(bytes[0..<8]), fileSize: bytes.count, what: what, path: path)
+        try self.init(header: bytes[8..<(8 + headerLength)], fileSize: bytes.count,
+                      source: SafetensorsSource(bytes: bytes), path: path)
+    }
 
-        let header = try Safetensors.parseHeader(bytes[8..<dataStart], what: what)
+    /// The header length N from the first 8 bytes (little-endian), checked against the limit and the file.
+    private static func checkedHeaderLength(_ first8: [UInt8], fileSize: Int, what: String, path: String) throws -> Int {
+        var n: UInt64 = 0
+        for i in 0..<8 { n |= UInt64(first8[i]) << (8 * UInt64(i)) }
+        guard n <= UInt64(SafetensorsFile.maxHeaderBytes) else {
+            throw DeformUXError.io(what, "header length \(n) bytes is larger than the \(SafetensorsFile.maxHeaderBytes)-byte limit (not a safetensors file?)", path: path)
+        }
+        guard Int(n) <= fileSize - 8 else {
+            throw DeformUXError.io(what, "header length \(n) bytes runs past the end of the file (\(fileSize) bytes; truncated?)", path: path)
+        }
+        return Int(n)
+    }
+
+    /// Validates the header (bytes 8..<8+N of a file of `fileSize` bytes) against the data section.
+    private init(header headerBytes: ArraySlice<UInt8>, fileSize: Int, source: SafetensorsSource, path: String) throws {
+        let what = "safetensors \(path)"
+        let dataStart = 8 + headerBytes.count
+        let dataLength = fileSize - dataStart
+        let header: Safetensors.ParsedHeader
+        do {
+            header = try Safetensors.parseHeader(headerBytes, what: what)
+        } catch var e as DeformUXError {
+            e.path = path
+            throw e
+        }
+        func fail(_ subject: String, _ message: String) -> DeformUXError {
+            DeformUXError.io(subject, message, path: path)
+        }
 
         var entries: [Entry] = []
         entries.reserveCapacity(header.tensors.count)
@@ -93,7 +140,7 @@ public struct SafetensorsFile: @unchecked Sendable {
             let t = "\(what): tensor \(raw.name)"
             guard let dtype = SafetensorsDType(rawValue: raw.dtype) else {
                 let known = SafetensorsDType.allCases.map(\.rawValue).joined(separator: ", ")
-                throw DeformUXError.io(t, "dtype \"\(raw.dtype)\" is not supported (expected one of \(known))")
+                throw fail(t, "dtype \"\(raw.dtype)\" is not supported (expected one of \(known))")
             }
             let count: Int
             do {
@@ -101,40 +148,52 @@ public struct SafetensorsFile: @unchecked Sendable {
             } catch let e as DeformUXError {
                 var bad = e  // a bad file, not a bad argument
                 bad.kind = .io
+                bad.path = path
                 throw bad
             }
             guard raw.offsets.count == 2 else {
-                throw DeformUXError.io(t, "data_offsets must be [begin, end], got \(raw.offsets)")
+                throw fail(t, "data_offsets must be [begin, end], got \(raw.offsets)")
             }
             let begin = raw.offsets[0], end = raw.offsets[1]
             guard begin >= 0, begin <= end else {
-                throw DeformUXError.io(t, "data_offsets [\(begin), \(end)] are not an increasing pair of non-negative offsets")
+                throw fail(t, "data_offsets [\(begin), \(end)] are not an increasing pair of non-negative offsets")
             }
             guard end <= dataLength else {
-                throw DeformUXError.io(t, "data_offsets [\(begin), \(end)] run past the data section (\(dataLength) bytes; truncated file?)")
+                throw fail(t, "data_offsets [\(begin), \(end)] run past the data section (\(dataLength) bytes; truncated file?)")
             }
-            let expected = count * dtype.size
+            let expected = count * dtype.size  // count <= Int.max / 8 (elementCount)
             guard end - begin == expected else {
-                throw DeformUXError.io(t, "\(end - begin) data bytes for shape \(raw.shape) of \(dtype.rawValue), expected \(count) x \(dtype.size) = \(expected)")
+                throw fail(t, "\(end - begin) data bytes for shape \(raw.shape) of \(dtype.rawValue), expected \(count) x \(dtype.size) = \(expected)")
             }
             entries.append(Entry(name: raw.name, dtype: dtype, shape: raw.shape, byteRange: begin..<end, count: count))
         }
 
-        // No two tensors may share bytes (empty tensors occupy none).
-        let byStart = entries.filter { !$0.byteRange.isEmpty }.sorted {
-            ($0.byteRange.lowerBound, $0.name) < ($1.byteRange.lowerBound, $1.name)
+        // The tensors tile the data section: in offset order each begins where the last ended, and the
+        // last ends at the end of the file. (A gap could hide other content; the format forbids it.)
+        let byStart = entries.sorted {
+            ($0.byteRange.lowerBound, $0.byteRange.upperBound, $0.name) < ($1.byteRange.lowerBound, $1.byteRange.upperBound, $1.name)
         }
-        if byStart.count > 1 {
-            for i in 1..<byStart.count where byStart[i].byteRange.lowerBound < byStart[i - 1].byteRange.upperBound {
-                let a = byStart[i - 1], b = byStart[i]
-                throw DeformUXError.io(what, "tensors \(a.name) (bytes \(a.byteRange.lowerBound)..<\(a.byteRange.upperBound)) and \(b.name) (bytes \(b.byteRange.lowerBound)..<\(b.byteRange.upperBound)) overlap")
+        var position = 0
+        var previous: Entry?
+        for e in byStart {
+            let r = e.byteRange
+            if r.lowerBound < position, let p = previous {
+                throw fail(what, "tensors \(p.name) (bytes \(p.byteRange.lowerBound)..<\(p.byteRange.upperBound)) and \(e.name) (bytes \(r.lowerBound)..<\(r.upperBound)) overlap")
             }
+            if r.lowerBound > position {
+                throw fail(what, "bytes \(position)..<\(r.lowerBound) of the data section belong to no tensor (a gap before tensor \(e.name)); tensors must tile the data section")
+            }
+            position = r.upperBound
+            previous = e
+        }
+        guard position == dataLength else {
+            throw fail(what, "the data section has \(dataLength - position) bytes after the last tensor (bytes \(position)..<\(dataLength) belong to no tensor); tensors must tile the data section")
         }
 
         self.path = path
         self.entries = entries
         self.metadata = header.metadata
-        self.bytes = bytes
+        self.source = source
         self.dataStart = dataStart
         var index: [String: Int] = [:]
         for (i, e) in entries.enumerated() { index[e.name] = i }
@@ -147,7 +206,8 @@ public struct SafetensorsFile: @unchecked Sendable {
     public func entry(_ name: String) -> Entry? { indexByName[name].map { entries[$0] } }
 
     /// Converts the tensor `name` to Float into `destination`, which holds `count` floats (the tensor's
-    /// element count, checked).
+    /// element count, checked). Reads the tensor's bytes from the file (an io error if the file changed
+    /// since it was opened and they are no longer there).
     public func copy(_ name: String, into destination: UnsafeMutablePointer<Float>, count: Int) throws {
         guard let e = entry(name) else {
             throw DeformUXError.invalidArgument("safetensors \(path)", "no tensor named \(name)")
@@ -155,9 +215,24 @@ public struct SafetensorsFile: @unchecked Sendable {
         guard count == e.count else {
             throw DeformUXError.shapeMismatch("safetensors \(path)", "tensor \(name) has \(e.count) elements (shape \(e.shape)), destination holds \(count)")
         }
-        bytes.withUnsafeBytes { raw in
-            guard let base = raw.baseAddress else { return }
-            Safetensors.convert(base + dataStart + e.byteRange.lowerBound, dtype: e.dtype, count: e.count, to: destination)
+        let what = "safetensors \(path): tensor \(name)"
+        let start = dataStart + e.byteRange.lowerBound
+        #if _endian(little)
+        if e.dtype == .f32 {
+            try source.read(into: UnsafeMutableRawPointer(destination), at: start, count: e.byteRange.count, what: what)
+            return
+        }
+        #endif
+        // Other dtypes (and F32 on big-endian machines): through a bounded buffer, converted chunk by chunk.
+        let perChunk = max(1, min(e.count, Safetensors.conversionChunkBytes / e.dtype.size))
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: perChunk * e.dtype.size, alignment: 16)
+        defer { buffer.deallocate() }
+        var done = 0
+        while done < e.count {
+            let n = min(perChunk, e.count - done)
+            try source.read(into: buffer, at: start + done * e.dtype.size, count: n * e.dtype.size, what: what)
+            Safetensors.convert(UnsafeRawPointer(buffer), dtype: e.dtype, count: n, to: destination + done)
+            done += n
         }
     }
 
@@ -181,6 +256,76 @@ public struct SafetensorsFile: @unchecked Sendable {
         let t = try Tensor(zeros: e.shape)
         try copy(name, into: t.pointer, count: e.count)
         return t
+    }
+}
+
+/// The bytes of a safetensors file: an open file descriptor (closed when the last SafetensorsFile
+/// using it goes), read with pread so that concurrent copies need no lock, or bytes in memory.
+final class SafetensorsSource: @unchecked Sendable {
+    private let fd: Int32
+    private let bytes: [UInt8]
+    let size: Int
+    let path: String
+
+    /// Opens `path` for reading; it must be a regular file.
+    init(openingFile path: String, what: String) throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            let code = errno
+            throw DeformUXError.io(what, "cannot open: \(Safetensors.errnoText(code))", path: path, errno: code)
+        }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let code = errno
+            close(fd)
+            throw DeformUXError.io(what, "cannot stat: \(Safetensors.errnoText(code))", path: path, errno: code)
+        }
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
+            close(fd)
+            throw DeformUXError.io(what, "not a regular file", path: path)
+        }
+        self.fd = fd
+        self.bytes = []
+        self.size = Int(st.st_size)
+        self.path = path
+    }
+
+    init(bytes: [UInt8]) {
+        fd = -1
+        self.bytes = bytes
+        size = bytes.count
+        path = ""
+    }
+
+    deinit {
+        if fd >= 0 { close(fd) }
+    }
+
+    /// Reads `count` bytes at `offset` into `destination`; an io error if they are not all there.
+    func read(into destination: UnsafeMutableRawPointer, at offset: Int, count: Int, what: String) throws {
+        guard count > 0 else { return }
+        guard offset >= 0, offset <= size, count <= size - offset else {
+            throw DeformUXError.io(what, "bytes \(offset)..<\(offset + count) are outside the file (\(size) bytes)", path: path.isEmpty ? nil : path)
+        }
+        if fd < 0 {
+            bytes.withUnsafeBytes { b in
+                if let base = b.baseAddress { destination.copyMemory(from: base + offset, byteCount: count) }
+            }
+            return
+        }
+        var done = 0
+        while done < count {
+            let r = pread(fd, destination + done, count - done, off_t(offset + done))
+            if r < 0 {
+                let code = errno
+                if code == EINTR { continue }
+                throw DeformUXError.io(what, "read failed after \(done) of \(count) bytes at offset \(offset): \(Safetensors.errnoText(code))", path: path, errno: code)
+            }
+            if r == 0 {
+                throw DeformUXError.io(what, "the file ended after \(offset + done) of the \(size) bytes it had when opened (changed while reading?)", path: path)
+            }
+            done += r
+        }
     }
 }
 
@@ -316,35 +461,8 @@ public enum Safetensors {
 
     // MARK: reading
 
-    /// The whole file, read once.
-    static func readFile(_ path: String) throws -> [UInt8] {
-        let what = "safetensors \(path)"
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw DeformUXError.io(what, "cannot open: \(errnoText())", path: path, errno: Glibc.errno) }
-        defer { close(fd) }
-        var st = stat()
-        guard fstat(fd, &st) == 0 else { throw DeformUXError.io(what, "cannot stat: \(errnoText())", path: path, errno: Glibc.errno) }
-        guard (st.st_mode & S_IFMT) == S_IFREG else { throw DeformUXError.io(what, "not a regular file") }
-        let size = Int(st.st_size)
-        var bytes = [UInt8](repeating: 0, count: size)
-        var done = 0
-        try bytes.withUnsafeMutableBytes { buffer in
-            guard let base = buffer.baseAddress else { return }
-            while done < size {
-                let r = read(fd, base + done, size - done)
-                if r < 0 {
-                    if errno == EINTR { continue }
-                    throw DeformUXError.io(what, "read failed after \(done) of \(size) bytes: \(errnoText())", path: path, errno: Glibc.errno)
-                }
-                if r == 0 { break }
-                done += r
-            }
-        }
-        guard done == size else {
-            throw DeformUXError.io(what, "file shrank while reading (\(done) of \(size) bytes)")
-        }
-        return bytes
-    }
+    /// Bytes per read when converting F16/BF16/F64 (bounded scratch, whatever the tensor's size).
+    static let conversionChunkBytes = 1 << 20
 
     struct RawTensor {
         let name: String
@@ -410,11 +528,127 @@ public enum Safetensors {
         } catch {
             throw DeformUXError.io(what, "header is not valid JSON: \(describe(error))")
         }
+        // JSONDecoder keeps one of two equal keys silently (and other readers may keep the other one):
+        // a header that means different things to different readers is rejected.
+        if let (container, key) = firstRepeatedKey(header) {
+            let subject: String
+            switch container.count {
+            case 0: subject = key == "__metadata__" ? "" : "tensor "
+            case 1: subject = container[0] == "__metadata__" ? "__metadata__: key " : "tensor \(container[0]): key "
+            default: subject = "\(container.joined(separator: " > ")): key "
+            }
+            let where_ = container.isEmpty ? "the header" : "its object"
+            throw DeformUXError.io(what, "\(subject)\"\(key)\" is given twice in \(where_); every key must be unique")
+        }
         if let (name, problem) = object.problems.sorted(by: { $0.0 < $1.0 }).first {
             let subject = name == "__metadata__" ? "" : "tensor \(name): "
             throw DeformUXError.io(what, "\(subject)\(problem)")
         }
         return ParsedHeader(tensors: object.tensors, metadata: object.metadata ?? [:])
+    }
+
+    /// The first key that appears twice in one object of the JSON text `json` (at any depth): the keys
+    /// of the objects around it (outermost first) and the key. Nil if every object's keys are unique.
+    /// Keys are compared after decoding their escapes, as Swift Strings (so also when two spellings
+    /// decode to the same key). Expects valid JSON (JSONDecoder has accepted it); on anything else it
+    /// stops and returns nil. Iterative: nesting depth costs no stack.
+    static func firstRepeatedKey(_ json: ArraySlice<UInt8>) -> (container: [String], key: String)? {
+        struct Frame {
+            let isObject: Bool
+            /// The key this container is the value of (nil at the top or inside an array).
+            let name: String?
+            var keys: Set<String> = []
+            var lastKey: String?
+        }
+        let quote = UInt8(ascii: "\""), backslash = UInt8(ascii: "\\")
+        var stack: [Frame] = []
+        var expectKey = false
+        var i = json.startIndex
+        let end = json.endIndex
+
+        /// Decodes the string starting at the quote at `i`; leaves `i` after the closing quote.
+        func string() -> String? {
+            var utf8: [UInt8] = []
+            i += 1
+            while i < end {
+                let c = json[i]
+                if c == quote { i += 1; return String(decoding: utf8, as: UTF8.self) }
+                if c != backslash { utf8.append(c); i += 1; continue }
+                guard i + 1 < end else { return nil }
+                let e = json[i + 1]
+                i += 2
+                switch e {
+                case UInt8(ascii: "b"): utf8.append(0x08)
+                case UInt8(ascii: "f"): utf8.append(0x0C)
+                case UInt8(ascii: "n"): utf8.append(0x0A)
+                case UInt8(ascii: "r"): utf8.append(0x0D)
+                case UInt8(ascii: "t"): utf8.append(0x09)
+                case UInt8(ascii: "u"):
+                    func hex4() -> UInt32? {
+                        guard i + 4 <= end else { return nil }
+                        var v: UInt32 = 0
+                        for k in 0..<4 {
+                            let h = json[i + k]
+                            switch h {
+                            case UInt8(ascii: "0")...UInt8(ascii: "9"): v = v << 4 | UInt32(h - UInt8(ascii: "0"))
+                            case UInt8(ascii: "a")...UInt8(ascii: "f"): v = v << 4 | UInt32(h - UInt8(ascii: "a") + 10)
+                            case UInt8(ascii: "A")...UInt8(ascii: "F"): v = v << 4 | UInt32(h - UInt8(ascii: "A") + 10)
+                            default: return nil
+                            }
+                        }
+                        i += 4
+                        return v
+                    }
+                    guard var v = hex4() else { return nil }
+                    if (0xD800..<0xDC00).contains(v), i + 1 < end, json[i] == backslash, json[i + 1] == UInt8(ascii: "u") {
+                        let save = i
+                        i += 2
+                        if let low = hex4(), (0xDC00..<0xE000).contains(low) {
+                            v = 0x10000 + ((v - 0xD800) << 10) + (low - 0xDC00)
+                        } else {
+                            i = save
+                        }
+                    }
+                    utf8.append(contentsOf: String(Character(Unicode.Scalar(v) ?? "\u{FFFD}")).utf8)
+                default: utf8.append(e)  // \" \\ \/
+                }
+            }
+            return nil
+        }
+
+        while i < end {
+            let c = json[i]
+            switch c {
+            case 0x20, 0x09, 0x0A, 0x0D, UInt8(ascii: ":"):
+                i += 1
+            case UInt8(ascii: "{"), UInt8(ascii: "["):
+                let name = stack.last.flatMap { $0.isObject ? $0.lastKey : nil }
+                stack.append(Frame(isObject: c == UInt8(ascii: "{"), name: name))
+                expectKey = c == UInt8(ascii: "{")
+                i += 1
+            case UInt8(ascii: "}"), UInt8(ascii: "]"):
+                guard !stack.isEmpty else { return nil }
+                stack.removeLast()
+                expectKey = false
+                i += 1
+            case UInt8(ascii: ","):
+                expectKey = stack.last?.isObject ?? false
+                i += 1
+            case quote:
+                guard let s = string() else { return nil }
+                if expectKey, !stack.isEmpty {
+                    if stack[stack.count - 1].keys.contains(s) {
+                        return (stack.compactMap(\.name), s)
+                    }
+                    stack[stack.count - 1].keys.insert(s)
+                    stack[stack.count - 1].lastKey = s
+                    expectKey = false
+                }
+            default:  // a number, true, false or null
+                while i < end, !"{}[],: \t\r\n".utf8.contains(json[i]) { i += 1 }
+            }
+        }
+        return nil
     }
 
     /// A one-line description of a decoding error (the default one is long and nested).
@@ -487,8 +721,8 @@ public enum Safetensors {
         }
     }
 
-    static func errnoText() -> String {
-        String(cString: strerror(errno))
+    static func errnoText(_ code: Int32 = errno) -> String {
+        String(cString: strerror(code))
     }
 }
 

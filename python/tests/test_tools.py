@@ -1,0 +1,80 @@
+"""The fixture generators in tools/ stay runnable: each script imports, and the generators rewrite the
+committed fixtures (Tests/Fixtures/ddc, Tests/Fixtures/network) byte for byte. They need torch (the
+engine and the other tests never do), so these tests skip without it.
+
+The scripts run in subprocesses, as a user runs them: they put tools/ and python/deformux/ on sys.path
+themselves, which must not leak into this process."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+
+TOOLS = REPO / "tools"
+SCRIPTS = sorted(p.name for p in TOOLS.glob("*.py"))
+
+
+def _torch():
+    return pytest.importorskip("torch", reason="the fixture generators in tools/ need torch (not importable here)")
+
+
+def _run(args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_tools_folder_holds_the_generators():
+    # Not skipped: a renamed generator must show up here even on a machine without torch.
+    for name in ("make_ddc_fixtures.py", "make_network_fixtures.py", "reference_model.py", "ddc_torch_impl.py"):
+        assert name in SCRIPTS, f"tools/{name} is gone; update this test and Tests/Fixtures/*/README.md"
+
+
+def test_every_script_in_tools_imports():
+    _torch()
+    # One interpreter for all (torch takes seconds to import); each script in a fresh module.
+    code = ("import importlib.util, sys, traceback\n"
+            f"sys.path.insert(0, {str(TOOLS)!r})\n"
+            "failed = []\n"
+            f"for name in {SCRIPTS!r}:\n"
+            f"    spec = importlib.util.spec_from_file_location('tool_' + name[:-3], {str(TOOLS)!r} + '/' + name)\n"
+            "    try:\n"
+            "        spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "    except BaseException:\n"
+            "        failed.append(name)\n"
+            "        traceback.print_exc()\n"
+            "print('FAILED', failed)\n"
+            "sys.exit(1 if failed else 0)\n")
+    r = _run(["-c", code])
+    assert r.returncode == 0, f"scripts in tools/ do not import:\n{r.stdout}"
+
+
+def _regenerated_files_match(script, fixtures, tmp_path, optional=()):
+    """Runs tools/`script` --out tmp_path and compares every file it wrote with Tests/Fixtures/`fixtures`."""
+    r = _run([str(TOOLS / script), "--out", str(tmp_path)])
+    assert r.returncode == 0, f"tools/{script} failed:\n{r.stdout}"
+    committed = REPO / "Tests" / "Fixtures" / fixtures
+    written = sorted(os.listdir(tmp_path))
+    expected = sorted(p.name for p in committed.iterdir() if p.name != "README.md")
+    missing = [n for n in expected if n not in written and n not in optional]
+    assert not missing, f"tools/{script} no longer writes {missing}"
+    extra = [n for n in written if n not in expected]
+    assert not extra, f"tools/{script} writes {extra}, which are not committed in Tests/Fixtures/{fixtures}"
+    differ = [n for n in written if (tmp_path / n).read_bytes() != (committed / n).read_bytes()]
+    assert not differ, (f"tools/{script} writes other bytes than the committed Tests/Fixtures/{fixtures}: {differ} "
+                        "(regenerate them, or find what changed the reference)")
+    return written
+
+
+def test_ddc_fixture_generator_reproduces_the_committed_files(tmp_path):
+    _torch()
+    _regenerated_files_match("make_ddc_fixtures.py", "ddc", tmp_path)
+
+
+def test_network_fixture_generator_reproduces_the_committed_files(tmp_path):
+    _torch()
+    # interop_tiny.safetensors is written by the `safetensors` package, only where it is importable.
+    written = _regenerated_files_match("make_network_fixtures.py", "network", tmp_path,
+                                       optional=("interop_tiny.safetensors",))
+    assert "manifest.json" in written and "ablation_standard.io.safetensors" in written
