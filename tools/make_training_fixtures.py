@@ -13,7 +13,8 @@ Files (JSON; float32 inputs are written as the exact decimal of their float32 va
                    exp_avg_sq after the last; float32 throughout, as training runs.
     plateau.json   torch.optim.lr_scheduler.ReduceLROnPlateau cases: configuration, metric sequence
                    (null = NaN) and after every step the lr, best, num_bad_epochs, cooldown_counter and
-                   last_epoch.
+                   last_epoch. Metrics, learning rates and best are exact: float.hex() strings (JSON
+                   readers need not round decimals correctly, and these are compared for equality).
 """
 import json
 import math
@@ -150,11 +151,12 @@ def plateau_case(name, cfg, lr, metrics):
     rows = []
     for m in metrics:
         sched.step(m)
-        rows.append({"lr": opt.param_groups[0]["lr"], "best": None if math.isinf(sched.best) else sched.best,
+        rows.append({"lr": opt.param_groups[0]["lr"].hex(),
+                     "best": None if math.isinf(sched.best) else sched.best.hex(),
                      "num_bad_epochs": sched.num_bad_epochs, "cooldown_counter": sched.cooldown_counter,
                      "last_epoch": sched.last_epoch})
-    return {"name": name, "config": cfg, "initial_lr": lr,
-            "metrics": [None if math.isnan(m) else m for m in metrics], "after": rows}
+    return {"name": name, "config": cfg, "initial_lr": lr.hex(),
+            "metrics": [None if math.isnan(m) else m.hex() for m in metrics], "after": rows}
 
 
 def write(name, obj):

@@ -38,16 +38,24 @@ struct FixtureCase {
         return v.doubleValue
     }
 
-    func optionalDouble(_ key: String) throws -> Double? {
-        let v = try value(key)
-        if v is NSNull { return nil }
-        guard let n = v as? NSNumber else { throw DeformUXError.io("fixture \(name)", "\(key) is not a number") }
-        return n.doubleValue
-    }
-
     func doubles(_ key: String) throws -> [Double] { try FixtureCase.doubles(try value(key), "\(name).\(key)") }
     func floats(_ key: String) throws -> [Float] { try doubles(key).map { Float($0) } }
     func ints(_ key: String) throws -> [Int] { try doubles(key).map { Int($0) } }
+
+    /// An exact Double written as a float.hex() string; null reads as nil.
+    func hex(_ key: String) throws -> Double? { try FixtureCase.hex(try value(key), "\(name).\(key)") }
+
+    /// A list of float.hex() strings; null reads as NaN.
+    func hexes(_ key: String) throws -> [Double] {
+        guard let a = try value(key) as? [Any] else { throw DeformUXError.io("fixture", "\(name).\(key) is not a list") }
+        return try a.map { try FixtureCase.hex($0, "\(name).\(key)") ?? .nan }
+    }
+
+    static func hex(_ v: Any, _ what: String) throws -> Double? {
+        if v is NSNull { return nil }
+        guard let s = v as? String, let d = Double(s) else { throw DeformUXError.io("fixture", "\(what) is not a hex float string") }
+        return d
+    }
 
     /// A list of numbers; JSON null reads as NaN.
     static func doubles(_ v: Any, _ what: String) throws -> [Double] {

@@ -91,7 +91,7 @@ public struct AdamW: Equatable, Sendable, Codable {
     enum CodingKeys: String, CodingKey { case hyperparameters, step }
 
     /// Decodes a saved optimiser state (a checkpoint), validating it like `init`.
-    public init(from decoder: Decoder) throws {
+    public init(from decoder: Swift.Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         try self.init(try c.decode(Hyperparameters.self, forKey: .hyperparameters), step: try c.decode(Int.self, forKey: .step))
     }
