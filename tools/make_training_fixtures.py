@@ -15,6 +15,9 @@ Files (JSON; float32 inputs are written as the exact decimal of their float32 va
                    (null = NaN) and after every step the lr, best, num_bad_epochs, cooldown_counter and
                    last_epoch. Metrics, learning rates and best are exact: float.hex() strings (JSON
                    readers need not round decimals correctly, and these are compared for equality).
+    crop.json      MONAI's correct_crop_centers for every centre of two volume sizes and several patch
+                   sizes, and map_binary_to_indices (foreground / background voxel lists, with and
+                   without image threshold 0) of a small two-channel volume.
 """
 import json
 import math
@@ -159,6 +162,31 @@ def plateau_case(name, cfg, lr, metrics):
             "metrics": [None if math.isnan(m) else m.hex() for m in metrics], "after": rows}
 
 
+# ---------------------------------------------------------------- RandCropByPosNegLabeld pieces
+
+def crop_fixture():
+    from monai.transforms.utils import correct_crop_centers, map_binary_to_indices
+    centres = []
+    for size in (10, 11):
+        for patch in (1, 2, 4, 5, 9, 10):
+            corrected = [int(correct_crop_centers([c], [patch], [size])[0]) for c in range(size)]
+            centres.append({"size": size, "patch": patch, "corrected": corrected})
+    gen = torch.Generator().manual_seed(21)
+    shape = (5, 6, 7)
+    labels = torch.randint(0, 3, shape, generator=gen)
+    labels[torch.rand(shape, generator=gen) < 0.6] = 0          # mostly background
+    image = torch.rand((2,) + shape, generator=gen) * 2 - 1        # two channels, half of it <= 0
+    image[1, :2] = -1.0                                            # a slab where only channel 0 counts
+    fg, bg = map_binary_to_indices(labels[None], image, 0.0)
+    fg_all, bg_all = map_binary_to_indices(labels[None], None)
+    return {"generator": "monai", "centres": centres,
+            "indices": {"shape": list(shape), "labels": [int(v) for v in labels.ravel()],
+                        "image": f32list(image), "threshold": 0.0,
+                        "foreground": [int(i) for i in fg], "background": [int(i) for i in bg],
+                        "background_no_image": [int(i) for i in bg_all],
+                        "foreground_no_image": [int(i) for i in fg_all]}}
+
+
 def write(name, obj):
     path = os.path.join(OUT, name)
     tmp = path + ".tmp"
@@ -178,6 +206,7 @@ def main():
         loss_cases = [loss_case(*c) for c in LOSS_CASES]
     write("dice_ce.json", {"generator": f"monai {monai.__version__}, torch {torch.__version__}", "cases": loss_cases})
     write("adamw.json", {"generator": f"torch {torch.__version__}", "cases": [adam_case(*c) for c in ADAM_CASES]})
+    write("crop.json", crop_fixture())
     write("plateau.json", {"generator": f"torch {torch.__version__}", "cases": [plateau_case(*c) for c in PLATEAU_CASES]})
 
 
