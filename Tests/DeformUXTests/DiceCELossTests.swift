@@ -123,7 +123,7 @@ final class DiceCELossTests: XCTestCase {
         }
     }
 
-    func testIndependentOfThreadCountAndScaleIsExact() throws {
+    func testThreadCountInPlaceAndScale() throws {
         let spatial = [17, 23, 29]  // 11339 voxels: two parts per sample
         let (logits, labels) = randomCase(seed: 7, n: 2, c: 4, spatial: spatial)
         try Threads.setCount(1)
@@ -132,6 +132,20 @@ final class DiceCELossTests: XCTestCase {
         let (v2, g2) = try fast(logits, labels, n: 2, c: 4, spatial: spatial, layout: .channelsFirst)
         XCTAssertEqual(v1, v2, "loss with 1 and 2 threads")
         assertIdentical(g1, g2, "gradient with 1 and 2 threads")
+        // In place: the gradient may overwrite the logits.
+        for layout in [Layout.channelsFirst, .channelsLast] {
+            let v = spatial.reduce(1, *)
+            var buffer = layout == .channelsFirst ? logits : toChannelsLast(logits, n: 2, c: 4, v: v)
+            let shape = try DiceCELoss.Shape(n: 2, classes: 4, spatial: spatial)
+            let value = try buffer.withUnsafeMutableBufferPointer { b in
+                try labels.withUnsafeBufferPointer { l in
+                    try DiceCELoss.backward(logits: b.baseAddress!, labels: l.baseAddress!, gradLogits: b.baseAddress!,
+                                            shape: shape, layout: layout)
+                }
+            }
+            XCTAssertEqual(value, v2, "in place \(layout): loss")
+            assertIdentical(layout == .channelsFirst ? buffer : toChannelsFirst(buffer, n: 2, c: 4, v: v), g2, "in place \(layout): gradient")
+        }
         // A power-of-two gradient scale scales every coefficient exactly.
         let (v3, g3) = try fast(logits, labels, n: 2, c: 4, spatial: spatial, layout: .channelsFirst, scale: 0.25)
         XCTAssertEqual(v3, v1, "the scale does not change the loss")

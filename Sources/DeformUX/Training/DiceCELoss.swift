@@ -82,7 +82,7 @@ public enum DiceCELoss {
     }
 
     /// Options beyond MONAI's defaults.
-    public struct Options: Equatable, Sendable {
+    public struct Options: Equatable, Sendable, Codable {
         /// Per-class weights (C values, >= 0), applied to both terms as MONAI's `weight`. nil: all 1.
         public var classWeights: [Float]?
         public var lambdaDice: Double
@@ -156,8 +156,9 @@ public enum DiceCELoss {
                 gradientScale: 1)
     }
 
-    /// The loss, and `gradientScale * dL/dlogits` written (not added) into `gradLogits`, which may not
-    /// alias `logits`. A scale of 1/k averages k accumulated micro-batches.
+    /// The loss, and `gradientScale * dL/dlogits` written (not added) into `gradLogits`, which may be
+    /// `logits` itself (in place: the logits are not needed after the loss). A scale of 1/k averages k
+    /// accumulated micro-batches.
     public static func backward(logits: UnsafePointer<Float>, labels: UnsafePointer<Int32>,
                                 gradLogits: UnsafeMutablePointer<Float>, shape: Shape,
                                 layout: Layout = .channelsFirst, options: Options = Options(),
@@ -242,6 +243,7 @@ public enum DiceCELoss {
                         let b = ix.base(n, v)
                         let cs = ix.classStride
                         let y = Int(labels[n * shape.voxels + v])
+                        let zy = logits[b + y * cs]  // read before the softmax may overwrite it (in place)
                         // s = softmax(z): subtract the max so exp never overflows.
                         var zmax = logits[b]
                         for k in 1..<c { zmax = max(zmax, logits[b + k * cs]) }
@@ -262,7 +264,7 @@ public enum DiceCELoss {
                         acc[y] += Double(out[y * os])  // I
                         acc[2 * c + y] += 1  // G
                         // -log s[y] = log(sum exp(z - zmax)) - (z[y] - zmax)
-                        let nll = Double(log(sum)) - Double(logits[b + y * cs] - zmax)
+                        let nll = Double(log(sum)) - Double(zy - zmax)
                         ceSum += weights[y] * nll
                         wSum += weights[y]
                     }
