@@ -59,7 +59,7 @@ final class AugmentTests: XCTestCase {
                 var angles = [0.0, 0, 0]
                 angles[axis] = Double(quarter) * Double.pi / 2
                 var p = Augmentation.Parameters.identity
-                p.matrix = Augmentation.rotation(angles)
+                p.matrix = Augmentation.rotation(angles[0], angles[1], angles[2])
                 let (image, labels) = try run(aug, p, v, origin: origin, patch: patch)
                 for o0 in 0..<5 { for o1 in 0..<5 { for o2 in 0..<5 {
                     // u = o - 2; source = origin + 2 + R u, R an exact signed permutation

@@ -188,18 +188,18 @@ public struct Augmentation: Sendable {
         let noise = rng.bernoulli(c.noiseProbability)
         let sigma = rng.uniformDouble(0, c.noiseMaxFraction) * c.intensityRange
         let key = rng.next()
-        let r = Augmentation.rotation(rotate ? angles : [0, 0, 0])
+        let r = rotate ? Augmentation.rotation(angles[0], angles[1], angles[2]) : Augmentation.rotation(0, 0, 0)
         var m = r
         if scale { for row in 0..<3 { for col in 0..<3 { m[row * 3 + col] *= factors[col] } } }
         return Parameters(matrix: m, biasAmplitude: bias ? amplitude : 0, biasCoefficients: bias ? coefficients : [],
                           noiseSigma: noise ? sigma : 0, noiseKey: key, shift: shift ? Float(shiftValue) : 0)
     }
 
-    /// R0(a0) R1(a1) R2(a2), row-major (MONAI's create_rotate, intrinsic "XYZ").
-    public static func rotation(_ radians: [Double]) -> [Double] {
+    /// R0(a0) R1(a1) R2(a2), row-major (MONAI's create_rotate, intrinsic "XYZ"); angles in radians.
+    public static func rotation(_ a0: Double, _ a1: Double, _ a2: Double) -> [Double] {
         var r: [Double] = [1, 0, 0, 0, 1, 0, 0, 0, 1]
-        for axis in 0..<3 {
-            let (s, c) = sinCos(radians[axis])
+        for (axis, angle) in [a0, a1, a2].enumerated() {
+            let (s, c) = sinCos(angle)
             var e: [Double] = [1, 0, 0, 0, 1, 0, 0, 0, 1]
             switch axis {
             case 0: e[4] = c; e[5] = -s; e[7] = s; e[8] = c

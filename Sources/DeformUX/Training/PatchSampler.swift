@@ -220,13 +220,17 @@ public struct PatchSampler: Sendable {
             let k = rng.index(below: foreground ? nf : nb)
             let flat = try candidates.voxel(foreground: foreground, rank: k, in: volume)
             let drawn = [flat / (volume.size[1] * volume.size[2]), (flat / volume.size[2]) % volume.size[1], flat % volume.size[2]]
-            crops.append(crop(around: drawn, volumeSize: volume.size, foreground: foreground))
+            crops.append(try crop(around: drawn, volumeSize: volume.size, foreground: foreground))
         }
         return crops
     }
 
     /// The crop for a drawn voxel: pad (virtually), correct the centre, place the crop.
-    public func crop(around drawn: [Int], volumeSize: [Int], foreground: Bool) -> Crop {
+    public func crop(around drawn: [Int], volumeSize: [Int], foreground: Bool) throws -> Crop {
+        guard drawn.count == 3, volumeSize.count == 3, volumeSize.allSatisfy({ $0 >= 1 }) else {
+            throw DeformUXError.invalidArgument("PatchSampler", "a voxel and a volume size have three values",
+                                                got: "voxel \(drawn), size \(volumeSize)")
+        }
         var centre = drawn, origin = drawn
         for a in 0..<3 {
             let p = config.patchSize[a], l = volumeSize[a]
