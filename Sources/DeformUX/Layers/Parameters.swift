@@ -189,7 +189,8 @@ public final class ParameterStore: @unchecked Sendable {
 /// A small deterministic generator (SplitMix64) for parameter initialisation and tests, so that a
 /// seed gives the same weights on every machine.
 public struct SplitMix64: RandomNumberGenerator, Sendable {
-    private var state: UInt64
+    /// The complete state: `SplitMix64(seed: g.state)` continues `g`'s sequence exactly (training resume).
+    public private(set) var state: UInt64
     public init(seed: UInt64) { state = seed }
     public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
