@@ -11,7 +11,7 @@
 /// probabilities so they land exactly on the input grid with the input affine.
 
 /// Preprocessing step 4: constant padding, centred: along each axis with n voxels the padded size is
-/// T = max(n rounded up to `multiple`, `minimum`), with (T - n) / 2 voxels (rounded down) before and the
+/// T = max(n, `minimum`) rounded up to `multiple`, with (T - n) / 2 voxels (rounded down) before and the
 /// rest after, like MONAI's `DivisiblePad` / `SpatialPad` (method "symmetric") and the padding
 /// `sliding_window_inference` adds when the window is larger than the image. The value is in the
 /// network's units (after the intensity step); 0 by default, as MONAI's `cval`.
@@ -42,7 +42,7 @@ public struct Padding: Equatable, Sendable {
         }
         var t = SIMD3<Int>(), b = SIMD3<Int>()
         for a in 0..<3 {
-            t[a] = max((size[a] + multiple - 1) / multiple * multiple, minimum[a])
+            t[a] = (max(size[a], minimum[a]) + multiple - 1) / multiple * multiple
             b[a] = (t[a] - size[a]) / 2
         }
         _ = try voxelCount(t, operation: "pad")
