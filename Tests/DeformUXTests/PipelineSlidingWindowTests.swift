@@ -186,6 +186,43 @@ final class PipelineSlidingWindowTests: XCTestCase {
         }
     }
 
+    /// Finalising a range longer than the ring: planes that no window reached are background whatever
+    /// their (aliased) ring slots hold, and only the slots of finalised planes are read and zeroed.
+    /// (A finalised range can be longer than the ring after skipped windows or at the end; reading the
+    /// aliased slots there raced with their zeroing by another part.)
+    func testFinaliserIgnoresSlotsOfUntouchedPlanes() {
+        let size = SIMD3(8, 2, 3), depth = 4, classes = 2, plane = 6
+        var acc = [Float](repeating: 1, count: classes * depth * plane)
+        for i in (depth * plane)..<(2 * depth * plane) { acc[i] = 3 }       // class 1 sums: 3, class 0: 1
+        var weights = [Float](repeating: 2, count: depth * plane)
+        var labels = [UInt8](repeating: 9, count: 8 * plane)
+        var probabilities = [Float](repeating: .nan, count: classes * 8 * plane)
+        var logits = [Float](repeating: .nan, count: classes * 8 * plane)
+        var scratch = [Float](repeating: 0, count: 2 * Threads.count * size.z)
+        acc.withUnsafeMutableBufferPointer { a in weights.withUnsafeMutableBufferPointer { w in
+            labels.withUnsafeMutableBufferPointer { l in probabilities.withUnsafeMutableBufferPointer { p in
+                logits.withUnsafeMutableBufferPointer { g in scratch.withUnsafeMutableBufferPointer { s in
+                    Finaliser(acc: a.baseAddress!, weights: w.baseAddress!, depth: depth, size: size, classes: classes,
+                              labels: l.baseAddress!, probabilities: p.baseAddress!, logits: g.baseAddress!,
+                              scratch: s.baseAddress!, parts: Threads.count).finalise(0..<8, touched: 2)
+                } }
+            } }
+        } }
+        let n = 8 * plane
+        for x in 0..<8 {
+            for i in (x * plane)..<((x + 1) * plane) {
+                XCTAssertEqual(labels[i], x < 2 ? 1 : 0, "label, plane \(x)")
+                XCTAssertEqual(logits[i], x < 2 ? 0.5 : 0, "class 0 logit, plane \(x)")
+                XCTAssertEqual(logits[n + i], x < 2 ? 1.5 : 0, "class 1 logit, plane \(x)")
+                XCTAssertEqual(probabilities[i] + probabilities[n + i], 1, accuracy: 1e-6)
+                if x >= 2 { XCTAssertEqual(probabilities[i], 1, "background probability, plane \(x)") }
+            }
+        }
+        // Slots 0 and 1 (planes 0, 1) are zeroed for reuse; the others are left alone.
+        XCTAssertEqual(Array(weights[0..<(2 * plane)]), [Float](repeating: 0, count: 2 * plane))
+        XCTAssertEqual(Array(weights[(2 * plane)...]), [Float](repeating: 2, count: 2 * plane))
+    }
+
     /// Skipped windows are not run; voxels no run window covers are background (label 0, probability 1
     /// for class 0, logits 0); the skip count is what the threshold implies.
     func testSkippedWindowsAreBackground() throws {

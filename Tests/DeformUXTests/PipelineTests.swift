@@ -359,6 +359,12 @@ final class PipelineTests: XCTestCase {
             XCTAssertGreaterThan(segmenter.retainedBytes, 0)
         }
         XCTAssertEqual(counting.sizes, [[16, 16, 16]])
+        // The network-grid probabilities are not kept past the call.
+        let v = try Volume(size: SIMD3(20, 18, 9), channels: 2, values: rng.floats(2 * 20 * 18 * 9))
+        _ = try segmenter.segment(v)
+        let without = segmenter.retainedBytes
+        _ = try segmenter.segment(v, probabilities: true)
+        XCTAssertEqual(segmenter.retainedBytes, without, "probabilities leave no retained memory behind")
         segmenter.release()
         XCTAssertEqual(segmenter.retainedBytes, 0)
 

@@ -210,6 +210,9 @@ public final class Segmenter {
         // Sliding windows over the network's grid.
         if networkLabels.count < netVoxels { networkLabels = [UInt8](repeating: 0, count: netVoxels) }
         let netProbabilities = probabilities == nil ? nil : try memory.buffer("network probabilities", count: cout * netVoxels)
+        // The full per-class probabilities are the one buffer that scales with the classes times the whole
+        // grid, and they are asked for rarely: not kept past this call.
+        defer { memory.release(prefixes: ["network probabilities"]) }
         let windowStats = try networkLabels.withUnsafeMutableBufferPointer { l in
             try windows.run(predictor, input: network, size: netSize, options: slidingOptions(skip: skip),
                             labels: l.baseAddress!, probabilities: netProbabilities, progress: progress)

@@ -293,9 +293,12 @@ public final class SlidingWindowInference {
             throw DeformUXError.cancelled(op, "cancelled by the progress callback before the first window")
         }
         var finalised = 0
+        // Planes at or past `touched` have had nothing added (their ring slots may still hold another
+        // plane's sums: a finalised range can be longer than the ring).
+        var touched = 0
         for b in batches {
             let lo = firstPlane(b.first!)
-            fin.finalise(finalised..<lo)
+            fin.finalise(finalised..<lo, touched: touched)
             finalised = lo
             stats.accumulatorPlanesHighWater = max(stats.accumulatorPlanesHighWater, endPlane(b.last!) - finalised)
             guard stats.accumulatorPlanesHighWater <= depth else {
@@ -333,6 +336,7 @@ public final class SlidingWindowInference {
             }
             predictSeconds += monotonicSeconds() - p0
 
+            touched = max(touched, endPlane(b.last!))
             for (j, o) in origins.enumerated() {
                 accumulate(logitsOut + j * cout * wn, origin: o, window: w, importance: imp, classes: cout,
                            size: size, depth: depth, acc: acc, weights: weights)
@@ -343,7 +347,7 @@ public final class SlidingWindowInference {
                 throw DeformUXError.cancelled(op, "cancelled by the progress callback after \(done) of \(plan.count) windows")
             }
         }
-        fin.finalise(finalised..<X)
+        fin.finalise(finalised..<X, touched: touched)
         stats.predictSeconds = predictSeconds
         stats.blendSeconds = monotonicSeconds() - t0 - predictSeconds
         return stats
@@ -547,7 +551,9 @@ struct Finaliser {
     let scratch: UnsafeMutablePointer<Float>
     let parts: Int
 
-    func finalise(_ planes: Range<Int>) {
+    /// Finalises `planes`; those at or past `touched` had no window added and are background without
+    /// reading the ring (their slots alias planes finalised in the same call).
+    func finalise(_ planes: Range<Int>, touched: Int) {
         if planes.isEmpty { return }
         let Y = size.y, Z = size.z, plane = Y * Z, volume = size.x * plane
         let ring = depth * plane
@@ -559,8 +565,8 @@ struct Finaliser {
                 let x = planes.lowerBound + r / Y, y = r % Y
                 let out = x * plane + y * Z                                 // offset in the image
                 let label = labels + out
-                guard depth > 0 else {
-                    // No window ran: everything is background.
+                guard depth > 0, x < touched else {
+                    // No window added anything here: background.
                     label.update(repeating: 0, count: Z)
                     writeBackground(out, Z, volume)
                     continue
