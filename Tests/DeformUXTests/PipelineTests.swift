@@ -406,6 +406,12 @@ final class PipelineTests: XCTestCase {
         let singular = try Volume(size: SIMD3(4, 4, 4), channels: 2, values: [Float](repeating: 0, count: 128),
                                   affine: try Affine([1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]))
         assertThrowsDeformUX(.invalidArgument, ["singular"], "singular affine") { _ = try segmenter.segment(singular) }
+        var noReorient = good
+        noReorient.reorient = false
+        noReorient.spacing = SIMD3(1, 1, 1)
+        assertThrowsDeformUX(.invalidArgument, ["zero-length voxel axis"], "singular affine, resampling without reorientation") {
+            _ = try Segmenter(predictor: p, configuration: noReorient).segment(singular)
+        }
 
         var c = good
         c.window = SIMD3(16, 16, 24)

@@ -41,6 +41,10 @@ public struct Resampling: Equatable, Sendable {
                 throw DeformUXError.invalidArgument("resample", "bad target spacing", expected: "finite spacings > 0 mm",
                                                     got: "\(t)")
             }
+            guard s[a] > 0 else {
+                throw DeformUXError.invalidArgument("resample", "the affine has a zero-length voxel axis",
+                                                    expected: "voxel sizes > 0", got: "spacing \(s) from affine \(affine)")
+            }
             let exact = Double(size[a]) * s[a] / t[a]
             guard exact.isFinite, exact <= 65536 else {
                 throw DeformUXError.invalidArgument("resample", "the target spacing makes the grid too large",
