@@ -18,14 +18,17 @@ final class PipelineTests: XCTestCase {
     static let permuted = try! Affine([0, 0, -1.5, 10, 0.9, 0, 0, -20, 0, 1.2, 0, 5])
     static let oblique = try! Affine([0.94, -0.34, 0, 1, 0.34, 0.94, 0, 2, 0, 0, -1.3, 3])
 
-    /// Identity stand-in through the whole pipeline: the labels are the argmax of the input's channels,
-    /// exactly, on the input grid with the input affine, for reoriented affines, window larger than the
-    /// (padded) volume and smaller, each overlap, batch 1 and 3, gaussian and constant blending, and
-    /// whole-factor upsampling (factor 3: each input voxel's nearest network voxel sits on it);
-    /// probabilities are the softmax of the input within 1e-6.
-    func testIdentityStandInReproducesTheInput() throws {
+    /// Identity and affine stand-ins through the whole pipeline: the labels are the argmax of the
+    /// stand-in's formula applied to the input's channels, exactly, on the input grid with the input
+    /// affine, for reoriented affines, window larger than the volume (padded) and smaller, each overlap,
+    /// batch 1 and 3, gaussian and constant blending, and whole-factor upsampling (factor 3: each input
+    /// voxel's nearest network voxel sits on it); probabilities are the softmax of the formula within
+    /// 1e-6. (The channels are separated by at least 0.1 after the affine map, so float rounding in the
+    /// blend cannot move the argmax.)
+    func testStandInsReproduceTheInputThroughThePipeline() throws {
         var rng = TestRNG(seed: 91)
         let channels = 3
+        let affinePredictor = try AffinePredictor(scale: [1.0, 1.2, 1.1], shift: [0.05, -0.05, 0], sizeMultiple: 2)
         let geometries: [(String, SIMD3<Int>, Affine, SIMD3<Int>, SIMD3<Double>?)] = [
             ("RAS, window larger", SIMD3(7, 5, 3), .identity, SIMD3(8, 8, 8), nil),
             ("LPS, window equal to padded", SIMD3(8, 7, 6), PipelineTests.lps, SIMD3(8, 8, 8), nil),
@@ -33,33 +36,39 @@ final class PipelineTests: XCTestCase {
             ("oblique, upsampled x3", SIMD3(5, 4, 3), PipelineTests.oblique, SIMD3(6, 6, 6),
              PipelineTests.oblique.spacing / 3),
         ]
+        var cases = 0
         for (name, size, affine, window, spacing) in geometries {
             let (volume, argmax) = try separatedVolume(&rng, size, channels: channels, affine: affine)
             let n = size.x * size.y * size.z
-            let softmax = SlidingWindowReference.probabilities(logits: volume.values(), weights: [Float](repeating: 1, count: n),
-                                                               classes: channels)
-            for overlap in [0.0, 0.25, 0.5, 0.75] {
-                for batch in [1, 3] {
-                    for blend in [BlendMode.gaussian(), .constant] {
-                        let label = "\(name) overlap \(overlap) batch \(batch) \(blend)"
-                        let config = SegmenterConfiguration(window: window, overlap: overlap, blend: blend, batch: batch,
-                                                            spacing: spacing)
-                        let segmenter = try Segmenter(predictor: IdentityPredictor(channels: channels, sizeMultiple: 2),
-                                                      configuration: config)
-                        let s = try segmenter.segment(volume, probabilities: true)
-                        XCTAssertEqual(s.labels.size, size, label)
-                        XCTAssertEqual(s.labels.affine, affine, label)
-                        XCTAssertEqual(s.labels.labels, argmax, "\(label): labels")
-                        assertClose(s.probabilities?.values() ?? [], softmax, atol: 1e-6, rtol: 0,
-                                    shape: [channels, size.x, size.y, size.z], "\(label): probabilities")
-                        let net = s.statistics.networkSize
-                        XCTAssertTrue(net.x % 2 == 0 && net.y % 2 == 0 && net.z % 2 == 0, "\(label): padded to the multiple")
-                        XCTAssertTrue(net.x >= window.x && net.y >= window.y && net.z >= window.z, "\(label): at least the window")
-                        XCTAssertEqual(s.statistics.windows.windowsRun, s.statistics.windows.windows)
+            let x = volume.values()
+            for predictor in [IdentityPredictor(channels: channels, sizeMultiple: 2) as any WindowPredictor, affinePredictor] {
+                let isAffine = predictor is AffinePredictor
+                let logits = isAffine ? (0..<(channels * n)).map { affinePredictor.apply(x[$0], channel: $0 / n) } : x
+                let softmax = SlidingWindowReference.probabilities(logits: logits, weights: [Float](repeating: 1, count: n),
+                                                                   classes: channels)
+                for overlap in [0.0, 0.25, 0.5, 0.75] {
+                    for batch in [1, 3] {
+                        for blend in [BlendMode.gaussian(), .constant] {
+                            let label = "\(name) \(isAffine ? "affine" : "identity") overlap \(overlap) batch \(batch) \(blend)"
+                            let config = SegmenterConfiguration(window: window, overlap: overlap, blend: blend, batch: batch,
+                                                                spacing: spacing)
+                            let s = try Segmenter(predictor: predictor, configuration: config).segment(volume, probabilities: true)
+                            XCTAssertEqual(s.labels.size, size, label)
+                            XCTAssertEqual(s.labels.affine, affine, label)
+                            XCTAssertEqual(s.labels.labels, argmax, "\(label): labels")
+                            assertClose(s.probabilities?.values() ?? [], softmax, atol: 1e-6, rtol: 0,
+                                        shape: [channels, size.x, size.y, size.z], "\(label): probabilities")
+                            let net = s.statistics.networkSize
+                            XCTAssertTrue(net.x % 2 == 0 && net.y % 2 == 0 && net.z % 2 == 0, "\(label): padded to the multiple")
+                            XCTAssertTrue(net.x >= window.x && net.y >= window.y && net.z >= window.z, "\(label): at least the window")
+                            XCTAssertEqual(s.statistics.windows.windowsRun, s.statistics.windows.windows)
+                            cases += 1
+                        }
                     }
                 }
             }
         }
+        XCTAssertEqual(cases, 4 * 2 * 4 * 2 * 2)
     }
 
     /// Affine stand-in behind the MR preset: the probabilities are the softmax of
