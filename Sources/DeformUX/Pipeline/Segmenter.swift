@@ -29,11 +29,12 @@ public struct SegmenterConfiguration: Equatable, Sendable {
     /// Skip windows that lie wholly outside the body: a window is not run when every one of its values
     /// is <= the threshold mapped through the intensity preset (the threshold is in the input's units,
     /// e.g. HU, the same for every channel). Skipped regions that no run window covers are background.
+    /// The comparison happens after the preset: with a CT clip whose lower bound is above the threshold,
+    /// every value at or below that bound counts as outside (e.g. clip -175...250 with threshold -500:
+    /// windows holding only values <= -175 HU are skipped).
     public var skipThreshold: Float? = nil
     /// Keep only the largest 26-connected component of each label (after restoring to the input grid).
     public var largestComponent: Bool = false
-
-    public init() {}
 
     public init(window: SIMD3<Int> = SIMD3(96, 96, 96), overlap: Double = 0.5, blend: BlendMode = .gaussian(),
                 batch: Int? = nil, flipTTA: Bool = false, reorient: Bool = true, spacing: SIMD3<Double>? = nil,
@@ -176,11 +177,7 @@ public final class Segmenter {
             throw DeformUXError.busy("segment", "this Segmenter is already segmenting a volume (one call at a time)")
         }
         defer { pthread_mutex_unlock(busy) }
-        do {
-            return try run(volume, labels, probabilities, progress)
-        } catch let e as DeformUXError {
-            throw e.kind == .cancelled || e.operation.hasPrefix("segment") ? e : e.renamed(operation: "segment: \(e.operation)")
-        }
+        return try run(volume, labels, probabilities, progress)
     }
 
     private func run(_ volume: Volume, _ labels: UnsafeMutablePointer<UInt8>, _ probabilities: UnsafeMutablePointer<Float>?,
