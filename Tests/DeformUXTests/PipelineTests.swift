@@ -401,6 +401,29 @@ final class PipelineTests: XCTestCase {
         r.segmenter = nil
     }
 
+    /// Parts split work by index and every voxel's sums run in window order, so the results do not
+    /// depend on the number of threads: 1, 2 and 3 threads give the same bits.
+    func testResultsDoNotDependOnTheThreadCount() throws {
+        let guardCount = ThreadCountGuard()
+        defer { guardCount.restore() }
+        var rng = TestRNG(seed: 99)
+        let size = SIMD3(23, 14, 9)
+        let volume = try Volume(size: size, channels: 2, values: rng.floats(2 * size.x * size.y * size.z, -1, 1),
+                                affine: PipelineTests.oblique)
+        let config = SegmenterConfiguration(window: SIMD3(8, 8, 4), overlap: 0.5, batch: 3, flipTTA: true,
+                                            spacing: PipelineTests.oblique.spacing * 0.8, intensity: .mr(voxels: .all))
+        var results: [Segmentation] = []
+        for threads in [1, 2, 3] {
+            try Threads.setCount(threads)
+            results.append(try Segmenter(predictor: WindowMeanPredictor(inChannels: 2), configuration: config)
+                .segment(volume, probabilities: true))
+        }
+        for r in results.dropFirst() {
+            XCTAssertEqual(r.labels, results[0].labels)
+            assertIdentical(r.probabilities!.values(), results[0].probabilities!.values(), "probabilities vs 1 thread")
+        }
+    }
+
     /// Bad volumes and configurations give DeformUXErrors saying what was expected.
     func testBadInputsGiveClearErrors() throws {
         let p = IdentityPredictor(channels: 2, sizeMultiple: 16)
