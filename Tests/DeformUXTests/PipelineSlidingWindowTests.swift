@@ -33,7 +33,7 @@ final class PipelineSlidingWindowTests: XCTestCase {
             for predictor in [identity as any WindowPredictor, affine] {
                 let expected: [Float] = predictor is AffinePredictor
                     ? (0..<(channels * n)).map { affine.apply(input[$0], channel: $0 / n) } : input
-                let expectedProbabilities = SlidingWindowReference.probabilities(
+                let expectedProbabilities = try SlidingWindowReference.probabilities(
                     logits: expected, weights: [Float](repeating: 1, count: n), classes: channels)
                 for overlap in [0.0, 0.25, 0.5, 0.75] {
                     for batch in [1, 3] {
@@ -48,7 +48,7 @@ final class PipelineSlidingWindowTests: XCTestCase {
                                         "\(label): probabilities")
                             let ref = try SlidingWindowReference.blend(predictor, input: input, size: size, options: options)
                             assertIdentical(got.logits, ref.logits, shape: shape, "\(label): logits vs reference")
-                            XCTAssertEqual(got.labels, SlidingWindowReference.labels(logits: ref.logits, weights: ref.weights,
+                            XCTAssertEqual(got.labels, try SlidingWindowReference.labels(logits: ref.logits, weights: ref.weights,
                                                                                      classes: channels), "\(label): labels vs reference")
                             XCTAssertEqual(got.stats.windowsRun, got.stats.windows, label)
                             cases += 1
@@ -94,9 +94,9 @@ final class PipelineSlidingWindowTests: XCTestCase {
                 let ref = try SlidingWindowReference.blend(predictor, input: input, size: size, options: options)
                 let shape = [channels, size.x, size.y, size.z]
                 assertIdentical(got.logits, ref.logits, shape: shape, "\(label): logits")
-                XCTAssertEqual(got.labels, SlidingWindowReference.labels(logits: ref.logits, weights: ref.weights, classes: channels),
+                XCTAssertEqual(got.labels, try SlidingWindowReference.labels(logits: ref.logits, weights: ref.weights, classes: channels),
                                "\(label): labels")
-                assertIdentical(got.probabilities, SlidingWindowReference.probabilities(logits: ref.logits, weights: ref.weights,
+                assertIdentical(got.probabilities, try SlidingWindowReference.probabilities(logits: ref.logits, weights: ref.weights,
                                                                                         classes: channels),
                                 shape: shape, "\(label): probabilities")
                 XCTAssertEqual(counting.windows, got.stats.windowsRun * (tta ? 8 : 1), "\(label): windows predicted")

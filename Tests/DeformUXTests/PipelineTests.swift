@@ -44,7 +44,7 @@ final class PipelineTests: XCTestCase {
             for predictor in [IdentityPredictor(channels: channels, sizeMultiple: 2) as any WindowPredictor, affinePredictor] {
                 let isAffine = predictor is AffinePredictor
                 let logits = isAffine ? (0..<(channels * n)).map { affinePredictor.apply(x[$0], channel: $0 / n) } : x
-                let softmax = SlidingWindowReference.probabilities(logits: logits, weights: [Float](repeating: 1, count: n),
+                let softmax = try SlidingWindowReference.probabilities(logits: logits, weights: [Float](repeating: 1, count: n),
                                                                    classes: channels)
                 for overlap in [0.0, 0.25, 0.5, 0.75] {
                     for batch in [1, 3] {
@@ -92,7 +92,7 @@ final class PipelineTests: XCTestCase {
             XCTAssertEqual(s.preprocessing.intensity.upper[c], p99)
             for i in 0..<n { expected[c * n + i] = predictor.apply((values[c * n + i] - p1) / (p99 - p1), channel: c) }
         }
-        let softmax = SlidingWindowReference.probabilities(logits: expected, weights: [Float](repeating: 1, count: n), classes: channels)
+        let softmax = try SlidingWindowReference.probabilities(logits: expected, weights: [Float](repeating: 1, count: n), classes: channels)
         assertClose(s.probabilities?.values() ?? [], softmax, atol: 1e-5, rtol: 0, "probabilities")
         var checked = 0
         for i in 0..<n where abs(expected[i] - expected[n + i]) > 1e-4 {

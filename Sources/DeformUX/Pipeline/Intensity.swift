@@ -127,8 +127,8 @@ public struct IntensityNormalization: Equatable, Sendable {
         try self.init(preset: preset, lower: lo, upper: hi)
     }
 
-    /// One value of channel `c` mapped (clip, then scale).
-    @inline(__always) public func map(_ value: Float, channel c: Int) -> Float {
+    /// One value of channel `c` (0..<channels) mapped (clip, then scale).
+    @inline(__always) func map(_ value: Float, channel c: Int) -> Float {
         var v = value
         if let r = preset.clip { v = min(max(v, r.lowerBound), r.upperBound) }
         guard preset.percentiles != nil else { return v }

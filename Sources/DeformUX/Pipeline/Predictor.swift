@@ -77,8 +77,8 @@ public struct AffinePredictor: WindowPredictor {
     }
 }
 
-/// The affine stand-in's formula applied to a whole volume, for tests and users checking a pipeline:
-/// value * scale[c] + shift[c] per channel.
+/// The affine stand-in's formula for one value of channel c (0..<channels): value * scale[c] + shift[c],
+/// what tests expect back from a pipeline.
 extension AffinePredictor {
-    public func apply(_ value: Float, channel: Int) -> Float { value * scale[channel] + shift[channel] }
+    func apply(_ value: Float, channel: Int) -> Float { value * scale[channel] + shift[channel] }
 }

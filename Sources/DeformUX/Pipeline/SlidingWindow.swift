@@ -152,14 +152,14 @@ public struct SlidingWindowPlan: Equatable, Sendable {
         return (interval, starts)
     }
 
-    /// Window i's start in the padded frame (i in MONAI's order: x slowest, z fastest).
-    public func start(_ i: Int) -> SIMD3<Int> {
+    /// Window i's start in the padded frame (i in 0..<count, MONAI's order: x slowest, z fastest).
+    func start(_ i: Int) -> SIMD3<Int> {
         let nz = starts[2].count, ny = starts[1].count
         return SIMD3(starts[0][i / (ny * nz)], starts[1][(i / nz) % ny], starts[2][i % nz])
     }
 
     /// Window i's first voxel in image coordinates (negative where it hangs over the virtual padding).
-    public func origin(_ i: Int) -> SIMD3<Int> { start(i) &- padBefore }
+    func origin(_ i: Int) -> SIMD3<Int> { start(i) &- padBefore }
 }
 
 /// The sliding window's settings.

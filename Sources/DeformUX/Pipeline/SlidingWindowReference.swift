@@ -18,6 +18,8 @@ public enum SlidingWindowReference {
     /// window covered have weight 0 and logits 0.
     public static func blend(_ predictor: any WindowPredictor, input: [Float], size: SIMD3<Int>,
                              options: SlidingWindowOptions) throws -> (logits: [Float], weights: [Float]) {
+        try SlidingWindowInference.validate(predictor, options, "sliding window reference")
+        _ = try SlidingWindowPlan(imageSize: size, window: options.window, overlap: options.overlap)
         let cin = predictor.inChannels, cout = predictor.outChannels
         let w = options.window
         let n = size.x * size.y * size.z
@@ -162,8 +164,9 @@ public enum SlidingWindowReference {
     }
 
     /// argmax over classes per voxel (first maximum), 0 where the weight is 0.
-    public static func labels(logits: [Float], weights: [Float], classes: Int) -> [UInt8] {
+    public static func labels(logits: [Float], weights: [Float], classes: Int) throws -> [UInt8] {
         let n = weights.count
+        try check(logits, weights, classes)
         return (0..<n).map { q in
             guard weights[q] > 0 else { return 0 }
             var best = 0
@@ -174,8 +177,9 @@ public enum SlidingWindowReference {
 
     /// Softmax over classes per voxel (max subtracted, float32 expf, summed in class order), one-hot
     /// background where the weight is 0.
-    public static func probabilities(logits: [Float], weights: [Float], classes: Int) -> [Float] {
+    public static func probabilities(logits: [Float], weights: [Float], classes: Int) throws -> [Float] {
         let n = weights.count
+        try check(logits, weights, classes)
         var p = [Float](repeating: 0, count: classes * n)
         for q in 0..<n {
             guard weights[q] > 0 else { p[q] = 1; continue }
@@ -190,5 +194,13 @@ public enum SlidingWindowReference {
             for c in 0..<classes { p[c * n + q] /= s }
         }
         return p
+    }
+
+    private static func check(_ logits: [Float], _ weights: [Float], _ classes: Int) throws {
+        guard classes >= 1, classes <= 256, logits.count == classes * weights.count else {
+            throw DeformUXError.shapeMismatch("sliding window reference", "logits do not fit the weights",
+                                              expected: "1...256 classes x \(weights.count) values",
+                                              got: "\(logits.count) values for \(classes) classes")
+        }
     }
 }

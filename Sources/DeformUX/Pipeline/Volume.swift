@@ -55,8 +55,9 @@ public struct Affine: Equatable, Sendable, CustomStringConvertible {
         self.init(unchecked: [spacing.x, 0, 0, origin.x, 0, spacing.y, 0, origin.y, 0, 0, spacing.z, origin.z, 0, 0, 0, 1])
     }
 
-    public subscript(row: Int, column: Int) -> Double {
-        get { values[row * 4 + column] }
+    /// Entry (row, column), both 0..<4 (internal: `values` is the checked public view).
+    subscript(row: Int, column: Int) -> Double {
+        values[row * 4 + column]
     }
 
     /// The product `a * b` (apply b first).
@@ -197,7 +198,8 @@ public struct LabelMap: Equatable, Sendable {
         self.affine = affine
     }
 
-    public subscript(x: Int, y: Int, z: Int) -> UInt8 {
+    /// The label at (x, y, z), each within `size` (internal: `labels` is the public view).
+    subscript(x: Int, y: Int, z: Int) -> UInt8 {
         labels[(x * size.y + y) * size.z + z]
     }
 }
