@@ -33,7 +33,7 @@ let package = Package(
             name: "DeformUX",
             dependencies: ["COpenBLAS"],
             exclude: ["README.md", "Tensor/README.md", "Kernels/README.md", "Kernels/Reference/README.md", "Layers/README.md", "Model/README.md",
-                      "IO/README.md", "Training/README.md"],
+                      "IO/README.md", "Training/README.md", "Pipeline/README.md"],
             swiftSettings: engineSettings
         ),
         .target(
