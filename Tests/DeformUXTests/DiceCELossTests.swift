@@ -64,7 +64,7 @@ final class DiceCELossTests: XCTestCase {
     /// Random cases, some with more voxels than one part (DiceCELoss.partVoxels), against the reference.
     func randomCase(seed: UInt64, n: Int, c: Int, spatial: [Int], scale: Double = 3)
         -> (logits: [Float], labels: [Int32]) {
-        var rng = TestRNG(seed: seed)
+        var rng = SplitMix64(seed: seed)
         let v = spatial.reduce(1, *)
         let logits = rng.floats(n * c * v, -scale, scale)
         let labels = (0..<(n * v)).map { _ in Int32(rng.int(0...(c - 1))) }

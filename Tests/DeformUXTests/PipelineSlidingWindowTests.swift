@@ -21,7 +21,7 @@ final class PipelineSlidingWindowTests: XCTestCase {
     /// after the affine map, so rounding cannot change the argmax), probabilities (softmax) within 1e-6;
     /// and everything equals the naive reference to the bit.
     func testStandInsReproduceTheInput() throws {
-        var rng = TestRNG(seed: 81)
+        var rng = SplitMix64(seed: 81)
         let channels = 3
         let identity = IdentityPredictor(channels: channels)
         let affine = try AffinePredictor(scale: [1.0, 1.2, 1.1], shift: [0.05, -0.05, 0])
@@ -64,7 +64,7 @@ final class PipelineSlidingWindowTests: XCTestCase {
     /// with predictors whose output depends on the window (window mean, a ramp), with and without flip
     /// TTA, skipping and a non-zero pad value, over random (not separated) data.
     func testStreamingEqualsFullMemoryReference() throws {
-        var rng = TestRNG(seed: 82)
+        var rng = SplitMix64(seed: 82)
         let cases: [(String, SIMD3<Int>, SIMD3<Int>, Double, Int, BlendMode, Bool, Float, Bool)] = [
             // name, size, window, overlap, batch, blend, tta, pad value, skip
             ("mean, long x", SIMD3(23, 6, 5), SIMD3(4, 4, 4), 0.5, 1, .gaussian(), false, 0, false),
@@ -115,7 +115,7 @@ final class PipelineSlidingWindowTests: XCTestCase {
     /// Flip TTA averages the logits over the 8 flips: a ramp along the window's x (not flip-equivariant)
     /// averages to the constant 0.05 * (w0 - 1); an identity stand-in gives back its input.
     func testFlipTTAAveragesTheEightFlips() throws {
-        var rng = TestRNG(seed: 83)
+        var rng = SplitMix64(seed: 83)
         let size = SIMD3(9, 5, 6), window = SIMD3(5, 4, 3)
         let n = size.x * size.y * size.z
         let input = rng.floats(n, -1, 1)
@@ -144,7 +144,7 @@ final class PipelineSlidingWindowTests: XCTestCase {
             (SIMD3(40, 9, 9), SIMD3(7, 5, 3), 0.25, 1000),
             (SIMD3(5, 9, 9), SIMD3(8, 5, 3), 0.5, 2),
         ]
-        var rng = TestRNG(seed: 84)
+        var rng = SplitMix64(seed: 84)
         for (size, window, overlap, batch) in cases {
             let classes = 4
             let n = size.x * size.y * size.z
@@ -259,7 +259,7 @@ final class PipelineSlidingWindowTests: XCTestCase {
     /// Progress goes from (skipped, total) to (total, total), never backwards; returning false cancels
     /// with .cancelled, and the same engine then runs normally again.
     func testProgressAndCancellation() throws {
-        var rng = TestRNG(seed: 85)
+        var rng = SplitMix64(seed: 85)
         let size = SIMD3(20, 10, 6), window = SIMD3(6, 6, 6)
         let input = rng.floats(2 * size.x * size.y * size.z)
         let options = SlidingWindowOptions(window: window, overlap: 0.5, blend: .gaussian(), batch: 2)
@@ -292,7 +292,7 @@ final class PipelineSlidingWindowTests: XCTestCase {
     /// The engine keeps its memory between runs of different sizes and options, and gives what a fresh
     /// engine gives.
     func testReusedEngineMatchesFreshEngine() throws {
-        var rng = TestRNG(seed: 86)
+        var rng = SplitMix64(seed: 86)
         let engine = SlidingWindowInference()
         let runs: [(SIMD3<Int>, SlidingWindowOptions)] = [
             (SIMD3(12, 8, 8), SlidingWindowOptions(window: SIMD3(8, 4, 4), overlap: 0.5, batch: 2)),

@@ -104,7 +104,7 @@ extension Dictionary where Key == String, Value == Any {
 
 /// Random volume values with a clear argmax over channels: at every voxel one channel (random) is at
 /// least `margin` above every other, so blending's rounding can never change the labels.
-func separatedChannels(_ rng: inout TestRNG, channels: Int, voxels: Int, margin: Float = 0.25) -> (values: [Float], argmax: [UInt8]) {
+func separatedChannels(_ rng: inout SplitMix64, channels: Int, voxels: Int, margin: Float = 0.25) -> (values: [Float], argmax: [UInt8]) {
     var v = [Float](repeating: 0, count: channels * voxels)
     var arg = [UInt8](repeating: 0, count: voxels)
     for i in 0..<voxels {

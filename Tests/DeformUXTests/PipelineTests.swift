@@ -9,7 +9,7 @@ final class PipelineTests: XCTestCase {
     }
 
     /// A multi-channel volume with a clear argmax per voxel, and its affine.
-    func separatedVolume(_ rng: inout TestRNG, _ size: SIMD3<Int>, channels: Int, affine: Affine = .identity) throws -> (Volume, [UInt8]) {
+    func separatedVolume(_ rng: inout SplitMix64, _ size: SIMD3<Int>, channels: Int, affine: Affine = .identity) throws -> (Volume, [UInt8]) {
         let (values, argmax) = separatedChannels(&rng, channels: channels, voxels: size.x * size.y * size.z)
         return (try Volume(size: size, channels: channels, values: values, affine: affine), argmax)
     }
@@ -26,7 +26,7 @@ final class PipelineTests: XCTestCase {
     /// 1e-6. (The channels are separated by at least 0.1 after the affine map, so float rounding in the
     /// blend cannot move the argmax.)
     func testStandInsReproduceTheInputThroughThePipeline() throws {
-        var rng = TestRNG(seed: 91)
+        var rng = SplitMix64(seed: 91)
         let channels = 3
         let affinePredictor = try AffinePredictor(scale: [1.0, 1.2, 1.1], shift: [0.05, -0.05, 0], sizeMultiple: 2)
         let geometries: [(String, SIMD3<Int>, Affine, SIMD3<Int>, SIMD3<Double>?)] = [
@@ -75,7 +75,7 @@ final class PipelineTests: XCTestCase {
     /// a[c] * (x - P1[c]) / (P99[c] - P1[c]) + b[c] with numpy's percentiles (1e-5), and the labels are
     /// its argmax wherever the top two logits differ by more than 1e-4.
     func testAffineStandInBehindTheIntensityPreset() throws {
-        var rng = TestRNG(seed: 92)
+        var rng = SplitMix64(seed: 92)
         let size = SIMD3(10, 9, 7), channels = 2
         let n = size.x * size.y * size.z
         var values = rng.floats(channels * n, 0, 300)
@@ -106,7 +106,7 @@ final class PipelineTests: XCTestCase {
     /// its world position) gives the same labels, moved the same way, to the bit: both reorient to the
     /// same canonical grid. A window-mean stand-in makes the labels depend on where the windows fall.
     func testReorientedVolumeGivesReorientedLabels() throws {
-        var rng = TestRNG(seed: 93)
+        var rng = SplitMix64(seed: 93)
         let size = SIMD3(9, 7, 5), channels = 2
         let n = size.x * size.y * size.z
         let values = rng.floats(channels * n, -1, 1)
@@ -160,7 +160,7 @@ final class PipelineTests: XCTestCase {
     /// A volume flipped in voxel space (same affine, reorientation off) gives flipped labels, with the
     /// identity stand-in.
     func testFlippedVolumeGivesFlippedLabels() throws {
-        var rng = TestRNG(seed: 94)
+        var rng = SplitMix64(seed: 94)
         let size = SIMD3(11, 6, 7), channels = 3
         let (volume, argmax) = try separatedVolume(&rng, size, channels: channels)
         let n = size.x * size.y * size.z
@@ -186,7 +186,7 @@ final class PipelineTests: XCTestCase {
     /// index (j + 0.5) * n / m - 0.5; restoring network-grid labels through all four steps lands on the
     /// input grid exactly.
     func testResampleAndRestoreLabelsExactly() throws {
-        var rng = TestRNG(seed: 95)
+        var rng = SplitMix64(seed: 95)
         let size = SIMD3(7, 5, 4)
         let n = size.x * size.y * size.z
         let labels = try LabelMap(size: size, labels: (0..<n).map { _ in UInt8(rng.int(0...5)) }, affine: PipelineTests.oblique)
@@ -227,7 +227,7 @@ final class PipelineTests: XCTestCase {
     /// The intensity presets: CT clips, then scales by the percentiles of the clipped values; a constant
     /// image gives x - P1 (no division by zero); exact against the formula with numpy's percentiles.
     func testIntensityPresets() throws {
-        var rng = TestRNG(seed: 96)
+        var rng = SplitMix64(seed: 96)
         let size = SIMD3(6, 5, 4)
         let n = size.x * size.y * size.z
         let hu = rng.floats(n, -1000, 1000)
@@ -251,7 +251,7 @@ final class PipelineTests: XCTestCase {
     /// point), on random sparse label maps; and hand cases: corner contact connects (26-connectivity),
     /// ties keep the component that comes first in C order.
     func testLargestComponentMatchesNaiveOracle() throws {
-        var rng = TestRNG(seed: 97)
+        var rng = SplitMix64(seed: 97)
         let filter = LargestComponent()
         for trial in 0..<20 {
             let size = SIMD3(rng.int(1...9), rng.int(1...8), rng.int(1...7))
@@ -353,7 +353,7 @@ final class PipelineTests: XCTestCase {
     /// gives; release frees it; a re-entrant call is refused as busy; the network sees windows of the
     /// configured size only.
     func testSegmenterReusesItsMemory() throws {
-        var rng = TestRNG(seed: 98)
+        var rng = SplitMix64(seed: 98)
         let config = SegmenterConfiguration(window: SIMD3(16, 16, 16), overlap: 0.5, batch: 2, flipTTA: true)
         let counting = CountingPredictor(WindowMeanPredictor(inChannels: 2, sizeMultiple: 16))
         let segmenter = try Segmenter(predictor: counting, configuration: config)
@@ -406,7 +406,7 @@ final class PipelineTests: XCTestCase {
     func testResultsDoNotDependOnTheThreadCount() throws {
         let guardCount = ThreadCountGuard()
         defer { guardCount.restore() }
-        var rng = TestRNG(seed: 99)
+        var rng = SplitMix64(seed: 99)
         let size = SIMD3(23, 14, 9)
         let volume = try Volume(size: size, channels: 2, values: rng.floats(2 * size.x * size.y * size.z, -1, 1),
                                 affine: PipelineTests.oblique)
