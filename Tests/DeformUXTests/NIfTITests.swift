@@ -348,6 +348,35 @@ final class NIfTITests: XCTestCase {
         XCTAssertEqual(h.affine, source.affine)
     }
 
+    /// A header edited by hand keeps its array lengths, so no property or write can index out of range;
+    /// text fields longer than NIfTI-1 holds are cut at a character boundary.
+    func testEditedHeaderStaysSafe() throws {
+        var h = NIfTIHeader()
+        h.dim = [9]
+        h.pixdim = []
+        h.srow = [2, 0]
+        h.quaternion = [0.1, 0.2, 0.3, 0.4]
+        h.qoffset = []
+        h.intentParameters = [1, 2, 3, 4, 5]
+        XCTAssertEqual([h.dim.count, h.pixdim.count, h.srow.count, h.quaternion.count, h.qoffset.count, h.intentParameters.count],
+                       [8, 8, 12, 3, 3, 3])
+        XCTAssertEqual(h.dim, [9, 1, 1, 1, 1, 1, 1, 1])
+        XCTAssertEqual(h.quaternion, [0.1, 0.2, 0.3])
+        _ = (h.shape, h.zooms, h.spatialShape, h.volumeCount, h.affine, h.qform, h.baseAffine)
+        h.sformCode = 2
+        h.srow = [1, 0, 0, 5, 0, 1, 0, 6, 0, 0, 1, 7]
+        h.intentName = "labels"
+        h.descrip = String(repeating: "é", count: 100)  // 200 bytes of UTF-8
+        let dir = TemporaryDirectory()
+        let path = dir.file("edited.nii")
+        try NIfTI.write([UInt8](repeating: 1, count: 8), dims: [2, 2, 2], affine: h.affine, template: h, to: path)
+        let back = try NIfTIFile(path: path).header
+        XCTAssertEqual(back.intentName, "labels")
+        XCTAssertEqual(back.descrip, String(repeating: "é", count: 39))
+        XCTAssertEqual(back.sformCode, 2)
+        XCTAssertEqual(back.affine, h.affine)
+    }
+
     // MARK: bad files
 
     /// A valid little-endian NIfTI-1 of a 2 x 3 x 4 uint8 volume (vox_offset 352), for editing.

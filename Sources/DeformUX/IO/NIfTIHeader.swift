@@ -153,19 +153,20 @@ public enum NIfTIAffineSource: Int, Sendable {
 
 /// A NIfTI-1 or NIfTI-2 header with its extensions. Values are widened to Int and Double whatever the
 /// version stores. The fields are those nibabel reports after its check_fix (see the file comment);
-/// `raw` keeps the header bytes as they were in the file.
+/// `raw` keeps the header bytes as they were in the file. The array fields keep their lengths (dim and
+/// pixdim 8, srow 12, the others 3): an assignment of another length is padded or cut.
 public struct NIfTIHeader: Equatable, Sendable {
     /// 1 or 2 as read; files are always written as NIfTI-1.
     public var version: Int = 1
     /// The byte order of the file it was read from.
     public var isBigEndian = false
     /// dim[0] (the rank, 1...5 for files this reader accepts) and dim[1...7].
-    public var dim: [Int] = [3, 1, 1, 1, 1, 1, 1, 1]
+    public var dim: [Int] = [3, 1, 1, 1, 1, 1, 1, 1] { didSet { dim = fixedLength(dim, 8, 1) } }
     public var datatype: NIfTIDataType = .float32
     /// As in the file (nibabel ignores a bitpix that disagrees with the datatype, and so does this reader).
     public var bitpix: Int = 32
     /// pixdim[0] is qfac (-1 or 1), pixdim[1...] the voxel sizes (and time step) in xyzt_units.
-    public var pixdim: [Double] = [1, 1, 1, 1, 1, 1, 1, 1]
+    public var pixdim: [Double] = [1, 1, 1, 1, 1, 1, 1, 1] { didSet { pixdim = fixedLength(pixdim, 8, 1) } }
     /// Byte offset of the voxel data in the file.
     public var voxOffset: Int = 352
     public var sclSlope: Double = 1
@@ -181,18 +182,18 @@ public struct NIfTIHeader: Equatable, Sendable {
     public var dimInfo: Int = 0
     public var intentCode: Int = 0
     /// intent_p1, intent_p2, intent_p3.
-    public var intentParameters: [Double] = [0, 0, 0]
+    public var intentParameters: [Double] = [0, 0, 0] { didSet { intentParameters = fixedLength(intentParameters, 3, 0) } }
     public var intentName = ""
     public var descrip = ""
     public var auxFile = ""
     public var qformCode: Int = 0
     public var sformCode: Int = 0
     /// quatern_b, quatern_c, quatern_d.
-    public var quaternion: [Double] = [0, 0, 0]
+    public var quaternion: [Double] = [0, 0, 0] { didSet { quaternion = fixedLength(quaternion, 3, 0) } }
     /// qoffset_x, qoffset_y, qoffset_z.
-    public var qoffset: [Double] = [0, 0, 0]
+    public var qoffset: [Double] = [0, 0, 0] { didSet { qoffset = fixedLength(qoffset, 3, 0) } }
     /// srow_x, srow_y, srow_z: 12 values, row-major.
-    public var srow: [Double] = [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+    public var srow: [Double] = [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0] { didSet { srow = fixedLength(srow, 12, 0) } }
     public var extensions: [NIfTIExtension] = []
     /// The header bytes as read (348 or 540, in the file's byte order); empty for a header made in memory.
     public var raw: [UInt8] = []
@@ -210,7 +211,7 @@ public struct NIfTIHeader: Equatable, Sendable {
     public var spatialShape: [Int] { (1...3).map { $0 <= dim[0] ? dim[$0] : 1 } }
 
     /// The number of 3-D volumes (the product of dim[4...dim[0]]; 1 for rank <= 3).
-    public var volumeCount: Int { dim[0] <= 3 ? 1 : (4...dim[0]).reduce(1) { $0 * dim[$1] } }
+    public var volumeCount: Int { dim[0] <= 3 ? 1 : (4...min(dim[0], 7)).reduce(1) { $0 &* dim[$1] } }
 
     /// The (slope, intercept) nibabel applies, or nil when the data is used as stored: slope 0 or not
     /// finite means "no scaling" (NIfTI-1 section on scl_slope), and so does (1, 0).
@@ -576,6 +577,11 @@ private func text(_ bytes: Slice<UnsafeRawBufferPointer>) -> String {
 /// Bytes shown as a quoted string with escapes, for messages.
 private func quoted(_ bytes: [UInt8]) -> String {
     "\"" + bytes.map { (32..<127).contains($0) && $0 != 34 && $0 != 92 ? String(UnicodeScalar($0)) : "\\x" + String($0, radix: 16) }.joined() + "\""
+}
+
+/// `values` cut or padded with `fill` to `count` (the header's fixed-size array fields).
+private func fixedLength<T>(_ values: [T], _ count: Int, _ fill: T) -> [T] {
+    values.count == count ? values : Array(values.prefix(count)) + [T](repeating: fill, count: max(0, count - values.count))
 }
 
 /// Int64 -> Int (identical on 64-bit platforms, clamped elsewhere).
