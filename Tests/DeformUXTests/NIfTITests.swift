@@ -511,6 +511,18 @@ final class NIfTITests: XCTestCase {
         expectError(.io, ["truncated", "360"], "member ends early") { _ = try NIfTIFile(bytes: half, path: "gz") }
         expectError(.io, ["after gzip member"], "garbage after the member") { _ = try NIfTIFile(bytes: half + [0, 0x41], path: "gz") }
         expectError(.io, ["truncated"], "second member cut") { _ = try NIfTIFile(bytes: half + Array(gz[0..<20]), path: "gz") }
+        // Bytes after the voxels inside the member are decompressed (up to 64 KB) to check the CRC, but
+        // what follows the member is not looked at.
+        let fd2 = open(dir.file("tail.nii.gz"), O_WRONLY | O_CREAT, 0o644)
+        let tailWriter = try GzipWriter(fd: fd2, level: 6, what: "test", path: "tail")
+        try (good + [UInt8](repeating: 7, count: 1000)).withUnsafeBytes { try tailWriter.write($0) }
+        try tailWriter.finish()
+        close(fd2)
+        let tail = [UInt8](try Data(contentsOf: URL(fileURLWithPath: dir.file("tail.nii.gz"))))
+        XCTAssertEqual(try NIfTIFile(bytes: tail + [0x41, 0x42], path: "gz").int32s(), (0..<24).map { Int32($0) })
+        var tailCRC = tail
+        tailCRC[tailCRC.count - 7] ^= 1
+        expectError(.io, ["damaged"], "bad crc after trailing bytes") { _ = try NIfTIFile(bytes: tailCRC, path: "gz") }
     }
 
     /// A small gzip file whose header declares far more data than deflate can expand to is refused

@@ -54,11 +54,12 @@ final class GzipReader {
     }
 
     /// Decompresses up to `count` bytes into `destination`; returns how many came (fewer only at the end
-    /// of the last member).
-    func read(into destination: UnsafeMutableRawPointer, count: Int) throws -> Int {
+    /// of the last member, or of the current one with `stopAtMemberEnd`).
+    func read(into destination: UnsafeMutableRawPointer, count: Int, stopAtMemberEnd: Bool = false) throws -> Int {
         var done = 0
         while done < count && !finished {
             if memberEnded {
+                if stopAtMemberEnd { break }
                 // Skip NUL padding; another member must start with the gzip magic.
                 while position < input.count && input[position] == 0 { position += 1 }
                 if position == input.count { finished = true; break }
@@ -114,14 +115,14 @@ final class GzipReader {
 
     /// Reads on past what the caller needs, at most `limit` more bytes, to reach the end of the current
     /// member so that zlib checks its CRC-32 and length. Returns without error if the limit is reached
-    /// first (data after the volume that is not read is not checked, as with nibabel).
+    /// first; what follows the member is not looked at (nibabel reads no further than the data either).
     func verifyEnd(limit: Int) throws {
         var scratch = [UInt8](repeating: 0, count: min(limit, 1 << 16))
         var left = limit
         while left > 0 && !finished && !memberEnded {
             let n = try scratch.withUnsafeMutableBytes { b -> Int in
                 guard let base = b.baseAddress else { return 0 }
-                return try read(into: base, count: min(left, b.count))
+                return try read(into: base, count: min(left, b.count), stopAtMemberEnd: true)
             }
             if n == 0 { break }
             left -= n
