@@ -29,9 +29,15 @@ let package = Package(
             pkgConfig: "openblas",
             providers: [.apt(["libopenblas-dev", "pkg-config"])]
         ),
+        .systemLibrary(
+            name: "CZlib",
+            path: "Sources/CZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
         .target(
             name: "DeformUX",
-            dependencies: ["COpenBLAS"],
+            dependencies: ["COpenBLAS", "CZlib"],
             exclude: ["README.md", "Tensor/README.md", "Kernels/README.md", "Kernels/Reference/README.md", "Layers/README.md", "Model/README.md",
                       "IO/README.md", "Training/README.md", "Pipeline/README.md"],
             swiftSettings: engineSettings

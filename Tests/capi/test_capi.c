@@ -9,10 +9,12 @@
  *
  * (python/tests/test_capi.py does exactly this with the library of the installed Python package.)
  */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "deformux.h"
 
@@ -53,6 +55,125 @@ static int32_t cancel_at(void *user, int64_t done, int64_t total) {
     (void)total;
     return done >= *(int *)user;
 }
+
+/* ---- NIfTI: write, open, read back (every read kind), affines, header, template, errors ---- */
+static void test_nifti(void) {
+    const char *dir = getenv("TMPDIR") != NULL ? getenv("TMPDIR") : "/tmp";
+    char path[512], labels_path[512], bad_path[512];
+    srand((unsigned)time(NULL));
+    int tag = rand();
+    snprintf(path, sizeof path, "%s/dfx_capi_%d.nii.gz", dir, tag);
+    snprintf(labels_path, sizeof labels_path, "%s/dfx_capi_%d_labels.nii", dir, tag);
+    snprintf(bad_path, sizeof bad_path, "%s/dfx_capi_%d_bad.nii", dir, tag);
+
+    enum { NX = 4, NY = 3, NZ = 2, NV = NX * NY * NZ };
+    float vol[NV];  /* [x][y][z] */
+    for (int i = 0; i < NV; i++) vol[i] = 0.5f * (float)i - 3.0f;
+    const int64_t dims[3] = {NX, NY, NZ};
+    const double affine[16] = {2, 0, 0, -10.5, 0, 3, 0, 20, 0, 0, 4, -30.25, 0, 0, 0, 1};
+    CHECK(dfx_nifti_write(path, vol, 16, 3, dims, affine, NULL, "test_capi", -1) == DFX_OK,
+          "nifti write: %s", dfx_last_error());
+
+    dfx_nifti *img = NULL;
+    CHECK(dfx_nifti_open(path, &img) == DFX_OK && img != NULL, "nifti open: %s", dfx_last_error());
+    if (img == NULL) return;
+    int32_t rank = 0, datatype = 0;
+    int64_t shape[5] = {0}, count = 0;
+    CHECK(dfx_nifti_array_shape(img, &rank, shape, &datatype, &count) == DFX_OK, "array shape");
+    CHECK(rank == 3 && shape[0] == NX && shape[1] == NY && shape[2] == NZ && datatype == 16 && count == NV,
+          "array shape: rank %d, %lld x %lld x %lld, datatype %d, count %lld", (int)rank, (long long)shape[0],
+          (long long)shape[1], (long long)shape[2], (int)datatype, (long long)count);
+    float back[NV];
+    CHECK(dfx_nifti_read(img, DFX_NIFTI_FLOAT32, back, NV) == DFX_OK, "nifti read float: %s", dfx_last_error());
+    CHECK(memcmp(back, vol, sizeof vol) == 0, "float voxels differ after a round trip");
+    float raw[NV];
+    CHECK(dfx_nifti_read(img, DFX_NIFTI_RAW, raw, NV) == DFX_OK && memcmp(raw, vol, sizeof vol) == 0, "raw voxels");
+    int32_t ints[NV];
+    expect_error("nifti int32 of non-integers", dfx_nifti_read(img, DFX_NIFTI_INT32, ints, NV), DFX_ERR_INVALID_ARGUMENT,
+                 "nifti_read");
+    expect_error("nifti read count", dfx_nifti_read(img, DFX_NIFTI_FLOAT32, back, NV - 1), DFX_ERR_SHAPE, "nifti_read");
+    expect_error("nifti read kind", dfx_nifti_read(img, 7, back, NV), DFX_ERR_INVALID_ARGUMENT, "kind");
+    expect_error("nifti read NULL", dfx_nifti_read(img, DFX_NIFTI_FLOAT32, NULL, NV), DFX_ERR_INVALID_ARGUMENT, "out");
+
+    double a[16];
+    int32_t code = -1;
+    CHECK(dfx_nifti_affine(img, DFX_NIFTI_AFFINE_BEST, a, &code) == DFX_OK && code == DFX_NIFTI_AFFINE_SFORM,
+          "best affine source %d", (int)code);
+    for (int i = 0; i < 16; i++) CHECK(a[i] == affine[i], "affine[%d] = %g, expected %g", i, a[i], affine[i]);
+    CHECK(dfx_nifti_affine(img, DFX_NIFTI_AFFINE_QFORM, a, &code) == DFX_OK && code == 1, "qform code %d", (int)code);
+    for (int i = 0; i < 16; i++) CHECK(fabs(a[i] - affine[i]) < 1e-5, "qform[%d] = %g, expected %g", i, a[i], affine[i]);
+    CHECK(dfx_nifti_affine(img, DFX_NIFTI_AFFINE_SFORM, a, NULL) == DFX_OK, "sform");
+    expect_error("nifti affine which", dfx_nifti_affine(img, 3, a, NULL), DFX_ERR_INVALID_ARGUMENT, "which");
+
+    int64_t needed = 0;
+    CHECK(dfx_nifti_header_json(img, NULL, 0, &needed) == DFX_OK && needed > 100, "header json size");
+    char *json = malloc((size_t)needed);
+    if (json != NULL) {
+        CHECK(dfx_nifti_header_json(img, json, needed, &needed) == DFX_OK, "header json");
+        CHECK(strstr(json, "\"sform_code\": 1") && strstr(json, "\"descrip\": \"test_capi\"") &&
+              strstr(json, "\"compressed\": true") && strstr(json, "\"dtype\": \"float32\""), "header json: %s", json);
+        free(json);
+    }
+    uint8_t header[348];
+    CHECK(dfx_nifti_raw_header(img, NULL, 0, &needed) == DFX_OK && needed == 348, "raw header size %lld", (long long)needed);
+    CHECK(dfx_nifti_raw_header(img, header, 348, &needed) == DFX_OK && header[0] == 0x5C && header[1] == 0x01,
+          "raw header starts with sizeof_hdr 348 little-endian");
+
+    /* a label map with the float image as template: uint8, no scaling, the template's affine and descrip */
+    uint8_t labels[NV];
+    for (int i = 0; i < NV; i++) labels[i] = (uint8_t)(i % 3);
+    CHECK(dfx_nifti_release_voxels(img) == DFX_OK, "release voxels");
+    expect_error("nifti read after release", dfx_nifti_read(img, DFX_NIFTI_FLOAT32, back, NV), DFX_ERR_INVALID_ARGUMENT,
+                 "dropped");
+    CHECK(dfx_nifti_write(labels_path, labels, 2, 3, dims, affine, img, NULL, -1) == DFX_OK, "write labels: %s",
+          dfx_last_error());
+    dfx_nifti *lab = NULL;
+    CHECK(dfx_nifti_open(labels_path, &lab) == DFX_OK, "open labels: %s", dfx_last_error());
+    if (lab != NULL) {
+        int32_t lt = 0;
+        CHECK(dfx_nifti_array_shape(lab, NULL, NULL, &lt, NULL) == DFX_OK && lt == 2, "labels datatype %d", (int)lt);
+        CHECK(dfx_nifti_read(lab, DFX_NIFTI_INT32, ints, NV) == DFX_OK, "labels int32: %s", dfx_last_error());
+        for (int i = 0; i < NV; i++) CHECK(ints[i] == labels[i], "label %d = %d", i, (int)ints[i]);
+        json = malloc(4096);
+        if (json != NULL) {
+            CHECK(dfx_nifti_header_json(lab, json, 4096, &needed) == DFX_OK, "labels header json");
+            CHECK(strstr(json, "\"scl_slope\": 1.0,") && strstr(json, "\"scl_inter\": 0.0,") &&
+                  strstr(json, "\"descrip\": \"test_capi\""), "labels header json: %s", json);
+            free(json);
+        }
+        dfx_nifti_free(lab);
+    }
+    dfx_nifti_free(img);
+    dfx_nifti_free(NULL);
+
+    /* errors: missing file (errno ENOENT), damaged file (errno 0, the path named), bad arguments */
+    dfx_nifti *none = (dfx_nifti *)&tag;
+    expect_error("nifti open missing", dfx_nifti_open("/nonexistent/x.nii.gz", &none), DFX_ERR_IO, "/nonexistent/x.nii.gz");
+    CHECK(dfx_last_error_errno() == ENOENT && none == NULL, "missing file: errno %d", (int)dfx_last_error_errno());
+    CHECK(strcmp(dfx_last_error_field(DFX_FIELD_PATH), "/nonexistent/x.nii.gz") == 0, "path field");
+    FILE *f = fopen(bad_path, "wb");
+    if (f != NULL) {
+        fwrite("not a nifti file, just text", 1, 27, f);
+        fclose(f);
+        expect_error("nifti open damaged", dfx_nifti_open(bad_path, &none), DFX_ERR_IO, "sizeof_hdr");
+        CHECK(dfx_last_error_errno() == 0 && strstr(dfx_last_error(), bad_path) != NULL, "damaged file: %s", dfx_last_error());
+    }
+    expect_error("nifti open NULL path", dfx_nifti_open(NULL, &none), DFX_ERR_INVALID_ARGUMENT, "path");
+    expect_error("nifti open NULL out", dfx_nifti_open(path, NULL), DFX_ERR_INVALID_ARGUMENT, "out");
+    expect_error("nifti header NULL", dfx_nifti_header_json(NULL, NULL, 0, &needed), DFX_ERR_INVALID_ARGUMENT, "nifti");
+    expect_error("nifti write datatype", dfx_nifti_write(path, vol, 32, 3, dims, affine, NULL, NULL, -1),
+                 DFX_ERR_INVALID_ARGUMENT, "datatype");
+    expect_error("nifti write suffix", dfx_nifti_write("/tmp/x.img", vol, 16, 3, dims, affine, NULL, NULL, -1),
+                 DFX_ERR_INVALID_ARGUMENT, ".nii");
+    expect_error("nifti write ndim", dfx_nifti_write(path, vol, 16, 6, dims, affine, NULL, NULL, -1),
+                 DFX_ERR_INVALID_ARGUMENT, "ndim");
+    expect_error("nifti write level", dfx_nifti_write(path, vol, 16, 3, dims, affine, NULL, NULL, 10),
+                 DFX_ERR_INVALID_ARGUMENT, "compression_level");
+    remove(path);
+    remove(labels_path);
+    remove(bad_path);
+}
+/* ---- end of NIfTI ---- */
 
 int main(void) {
     for (int i = 0; i < N * C * V; i++) { x[i] = (float)((i * 37 % 11) - 5) / 5.0f; gy[i] = 1.0f; }
@@ -230,6 +351,7 @@ int main(void) {
     CHECK(dfx_workspace_release(ws) == DFX_OK, "workspace release");
     dfx_workspace_free(ws);
     dfx_workspace_free(NULL);
+    test_nifti();
 
     /* the last error is per thread and survives successful calls */
     dfx_set_num_threads(0);

@@ -812,6 +812,187 @@ static PyObject *py_session_retained_bytes(PyObject *self, PyObject *capsule) {
     return PyLong_FromLongLong((long long)n);
 }
 
+/* ================================================================================================
+ * NIfTI (dfx_nifti_*): a PyCapsule owns the handle. deformux/nifti.py holds the policy (dtypes, array
+ * shapes, header dict); these functions only marshal. Paths are str, bytes or os.PathLike
+ * (PyUnicode_FSConverter).
+ */
+
+static const char *NIFTI_CAPSULE = "deformux.nifti";
+
+static void nifti_capsule_free(PyObject *capsule) {
+    dfx_nifti *h = (dfx_nifti *)PyCapsule_GetPointer(capsule, NIFTI_CAPSULE);
+    if (h != NULL) dfx_nifti_free(h);
+}
+
+static dfx_nifti *nifti_from(PyObject *capsule) {
+    return (dfx_nifti *)PyCapsule_GetPointer(capsule, NIFTI_CAPSULE); /* sets an exception on failure */
+}
+
+/* nifti_open(path) -> capsule */
+static PyObject *py_nifti_open(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *opath = NULL;
+    if (!PyArg_ParseTuple(args, "O&:nifti_open", PyUnicode_FSConverter, &opath)) return NULL;
+    dfx_nifti *h = NULL;
+    dfx_status status;
+    const char *path = PyBytes_AS_STRING(opath);
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_nifti_open(path, &h);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(opath);
+    if (status != DFX_OK) return raise_status(status);
+    PyObject *capsule = PyCapsule_New(h, NIFTI_CAPSULE, nifti_capsule_free);
+    if (capsule == NULL) dfx_nifti_free(h);
+    return capsule;
+}
+
+/* nifti_header_json(capsule) -> str */
+static PyObject *py_nifti_header_json(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_nifti *h = nifti_from(capsule);
+    if (h == NULL) return NULL;
+    int64_t needed = 0;
+    dfx_status status = dfx_nifti_header_json(h, NULL, 0, &needed);
+    if (status != DFX_OK) return raise_status(status);
+    char *buf = PyMem_Malloc((size_t)needed);
+    if (buf == NULL) return PyErr_NoMemory();
+    status = dfx_nifti_header_json(h, buf, needed, &needed);
+    PyObject *r = status == DFX_OK ? PyUnicode_DecodeUTF8(buf, (Py_ssize_t)strlen(buf), "replace") : raise_status(status);
+    PyMem_Free(buf);
+    return r;
+}
+
+/* nifti_raw_header(capsule) -> bytes */
+static PyObject *py_nifti_raw_header(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_nifti *h = nifti_from(capsule);
+    if (h == NULL) return NULL;
+    int64_t needed = 0;
+    dfx_status status = dfx_nifti_raw_header(h, NULL, 0, &needed);
+    if (status != DFX_OK) return raise_status(status);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)needed);
+    if (out == NULL) return NULL;
+    status = dfx_nifti_raw_header(h, (uint8_t *)PyBytes_AS_STRING(out), needed, &needed);
+    if (status != DFX_OK) { Py_DECREF(out); return raise_status(status); }
+    return out;
+}
+
+/* nifti_read(capsule, kind, out) -> None; out is a writable C-contiguous buffer of the voxel count's
+ * elements (float32 for DFX_NIFTI_FLOAT32, int32 for _INT32, the file's datatype for _RAW). */
+static PyObject *py_nifti_read(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule, *oout;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OiO:nifti_read", &capsule, &kind, &oout)) return NULL;
+    dfx_nifti *h = nifti_from(capsule);
+    if (h == NULL) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(oout, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) != 0) return NULL;
+    PyObject *result = NULL;
+    int64_t count = 0;
+    int32_t datatype = 0;
+    dfx_status status = dfx_nifti_array_shape(h, NULL, NULL, &datatype, &count);
+    if (status != DFX_OK) { raise_status(status); goto done; }
+    if ((kind == DFX_NIFTI_FLOAT32 && !is_float32_format(view.format)) ||
+        (kind != DFX_NIFTI_RAW && view.itemsize != 4) || view.itemsize <= 0 || view.len != count * view.itemsize) {
+        PyErr_Format(PyExc_ValueError, "nifti_read: out must hold %lld elements of the requested type, got %zd bytes of "
+                     "itemsize %zd", (long long)count, view.len, view.itemsize);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_nifti_read(h, (int32_t)kind, view.buf, count);
+    Py_END_ALLOW_THREADS
+    result = status == DFX_OK ? Py_NewRef(Py_None) : raise_status(status);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* nifti_release_voxels(capsule) -> None */
+static PyObject *py_nifti_release_voxels(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_nifti *h = nifti_from(capsule);
+    if (h == NULL) return NULL;
+    dfx_status status = dfx_nifti_release_voxels(h);
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
+}
+
+/* nifti_write(path, data, datatype, dims tuple, affine (16 float64), template capsule or None,
+ *             description str or None, compression_level) -> None */
+static PyObject *py_nifti_write(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *opath = NULL, *odata, *odims, *oaffine, *otemplate, *odesc, *result = NULL;
+    int datatype, level;
+    if (!PyArg_ParseTuple(args, "O&OiO!OOOi:nifti_write", PyUnicode_FSConverter, &opath, &odata, &datatype,
+                          &PyTuple_Type, &odims, &oaffine, &otemplate, &odesc, &level))
+        return NULL;
+    Py_buffer data = {0}, affine = {0};
+    int have_data = 0, have_affine = 0;
+    const dfx_nifti *template_ = NULL;
+    const char *description = NULL;
+    int64_t dims[5];
+    Py_ssize_t ndim = PyTuple_GET_SIZE(odims);
+    if (ndim < 1 || ndim > 5) {
+        PyErr_Format(PyExc_ValueError, "nifti_write: dims must have 1 to 5 sizes, got %zd", ndim);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < ndim; i++) {
+        dims[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(odims, i));
+        if (dims[i] == -1 && PyErr_Occurred()) goto done;
+    }
+    if (otemplate != Py_None) {
+        template_ = nifti_from(otemplate);
+        if (template_ == NULL) goto done;
+    }
+    if (odesc != Py_None) {
+        description = PyUnicode_AsUTF8(odesc);
+        if (description == NULL) goto done;
+    }
+    if (PyObject_GetBuffer(odata, &data, PyBUF_C_CONTIGUOUS) != 0) goto done;
+    have_data = 1;
+    if (PyObject_GetBuffer(oaffine, &affine, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) goto done;
+    have_affine = 1;
+    if (affine.len != 16 * (Py_ssize_t)sizeof(double) || affine.itemsize != (Py_ssize_t)sizeof(double)) {
+        PyErr_SetString(PyExc_ValueError, "nifti_write: affine must be 16 float64 values");
+        goto done;
+    }
+    {
+        int64_t voxels = 1;
+        for (Py_ssize_t i = 0; i < ndim; i++) voxels *= dims[i] > 0 ? dims[i] : 0;
+        if (voxels <= 0 || data.len / voxels <= 0 || data.len % voxels != 0) {
+            PyErr_Format(PyExc_ValueError, "nifti_write: data holds %zd bytes, not a whole number of voxels for the dims",
+                         data.len);
+            goto done;
+        }
+        int64_t itemsize = data.len / voxels;
+        int expected = (datatype == 2 || datatype == 256) ? 1 : (datatype == 4 || datatype == 512) ? 2
+                     : (datatype == 8 || datatype == 16 || datatype == 768) ? 4 : 8;
+        if (itemsize != expected) {
+            PyErr_Format(PyExc_ValueError, "nifti_write: data has %lld bytes per voxel, datatype %d needs %d",
+                         (long long)itemsize, datatype, expected);
+            goto done;
+        }
+    }
+    {
+        const char *path = PyBytes_AS_STRING(opath);
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = dfx_nifti_write(path, data.buf, (int32_t)datatype, (int32_t)ndim, dims, (const double *)affine.buf,
+                                 template_, description, (int32_t)level);
+        Py_END_ALLOW_THREADS
+        result = status == DFX_OK ? Py_NewRef(Py_None) : raise_status(status);
+    }
+done:
+    if (have_data) PyBuffer_Release(&data);
+    if (have_affine) PyBuffer_Release(&affine);
+    Py_XDECREF(opath);
+    return result;
+}
+
+/* ======================================= end of NIfTI ========================================= */
+
 static PyMethodDef methods[] = {
     {"version", py_version, METH_NOARGS, "version() -> str: dfx_version()"},
     {"last_error", py_last_error, METH_NOARGS, "last_error() -> str: dfx_last_error() of this thread"},
@@ -847,6 +1028,14 @@ static PyMethodDef methods[] = {
      "session_backward(session, x, grad_y, grad_x_or_None, progress_or_None)"},
     {"session_release_memory", py_session_release_memory, METH_O, "session_release_memory(session)"},
     {"session_retained_bytes", py_session_retained_bytes, METH_O, "session_retained_bytes(session) -> int"},
+    /* NIfTI */
+    {"nifti_open", py_nifti_open, METH_VARARGS, "nifti_open(path) -> handle"},
+    {"nifti_header_json", py_nifti_header_json, METH_O, "nifti_header_json(handle) -> str"},
+    {"nifti_raw_header", py_nifti_raw_header, METH_O, "nifti_raw_header(handle) -> bytes"},
+    {"nifti_read", py_nifti_read, METH_VARARGS, "nifti_read(handle, kind, out): fills out"},
+    {"nifti_release_voxels", py_nifti_release_voxels, METH_O, "nifti_release_voxels(handle)"},
+    {"nifti_write", py_nifti_write, METH_VARARGS,
+     "nifti_write(path, data, datatype, dims, affine, template_or_None, description_or_None, level)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,11 +18,17 @@ import numbers
 from . import _C
 from ._C import DeformUXError, FileFormatError
 from . import ops
+from . import nifti
 from .model import DeformUXNet, Session
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "DeformUXNet", "Session", "DeformUXError", "FileFormatError", "set_num_threads", "get_num_threads", "release_memory", "engine_version", "__version__"]
+# str(FileFormatError) is the engine's message (which already names the file): OSError's own __str__
+# turns into "[Errno None] None: <filename>" as soon as .filename is set, as _C.raise_status sets it.
+FileFormatError.__str__ = lambda self: str(self.args[0]) if self.args else ""
+
+__all__ = ["ops", "nifti", "DeformUXNet", "Session", "DeformUXError", "FileFormatError", "set_num_threads",
+           "get_num_threads", "release_memory", "engine_version", "__version__"]
 
 
 def set_num_threads(n):

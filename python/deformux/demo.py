@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import get_num_threads, ops
-from .nifti import read_nifti, write_nifti
+from . import get_num_threads, nifti, ops
 
 T1_NAME = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 HALO = 2  # slices of D read beyond each slab: taps reach 1 voxel, trilinear neighbours 1 more
@@ -91,13 +90,12 @@ def run(input_path=None, output_path="out/demo_ddc.nii.gz", angle=10.0, slab=16,
     input_path = Path(os.fsdecode(input_path)) if input_path else bundled_t1_path()
     output_path = os.fsdecode(output_path)
     start = time.perf_counter()
-    vol = read_nifti(input_path)
-    data = vol.data
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
+    img = nifti.load(input_path)
+    data = img.array  # float32 [x][y][z]; a 4-D file is (t, x, y, z)
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
     if data.ndim != 3:
-        raise ValueError(f"demo: {input_path} must be a 3D volume, got shape {vol.data.shape}")
-    data = data.astype(np.float32)
+        raise ValueError(f"demo: {input_path} must be a 3D volume, got shape {img.shape}")
     lo, hi = float(data.min()), float(data.max())
     scaled = (data - lo) / (hi - lo) if hi > lo else np.zeros_like(data)
     scaled = np.ascontiguousarray(scaled, dtype=np.float32)
@@ -105,8 +103,8 @@ def run(input_path=None, output_path="out/demo_ddc.nii.gz", angle=10.0, slab=16,
     out, engine_seconds = deform_volume(scaled, angle_deg=angle, slab=slab)
     if not np.all(np.isfinite(out)):
         raise RuntimeError("demo: the DDC output has non-finite values")
-    write_nifti(output_path, out, vol.affine, template_header=vol.header,
-                description=f"deformux demo: DDC rotation {angle:g} deg")
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    nifti.save(output_path, out, img.affine, header=img, description=f"deformux demo: DDC rotation {angle:g} deg")
     total_seconds = time.perf_counter() - start
     corr = float(np.corrcoef(scaled.ravel(), out.ravel())[0, 1])
     summary = {

@@ -1,175 +1,212 @@
-"""A minimal NIfTI-1 reader and writer (single-file .nii / .nii.gz), in Python with gzip + NumPy.
+"""NIfTI volumes (NIfTI-1 and NIfTI-2, single file .nii or gzip-compressed .nii.gz), read and written by
+the engine (Sources/DeformUX/IO; the C calls dfx_nifti_*). nibabel is not needed.
 
-Stop-gap for the demo: it will be replaced by the engine's Swift NIfTI reader (Sources/DeformUX/IO).
-Arrays are indexed like nibabel's ``img.get_fdata()``: [x][y][z] in voxel space with the file's
-affine (ARCHITECTURE.md section 8). NIfTI stores x fastest, so the file's data is read in Fortran order
-and made C-contiguous once, here.
+    img = deformux.nifti.load("t1.nii.gz")
+    img.array        float32, indexed [x][y][z] like nibabel's img.get_fdata(dtype=np.float32)
+    img.affine       4 x 4 float64, voxel (i, j, k) -> world mm, nibabel's img.affine
+    img.header       dict of the header fields (nibabel's names), e.g. img.header["sform_code"]
+    img.zooms        nibabel's header.get_zooms() (pixdim);  img.spacing: voxel sizes from the affine
+    deformux.nifti.save("labels.nii.gz", labels.astype(np.uint8), img.affine, header=img)
 
-Every length and offset is checked before data is touched; a bad file raises NiftiError (a
-ValueError) naming the file and the field.
+Layout (ARCHITECTURE.md section 8): a 3-D volume is a C-contiguous (x, y, z) array. Files with more axes
+are channel-first, the extra axes outermost first: 4-D files give (t, x, y, z), 5-D files (u, t, x, y,
+z), so each 3-D volume is one contiguous block and ``img.array[None]`` is the network's N x C x D x H x W
+input with the volumes as channels. ``img.nibabel_order()`` gives the (x, y, z, t, u) view nibabel
+returns. 1-D and 2-D files are padded to (x, 1, 1) and (x, y, 1).
+
+Values: scl_slope and scl_inter are applied exactly as nibabel does (in float64, then rounded to
+float32; a slope of 0 or NaN means none). ``load(path, dtype="int32")`` returns exact integers (label
+maps; an error if a voxel is not an integer) and ``dtype="raw"`` the stored values in the file's own
+dtype, unscaled.
+
+Errors: a missing file raises FileNotFoundError (other system errors their OSError subclass), a damaged
+or foreign file deformux.FileFormatError (an OSError whose message names the file and what was wrong),
+bad arguments TypeError or ValueError.
 """
-import gzip
+import json
 import os
-import struct
-import zlib
-from dataclasses import dataclass
 
 import numpy as np
 
-from ._atomic import atomic_write
+from . import _C
+from ._C import FileFormatError
 
-HEADER_SIZE = 348
-# NIfTI-1 datatype codes this reader accepts -> (numpy type code, bits per voxel)
+__all__ = ["load", "save", "NiftiImage", "NiftiHeader", "NiftiError", "DATATYPES"]
+
+#: The error for a file that is not a NIfTI volume this reader supports (deformux.FileFormatError).
+NiftiError = FileFormatError
+
+# dfx_nifti_read kinds (deformux.h: DFX_NIFTI_FLOAT32, DFX_NIFTI_INT32, DFX_NIFTI_RAW)
+_FLOAT32, _INT32, _RAW = 0, 1, 2
+
+#: numpy dtype -> NIfTI datatype code, for every type the engine reads and writes.
 DATATYPES = {
-    2: ("u1", 8), 4: ("i2", 16), 8: ("i4", 32), 16: ("f4", 32), 64: ("f8", 64),
-    256: ("i1", 8), 512: ("u2", 16), 768: ("u4", 32), 1024: ("i8", 64), 1280: ("u8", 64),
+    np.dtype(np.uint8): 2, np.dtype(np.int16): 4, np.dtype(np.int32): 8, np.dtype(np.float32): 16,
+    np.dtype(np.float64): 64, np.dtype(np.int8): 256, np.dtype(np.uint16): 512, np.dtype(np.uint32): 768,
+    np.dtype(np.int64): 1024, np.dtype(np.uint64): 1280,
 }
+_DTYPE_OF_CODE = {code: dtype for dtype, code in DATATYPES.items()}
 
 
-class NiftiError(ValueError):
-    """A file that is not a NIfTI-1 volume this reader supports."""
+class NiftiHeader(dict):
+    """The header fields as a dict (names as nibabel's: "dim", "pixdim", "sform_code", "descrip", ...,
+    plus "affine", "qform", "sform" as 4 x 4 arrays, "shape", "array_shape", "dtype", "extensions" as
+    [(code, bytes)]). ``raw`` is the header as stored in the file. It also serves as the template
+    for :func:`save` (``header=img.header`` or ``header=img``)."""
+
+    def __init__(self, fields, handle=None, raw=b""):
+        super().__init__(fields)
+        self._handle = handle  # the engine's handle, voxels released: a template for writing
+        self.raw = raw
 
 
-@dataclass
-class Volume:
-    data: np.ndarray     # [x][y][z] (or more axes), C-contiguous, scl_slope/scl_inter applied if set
-    affine: np.ndarray   # 4 x 4 float64, voxel -> world (mm)
-    header: bytes        # the raw 348-byte header, kept so a writer can copy the spatial fields
+class NiftiImage:
+    """A volume read by :func:`load`: ``array``, ``affine`` (4 x 4 float64) and ``header``."""
+
+    def __init__(self, array, affine, header, path=None):
+        self.array = array
+        self.affine = affine
+        self.header = header
+        self.path = path
+
+    @property
+    def shape(self):
+        """The data shape as nibabel reports it: (x, y, z[, t[, u]])."""
+        return tuple(self.header["shape"])
+
+    @property
+    def zooms(self):
+        """nibabel's header.get_zooms(): pixdim[1 .. ndim] (voxel sizes, then the time step)."""
+        return tuple(self.header["zooms"])
+
+    @property
+    def spacing(self):
+        """The voxel sizes along x, y, z in mm: the lengths of the affine's first three columns."""
+        return tuple(self.header["spacing"])
+
+    @property
+    def extensions(self):
+        """The header extensions as [(code, bytes)], as stored (NUL padding included)."""
+        return list(self.header["extensions"])
+
+    def nibabel_order(self):
+        """``array`` viewed in nibabel's axis order (x, y, z[, t[, u]]) and shape (no copy)."""
+        a = self.array
+        if a.ndim == 4:
+            a = np.moveaxis(a, 0, -1)
+        elif a.ndim == 5:
+            a = a.transpose(2, 3, 4, 1, 0)
+        return a.reshape(self.shape)
+
+    def __repr__(self):
+        return (f"NiftiImage(path={self.path!r}, shape={self.shape}, array {self.array.dtype} {self.array.shape}, "
+                f"affine from the {self.header['affine_source']})")
 
 
-def _open(path):
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+def _header(handle):
+    fields = json.loads(_C.nifti_header_json(handle))
+    for key in ("affine", "sform", "qform"):
+        if fields[key] is not None:
+            fields[key] = np.array(fields[key], dtype=np.float64).reshape(4, 4)
+    fields["extensions"] = [(e["code"], bytes.fromhex(e["content"])) for e in fields["extensions"]]
+    return NiftiHeader(fields, handle, _C.nifti_raw_header(handle))
 
 
-def read_nifti(path):
-    """Reads a single-file NIfTI-1 volume (`path`: str, bytes or os.PathLike). Returns a Volume;
-    raises NiftiError, OSError."""
-    path = os.fsdecode(path)
-    try:
-        with _open(path) as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise NiftiError(f"{path}: cannot read ({e})") from e
-    if len(raw) < HEADER_SIZE:
-        raise NiftiError(f"{path}: {len(raw)} bytes, shorter than a NIfTI-1 header ({HEADER_SIZE})")
-    header = raw[:HEADER_SIZE]
-    endian = None
-    for e in "<>":
-        if struct.unpack_from(e + "i", header, 0)[0] == HEADER_SIZE:
-            endian = e
-    if endian is None:
-        raise NiftiError(f"{path}: sizeof_hdr is not 348: not a NIfTI-1 file (NIfTI-2 is not supported)")
-    magic = header[344:348]
-    if magic == b"ni1\x00":
-        raise NiftiError(f"{path}: a two-file NIfTI (.hdr/.img) is not supported; use a single .nii/.nii.gz")
-    if magic != b"n+1\x00":
-        raise NiftiError(f"{path}: magic is {magic!r}, expected b'n+1\\x00'")
+def load(path, *, dtype="float32"):
+    """Reads a NIfTI-1 or NIfTI-2 file (.nii or .nii.gz). Returns a :class:`NiftiImage`.
 
-    def get(fmt, offset):
-        return struct.unpack_from(endian + fmt, header, offset)
-
-    dim = get("8h", 40)
-    ndim = dim[0]
-    if not 1 <= ndim <= 7:
-        raise NiftiError(f"{path}: dim[0] (rank) must be 1..7, got {ndim}")
-    shape = tuple(dim[1:ndim + 1])
-    if any(s < 1 for s in shape):
-        raise NiftiError(f"{path}: dimensions must be >= 1, got {shape}")
-    datatype, bitpix = get("2h", 70)
-    if datatype not in DATATYPES:
-        raise NiftiError(f"{path}: datatype {datatype} is not supported "
-                         f"(supported: {sorted(DATATYPES)}; complex and RGB are not)")
-    code, bits = DATATYPES[datatype]
-    if bitpix != bits:
-        raise NiftiError(f"{path}: bitpix {bitpix} does not match datatype {datatype} ({bits} bits)")
-    vox_offset = get("f", 108)[0]
-    if not (np.isfinite(vox_offset) and vox_offset >= HEADER_SIZE + 4 and vox_offset == int(vox_offset)):
-        raise NiftiError(f"{path}: vox_offset must be an integer >= 352, got {vox_offset}")
-    vox_offset = int(vox_offset)
-    count = int(np.prod(shape, dtype=np.int64))
-    nbytes = count * bits // 8
-    if vox_offset + nbytes > len(raw):
-        raise NiftiError(f"{path}: truncated: {shape} voxels of {bits} bits need {vox_offset + nbytes} bytes, "
-                         f"the file has {len(raw)}")
-    data = np.frombuffer(raw, dtype=endian + code, count=count, offset=vox_offset)
-    data = np.ascontiguousarray(data.reshape(shape, order="F"))
-    if not data.dtype.isnative:
-        data = data.astype(data.dtype.newbyteorder("="))
-    slope, inter = get("2f", 112)
-    if np.isfinite(slope) and slope != 0 and (slope != 1 or inter != 0):
-        data = data.astype(np.float32) * np.float32(slope) + np.float32(inter)
-    return Volume(data=data, affine=_affine(get), header=header)
-
-
-def _affine(get):
-    """sform if set, else qform, else the pixdim scaling (the NIfTI-1 'method 1')."""
-    pixdim = get("8f", 76)
-    qform_code, sform_code = get("2h", 252)
-    if sform_code > 0:
-        rows = [get("4f", offset) for offset in (280, 296, 312)]
-        return np.array(rows + [(0, 0, 0, 1)], dtype=np.float64)
-    if qform_code > 0:
-        b, c, d, qx, qy, qz = get("6f", 256)
-        a = np.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
-        rot = np.array([
-            [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
-            [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
-            [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b],
-        ])
-        qfac = -1.0 if pixdim[0] < 0 else 1.0
-        zooms = np.array([pixdim[1], pixdim[2], pixdim[3] * qfac])
-        affine = np.eye(4)
-        affine[:3, :3] = rot * zooms
-        affine[:3, 3] = (qx, qy, qz)
-        return affine
-    return np.diag([pixdim[1] or 1.0, pixdim[2] or 1.0, pixdim[3] or 1.0, 1.0])
-
-
-def write_nifti(path, data, affine, template_header=None, description="deformux"):
-    """Writes a 3D float32 volume ([x][y][z]) as single-file NIfTI-1 (.nii, or .nii.gz by suffix).
-
-    The affine goes to the sform (code 2, 'aligned'). With `template_header` (a Volume.header of the
-    same grid), its qform and sform fields are copied as they are, so the output's spatial metadata
-    is the input's. Written atomically: a temporary file in the same directory, then os.replace.
-    `path`: str, bytes or os.PathLike.
+    dtype: "float32" (default; nibabel's get_fdata(dtype=np.float32) values), "int32" (exact integers,
+    for label maps; ValueError if a voxel is not an integer in the int32 range after scaling) or "raw"
+    (the stored values in the file's dtype, unscaled; scl_slope and scl_inter are in the header).
+    path: str, bytes or os.PathLike.
     """
-    path = os.fsdecode(path)
-    data = np.asarray(data, dtype="<f4")
-    if data.ndim != 3:
-        raise ValueError(f"write_nifti: data must be 3D [x][y][z], got shape {data.shape}")
+    kinds = {"float32": _FLOAT32, "int32": _INT32, "raw": _RAW}
+    if not isinstance(dtype, str):
+        try:
+            dtype = np.dtype(dtype).name
+        except TypeError:
+            raise TypeError(f"nifti.load: dtype must be 'float32', 'int32' or 'raw', got {dtype!r}") from None
+    if dtype not in kinds:
+        raise ValueError(f"nifti.load: dtype must be 'float32', 'int32' or 'raw', got {dtype!r}")
+    handle = _C.nifti_open(path)
+    header = _header(handle)
+    kind = kinds[dtype]
+    out_dtype = {_FLOAT32: np.dtype(np.float32), _INT32: np.dtype(np.int32)}.get(kind)
+    if out_dtype is None:
+        out_dtype = _DTYPE_OF_CODE[header["datatype"]]
+    array = np.empty(header["array_shape"], dtype=out_dtype)
+    try:
+        _C.nifti_read(handle, kind, array)
+    finally:
+        _C.nifti_release_voxels(handle)  # the header stays, as a template for save()
+    affine = header["affine"].copy()
+    return NiftiImage(array, affine, header, os.fspath(path) if not isinstance(path, bytes) else os.fsdecode(path))
+
+
+def _converted(array, dtype, what):
+    """array as `dtype` (a DATATYPES key): integer targets only from values that fit exactly."""
+    if array.dtype == dtype:
+        return array
+    if dtype.kind in "iu" and array.dtype.kind not in "iub":
+        if array.size and not np.all(np.isfinite(array)):
+            raise ValueError(f"{what}: the array has non-finite values, which {dtype} cannot hold")
+        if array.size and not np.array_equal(array, np.round(array)):
+            raise ValueError(f"{what}: the array has non-integer values; round them before saving as {dtype}")
+    if dtype.kind in "iu" and array.size:
+        info = np.iinfo(dtype)
+        lo, hi = array.min(), array.max()
+        if lo < info.min or hi > info.max:
+            raise ValueError(f"{what}: values {lo} .. {hi} do not fit in {dtype} ({info.min} .. {info.max})")
+    return array.astype(dtype)
+
+
+def save(path, array, affine=None, *, header=None, dtype=None, description=None, compression_level=None):
+    """Writes ``array`` as a single-file NIfTI-1: gzip-compressed if ``path`` ends in ".nii.gz", else it
+    must end in ".nii". Atomic (a temporary file in the same directory, then a rename).
+
+    array: (x, y, z), (t, x, y, z) or (u, t, x, y, z) as :func:`load` returns them (any dtype of
+    DATATYPES; bool is written as uint8).
+    affine: 4 x 4 voxel -> world; default: the template's.
+    header: a :class:`NiftiImage` or its ``.header`` to keep (intent, units, description, extensions, and
+    its sform/qform fields as they are when ``affine`` is close to its own); None for a fresh header.
+    dtype: the voxel type to write (e.g. np.uint8 for labels); integer types only take integer values
+    that fit (ValueError otherwise). Default: the array's.
+    The file has scl_slope 1 and scl_inter 0 (the values are written as given), datatype and dims from
+    the array, and the affine as sform and qform (codes from the template, else 1).
+    """
+    what = "nifti.save"
+    if isinstance(header, NiftiImage):
+        header = header.header
+    if header is not None and not isinstance(header, NiftiHeader):
+        raise TypeError(f"{what}: header must be a NiftiImage or its .header (from deformux.nifti.load), "
+                        f"got {type(header).__name__}")
+    if affine is None:
+        if header is None:
+            raise ValueError(f"{what}: give an affine (4 x 4) or a header to take it from")
+        affine = header["affine"]
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
-        raise ValueError(f"write_nifti: affine must be 4 x 4, got {affine.shape}")
-    hdr = bytearray(HEADER_SIZE)
-    struct.pack_into("<i", hdr, 0, HEADER_SIZE)
-    struct.pack_into("<8h", hdr, 40, 3, *data.shape, 1, 1, 1, 1)
-    struct.pack_into("<2h", hdr, 70, 16, 32)                     # datatype float32, bitpix
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    struct.pack_into("<8f", hdr, 76, 1.0, *zooms, 1.0, 1.0, 1.0, 1.0)
-    struct.pack_into("<f", hdr, 108, 352.0)                      # vox_offset
-    struct.pack_into("<2f", hdr, 112, 1.0, 0.0)                  # scl_slope, scl_inter
-    hdr[123] = 10                                                # xyzt_units: mm, s
-    hdr[148:148 + 80] = description.encode("ascii", "replace")[:79].ljust(80, b"\0")
-    struct.pack_into("<2h", hdr, 252, 0, 2)                      # qform_code 0, sform_code 2
-    for row in range(3):
-        struct.pack_into("<4f", hdr, 280 + 16 * row, *affine[row])
-    hdr[344:348] = b"n+1\x00"
-    if template_header is not None:
-        t = bytes(template_header)
-        if len(t) != HEADER_SIZE or struct.unpack_from("<i", t, 0)[0] != HEADER_SIZE:
-            raise ValueError("write_nifti: template_header must be a little-endian 348-byte NIfTI-1 header")
-        struct.pack_into("<f", hdr, 76, struct.unpack_from("<f", t, 76)[0])  # pixdim[0] = qfac
-        hdr[252:344] = t[252:344]                                # qform/sform codes, quatern, srow, intent_name
-        hdr[123] = t[123]
-    payload = bytes(hdr) + b"\0\0\0\0" + data.ravel(order="F").tobytes()
-
-    with atomic_write(path) as raw:
-        if path.endswith(".gz"):
-            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=4, mtime=0) as gz:
-                gz.write(payload)
-        else:
-            raw.write(payload)
+        raise ValueError(f"{what}: affine must be 4 x 4, got shape {affine.shape}")
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{what}: array must be a numpy array, got {type(array).__name__}")
+    if array.ndim not in (3, 4, 5):
+        raise ValueError(f"{what}: array must be (x, y, z), (t, x, y, z) or (u, t, x, y, z), got shape {array.shape}")
+    if dtype is None:
+        target = np.dtype(np.uint8) if array.dtype == np.bool_ else array.dtype.newbyteorder("=")
+        if target not in DATATYPES:
+            raise TypeError(f"{what}: arrays of {array.dtype} cannot be written; pass dtype= one of "
+                            f"{', '.join(d.name for d in DATATYPES)}")
+    else:
+        target = np.dtype(dtype)
+        if target not in DATATYPES:
+            raise TypeError(f"{what}: dtype must be one of {', '.join(d.name for d in DATATYPES)}, got {target}")
+    data = np.ascontiguousarray(_converted(array, target, what))
+    dims = tuple(int(n) for n in array.shape[-3:]) + tuple(int(n) for n in reversed(array.shape[:-3]))
+    if compression_level is None:
+        compression_level = -1
+    elif isinstance(compression_level, bool) or not isinstance(compression_level, int):
+        raise TypeError(f"{what}: compression_level must be an int 0..9, got {compression_level!r}")
+    if description is not None and not isinstance(description, str):
+        raise TypeError(f"{what}: description must be a str, got {type(description).__name__}")
+    _C.nifti_write(path, data, DATATYPES[target], dims, np.ascontiguousarray(affine),
+                   header._handle if header is not None else None, description, compression_level)

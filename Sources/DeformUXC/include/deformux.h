@@ -207,6 +207,99 @@ dfx_status dfx_session_backward(dfx_session *session, const float *x, int64_t n,
 dfx_status dfx_session_release_memory(dfx_session *session);
 /* Bytes a session keeps between calls. */
 dfx_status dfx_session_retained_bytes(dfx_session *session, int64_t *out);
+/* ================================================================================================
+ * NIfTI volumes (NIfTI-1 and NIfTI-2, single file .nii or gzip-compressed .nii.gz), read and written by
+ * the engine. Sources/DeformUX/IO/README.md has the details; in short:
+ *   - A handle holds one file read into memory and checked: every size and offset of the header is
+ *     checked against the file before any voxel is touched, a .nii.gz is never decompressed past the
+ *     size its header declares; a damaged file fails with DFX_ERR_IO and errno 0, a missing one with
+ *     DFX_ERR_IO and errno ENOENT.
+ *   - Voxel arrays are C order [x][y][z] (nibabel's get_fdata() indexing; ARCHITECTURE.md section 8).
+ *     Files with more axes are channel-first, extra axes outermost first: 4-D [t][x][y][z], 5-D
+ *     [u][t][x][y][z]; each 3-D volume is a contiguous [x][y][z] block. Rank 1 and 2 are padded to 3.
+ *   - Values as nibabel's get_fdata(dtype=float32): scl_slope and scl_inter applied in double (slope 0
+ *     or not finite: no scaling), then rounded to float. The affine as nibabel's img.affine: the sform
+ *     if sform_code != 0, else the qform if qform_code != 0, else the pixdim fallback.
+ *   - Calls on one handle may come from any thread.
+ */
+typedef struct dfx_nifti dfx_nifti;
+
+/* What dfx_nifti_read produces. */
+enum {
+    DFX_NIFTI_FLOAT32 = 0, /* float: nibabel's get_fdata(dtype=float32) values */
+    DFX_NIFTI_INT32 = 1,   /* int32_t: exact integers (label maps); fails if a voxel is not an integer
+                              in the int32 range after scaling */
+    DFX_NIFTI_RAW = 2      /* the file's datatype, unscaled, in this machine's byte order */
+};
+
+/* dfx_nifti_affine: which affine; also the best affine's source reported in *code. */
+enum {
+    DFX_NIFTI_AFFINE_BEST = 0,  /* as a source: the pixdim fallback (neither code set) */
+    DFX_NIFTI_AFFINE_QFORM = 1,
+    DFX_NIFTI_AFFINE_SFORM = 2
+};
+
+/* NIfTI datatype codes (the only ones read and written): 2 uint8, 4 int16, 8 int32, 16 float32,
+ * 64 float64, 256 int8, 512 uint16, 768 uint32, 1024 int64, 1280 uint64. */
+
+/* Reads and checks path; *out receives the handle (NULL on failure). Free with dfx_nifti_free. */
+dfx_status dfx_nifti_open(const char *path, dfx_nifti **out);
+void dfx_nifti_free(dfx_nifti *nifti);
+
+/* Every header field as a JSON object (text convention as dfx_model_config_json: buf, cap, needed):
+ *   version (1|2), big_endian, compressed, datatype (code), dtype ("uint8", ...), bitpix, dim[8],
+ *   shape (dim[1..dim[0]], nibabel's), array_shape (the dfx_nifti_read layout), voxel_count,
+ *   pixdim[8] and zooms (after nibabel's fixes: 0 -> 1, negative -> absolute, qfac -1 or 1),
+ *   spacing[3] (column lengths of the affine), vox_offset, scl_slope, scl_inter, cal_min, cal_max,
+ *   slice_duration, toffset, slice_start, slice_end, slice_code, xyzt_units, dim_info, intent_code,
+ *   intent_p[3], intent_name, descrip, aux_file, qform_code, sform_code (codes outside 0..5 read as 0),
+ *   quatern[3] (b, c, d), qoffset[3], srow[12], affine[16] (the best, row-major), affine_source
+ *   ("sform", "qform" or "pixdim"), qform[16] (null if the quaternion is invalid), sform[16],
+ *   extensions [{"code": int, "content": hex string}].
+ * Doubles are in shortest round-trip form; NaN and infinities are written NaN, Infinity, -Infinity. */
+dfx_status dfx_nifti_header_json(const dfx_nifti *nifti, char *buf, int64_t cap, int64_t *needed);
+
+/* The dfx_nifti_read layout: *rank (3, 4 or 5) and shape[0 ..< rank], the datatype code and the voxel
+ * count (the product of the shape). Any out pointer may be NULL. */
+dfx_status dfx_nifti_array_shape(const dfx_nifti *nifti, int32_t *rank, int64_t shape[5], int32_t *datatype,
+                                 int64_t *count);
+
+/* The affine `which` (DFX_NIFTI_AFFINE_*) into out[16], row-major. *code (may be NULL): for the best
+ * affine its source (DFX_NIFTI_AFFINE_SFORM, _QFORM, or _BEST for the pixdim fallback), else that
+ * form's code. The qform of an invalid quaternion is DFX_ERR_INVALID_ARGUMENT. */
+dfx_status dfx_nifti_affine(const dfx_nifti *nifti, int32_t which, double out[16], int32_t *code);
+
+/* The voxels into out, count = the voxel count: floats, int32_t or raw voxels (DFX_NIFTI_*), in the
+ * array layout. For DFX_NIFTI_RAW out holds count x the datatype's size bytes. */
+dfx_status dfx_nifti_read(const dfx_nifti *nifti, int32_t kind, void *out, int64_t count);
+
+/* Frees the voxel bytes the handle holds; the header stays (dfx_nifti_read then fails). */
+dfx_status dfx_nifti_release_voxels(dfx_nifti *nifti);
+
+/* The header bytes as they are in the file (348 or 540, the file's byte order): copied when cap is
+ * large enough; *needed always receives the size. */
+dfx_status dfx_nifti_raw_header(const dfx_nifti *nifti, uint8_t *buf, int64_t cap, int64_t *needed);
+
+/*
+ * Writes a single-file NIfTI-1 to path (".nii", or ".nii.gz" for gzip), atomically (a temporary file in
+ * the same directory, fsync, rename).
+ *   data        voxels of `datatype` (a code above), this machine's byte order, in the read layout
+ *   dims        x, y, z[, t[, u]]: ndim (1..5) sizes, each 1..32767
+ *   affine      16 doubles, row-major, finite, non-singular 3 x 3 part
+ *   template_   a handle whose header is kept (intent, units, description, extensions, ...), or NULL
+ *   description the descrip field (at most 79 bytes are kept), or NULL to keep the template's
+ *   compression_level  gzip level 0..9, or -1 for the default (1, as nibabel)
+ * The header: dim, datatype and bitpix from the data, scl_slope 1 and scl_inter 0 (the values are
+ * written as given: a uint8 label map written with a float image's template has no scaling). If the
+ * template's own affine is close to `affine` (numpy allclose), its sform and qform fields are kept as
+ * they are; otherwise both are set from `affine` (pixdim[1..3] = the column lengths, qfac = the sign of
+ * the determinant, shears dropped from the qform) with the template's codes, or code 1 (scanner).
+ */
+dfx_status dfx_nifti_write(const char *path, const void *data, int32_t datatype, int32_t ndim,
+                           const int64_t *dims, const double affine[16], const dfx_nifti *template_,
+                           const char *description, int32_t compression_level);
+
+/* ======================================= end of NIfTI ========================================= */
 
 #ifdef __cplusplus
 }
