@@ -74,6 +74,14 @@ func guarded(_ body: () throws -> Void) -> Int32 {
     }
 }
 
+/// `guarded`, with every error reported under the entry point's name `op` (its message keeps what the
+/// engine said, the file path included).
+func guarded(_ op: String, _ body: () throws -> Void) -> Int32 {
+    guarded {
+        do { try body() } catch let e as DeformUXError { throw e.renamed(operation: op) }
+    }
+}
+
 func require<T>(_ p: T?, _ op: String, _ name: String) throws -> T {
     guard let p else { throw DeformUXError.invalidArgument(op, "\(name) must not be NULL") }
     return p

@@ -209,7 +209,7 @@ final class NIfTITests: XCTestCase {
     /// precision, and the layout is the reader's ([x][y][z], extra axes first).
     func testRoundTripEveryDatatype() throws {
         let dir = TemporaryDirectory()
-        var rng = TestRNG(seed: 88)
+        var rng = SplitMix64(seed: 88)
         let affine = try NIfTIAffine(rows: [[-0.9, 0.1, 0, 90], [0.05, 1.1, -0.2, -126], [0, 0.3, 2.0, -72], [0, 0, 0, 1]])
         for (i, dims) in [[5, 4, 3], [7, 5, 3, 2], [3, 2, 4, 2, 3], [1, 1, 1], [6, 5]].enumerated() {
             let n = dims.reduce(1, *)
@@ -255,18 +255,18 @@ final class NIfTITests: XCTestCase {
     /// voxels), to float32 precision; shears are dropped from the qform but kept in the sform.
     func testWrittenQformMatchesTheAffine() throws {
         let dir = TemporaryDirectory()
-        var rng = TestRNG(seed: 5)
+        var rng = SplitMix64(seed: 5)
         for i in 0..<20 {
             // a random rotation from a random unit quaternion, then zooms and maybe a flip
-            var q = (0..<4).map { _ in rng.uniform(-1, 1) }
+            var q: [Double] = (0..<4).map { _ in rng.uniform(-1.0, 1.0) as Double }
             let norm = q.reduce(0) { $0 + $1 * $1 }.squareRoot()
             q = q.map { $0 / norm }
             let (a, b, c, d) = (q[0], q[1], q[2], q[3])
             let r: [[Double]] = [[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
                                  [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
                                  [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]]
-            let zooms = [rng.uniform(0.3, 3), rng.uniform(0.3, 3), rng.uniform(0.3, 3) * (i % 2 == 0 ? 1 : -1)]
-            var rows = (0..<3).map { row in (0..<3).map { r[row][$0] * zooms[$0] } + [rng.uniform(-100, 100)] }
+            let zooms: [Double] = [rng.uniform(0.3, 3.0), rng.uniform(0.3, 3.0), rng.uniform(0.3, 3.0) * (i % 2 == 0 ? 1.0 : -1.0)]
+            var rows = (0..<3).map { row in (0..<3).map { r[row][$0] * zooms[$0] } + [rng.uniform(-100.0, 100.0) as Double] }
             rows.append([0, 0, 0, 1])
             let affine = try NIfTIAffine(rows: rows)
             let path = dir.file("q\(i).nii")

@@ -71,7 +71,7 @@ def test_summary_sizes_take_numpy_integers():
 
 def test_demo_slab_takes_numpy_integers(tmp_path):
     src = tmp_path / "in.nii"
-    nifti.write_nifti(src, f32(rng(1).uniform(0, 1, (6, 7, 5))), np.eye(4))
+    nifti.save(src, f32(rng(1).uniform(0, 1, (6, 7, 5))), np.eye(4))
     out = demo.run(src, tmp_path / "o.nii", slab=np.int64(2), log=lambda *a: None)
     assert out["shape"] == (6, 7, 5)
     with pytest.raises(TypeError, match="slab"):
@@ -131,10 +131,10 @@ def test_convert_takes_any_path(tmp_path, monkeypatch):
 def test_nifti_and_demo_take_any_path(tmp_path):
     data = f32(rng(2).uniform(0, 1, (5, 6, 4)))
     for label, p in path_kinds(tmp_path / "v.nii.gz"):
-        nifti.write_nifti(p, data, np.eye(4))
-        assert np.array_equal(nifti.read_nifti(p).data, data), label
+        nifti.save(p, data, np.eye(4))
+        assert np.array_equal(nifti.load(p).array, data), label
     for label, p in path_kinds(tmp_path / "v.nii.gz"):
         out = tmp_path / "out.nii"
         _, out_p = path_kinds(out)[len(label) % 5]
         summary = demo.run(p, out_p, angle=5, slab=3, log=lambda *a: None)
-        assert summary["output"] == str(out) and nifti.read_nifti(out).data.shape == (5, 6, 4), label
+        assert summary["output"] == str(out) and nifti.load(out).array.shape == (5, 6, 4), label
