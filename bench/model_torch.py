@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """PyTorch reference timing for the whole network (tools/reference_model.py, the DDC via grid_sample):
 batch 1, full configuration (widths 48/96/192/384, hidden 768, Cout 16), float32, 2 threads, a random
-input. Prints the forward time (median after one warm-up) and the process's peak RSS. Skips cleanly
-without torch. Run it beside `deformux bench model` to compare in one sitting:
+input. Prints the forward time, or with --backward the forward + backward time (the gradients of every
+parameter of sum(logits * g) for a random g, as `deformux bench backward` measures), median after one
+warm-up, and the process's peak RSS. Skips cleanly without torch. Run it beside `deformux bench model`
+/ `deformux bench backward` to compare in one sitting:
 
-    python3 bench/model_torch.py [--size 96] [--block deformux|uxnet] [--threads 2] [--repeats 1]
+    python3 bench/model_torch.py [--size 96] [--block deformux|uxnet] [--threads 2] [--repeats 1] [--backward]
 """
 import argparse
 import os
@@ -20,6 +22,7 @@ def main():
     ap.add_argument("--block", default="deformux", choices=["deformux", "uxnet"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--backward", action="store_true", help="time forward + backward instead of the forward")
     a = ap.parse_args()
     try:
         import torch
@@ -32,18 +35,29 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     mlp = "grouped" if a.block == "uxnet" else "dense"
-    net = DeformUXNet(in_chans=1, out_chans=16, block=a.block, mlp=mlp).eval()
+    net = DeformUXNet(in_chans=1, out_chans=16, block=a.block, mlp=mlp)
     x = torch.randn(1, 1, a.size, a.size, a.size)
-    with torch.no_grad():
-        net(x)  # warm-up
-        times = []
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            net(x)
-            times.append(time.perf_counter() - t0)
+
+    def step():
+        if a.backward:
+            net.zero_grad(set_to_none=False)
+            (net(x) * g).sum().backward()
+        else:
+            with torch.no_grad():
+                net(x)
+
+    if a.backward:
+        with torch.no_grad():
+            g = torch.randn(net(x).shape)
+    step()  # warm-up
+    times = []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"torch {torch.__version__} reference {a.block} ({mlp} MLP), {a.size}^3, batch 1, {a.threads} threads:")
-    print(f"  forward   {statistics.median(times):8.3f} s")
+    print(f"  {'forward+backward' if a.backward else 'forward':16s} {statistics.median(times):8.3f} s")
     print(f"  peak RSS  {rss:8.1f} MB")
     return 0
 

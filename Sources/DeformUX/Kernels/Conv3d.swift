@@ -197,16 +197,22 @@ public enum Conv3d {
     /// to grad_x (Cin and Cout swapped, taps flipped: W'[ci][co][t] = W[co][ci][26 - t]), made from the
     /// forward's packed weight. `q` holds `Packing(cin: cout, cout: cin, kernel: 3, padding: 1).count` floats.
     static func packInputGradient(fromPacked p: UnsafePointer<Float>, into q: UnsafeMutablePointer<Float>, packing s: Packing) {
-        let t = Packing(cin: s.cout, cout: s.cin, kernel: 3, padding: 1)
-        q.initialize(repeating: 0, count: t.count)
         let cb = coutBlock
-        for ci in 0..<s.cin {
-            let qBlock = q + (ci / cb) * 27 * s.cout * cb + ci % cb
-            for tap in 0..<27 {
-                let pTap = p + (26 - tap) * s.cin * cb + ci * cb
-                let qTap = qBlock + tap * s.cout * cb
+        let blocks = coutBlocks(s.cin)        // blocks of the new output channels (the old input channels)
+        let blockFloats = 27 * s.cout * cb
+        // Parts own blocks (or, with a single block, taps), and write their rows contiguously.
+        let work = blocks * 27
+        let parts = max(1, min(Threads.count, work / 8))
+        parallelFor(parts) { part in
+            for item in Threads.range(part, of: parts, total: work) {
+                let b = item / 27, tap = item % 27
+                let qTap = q + b * blockFloats + tap * s.cout * cb
+                let ciLo = b * cb, ciN = min(cb, s.cin - ciLo)
                 for co in 0..<s.cout {
-                    qTap[co * cb] = pTap[(co / cb) * 27 * s.cin * cb + co % cb]
+                    let row = qTap + co * cb
+                    let src = p + ((co / cb) * 27 + (26 - tap)) * s.cin * cb + co % cb
+                    for j in 0..<ciN { row[j] = src[(ciLo + j) * cb] }
+                    if ciN < cb { (row + ciN).initialize(repeating: 0, count: cb - ciN) }
                 }
             }
         }
@@ -814,60 +820,196 @@ public enum Conv3d {
 
         /// gradWeight (PyTorch layout) += dL/dW. For every output plane, grad_y is laid out on the padded
         /// grid (zero at padding positions), so tap (kd, kh, kw)'s contribution over the whole plane is
-        /// one GEMM: grad_y^T (Cout x L) . x_kd shifted by (kh-1) wp + (kw-1) (L x Cin), L the span of
-        /// padded positions from (1, 1) to (H, W). Part p owns a range of taps and sweeps all planes.
+        /// one product grad_y^T (Cout x L) . x_kd shifted by (kh-1) wp + (kw-1) (L x Cin), L the span of
+        /// padded positions from (1, 1) to (H, W), taken in chunks that stay in L2.
+        ///
+        /// The product is a register-blocked kernel like the forward's (`wgradTile48x8`): 48 output
+        /// channels x 8 input channels of one tap accumulate in 24 SIMD16 registers while the chunk's
+        /// positions stream through (one grad_y row of 48 and 8 broadcast inputs per position). Channel
+        /// counts it does not tile (Cout not a multiple of 16 or Cin of 8) use sgemm instead.
+        ///
+        /// Parts: when every part's per-tap sums fit in `privateSumsLimit` floats, parts own runs of
+        /// planes and keep private sums, added in part order (balanced; no plane is loaded twice);
+        /// otherwise (the wide, low-resolution convs) parts own runs of taps and share the sums.
         static func weightGradient(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, gradY: UnsafePointer<Float>,
                                    gradWeight: UnsafeMutablePointer<Float>, s: Shape, workspace: Workspace,
                                    transform: InputTransform?, parts maxParts: Int) throws {
             let g = Geometry(s)
-            let parts = max(1, min(maxParts, 27))
-            let first = g.wp + 1, last = s.h * g.wp + s.w
-            let span = last - first + 1
-            let chunkPositions = max(64, (16 * 1024) / max(s.cout, s.cin))
-            let gyFloats = (g.hp * g.wp) * s.cout
+            let planes = s.n * s.d
             let tapFloats = s.cout * s.cin
+            let splitPlanes = maxParts > 1 && planes >= maxParts && maxParts * 27 * tapFloats <= privateSumsLimit
+            let parts = splitPlanes ? min(maxParts, planes) : max(1, min(maxParts, 27))
+            // Rows of the plane per chunk: a chunk of grad_y and of the 3 x planes stays in L2 while the
+            // part's taps sweep it.
+            let rowsPerChunk = max(1, min(s.h, (16 * 1024) / max(1, max(s.cout, s.cin) * s.w)))
+            let tiled = s.cout % 16 == 0 && s.cin % 8 == 0
+            // The sgemm fallback reads grad_y on the padded grid (zero at padding positions).
+            let gyFloats = tiled ? 0 : (g.hp * g.wp) * s.cout
             let perPart = 3 * g.planeFloats + gyFloats
             let scratch = try workspace.buffer("conv3d.direct", count: parts * perPart)
-            let sums = try workspace.buffer("conv3d.gradWeightTaps", count: 27 * tapFloats)
-            sums.initialize(repeating: 0, count: 27 * tapFloats)
+            let sumCopies = splitPlanes ? parts : 1
+            // Per-tap sums in [tap][ci][co] order: each accumulator vector (16 output channels of one input
+            // channel) adds into contiguous floats.
+            let sums = try workspace.buffer("conv3d.gradWeightTaps", count: sumCopies * 27 * tapFloats)
+            sums.initialize(repeating: 0, count: sumCopies * 27 * tapFloats)
             parallelFor(parts) { part in
-                let taps = Threads.range(part, of: parts, total: 27)
+                let taps = splitPlanes ? 0..<27 : Threads.range(part, of: parts, total: 27)
+                let myPlanes = splitPlanes ? Threads.range(part, of: parts, total: planes) : 0..<planes
+                let mySums = sums + (splitPlanes ? part * 27 * tapFloats : 0)
                 let ring = scratch + part * perPart
                 let gyp = ring + 3 * g.planeFloats
-                gyp.initialize(repeating: 0, count: gyFloats)
+                if !tiled { gyp.initialize(repeating: 0, count: gyFloats) }
                 var loaded = (-1, -1, -1)
-                for plane in 0..<(s.n * s.d) {
+                for plane in myPlanes {
                     if workspace.stopRequested() { return }
                     let n = plane / s.d, d = plane % s.d
                     let slots = ensurePlanes(ring: ring, loaded: &loaded, n: n, d: d, x1: x1, x2: x2, s: s, g: g,
                                              transform: transform)
                     let src = gradY + plane * s.h * s.w * s.cout
-                    for h in 0..<s.h {
-                        (gyp + ((h + 1) * g.wp + 1) * s.cout).update(from: src + h * s.w * s.cout, count: s.w * s.cout)
-                    }
-                    // Positions in chunks, so that a chunk of grad_y and of the 3 x planes stays in L2
-                    // while the part's taps sweep it.
-                    var k0 = 0
-                    while k0 < span {
-                        let kc = min(chunkPositions, span - k0)
-                        for t in taps {
-                            let kd = t / 9, kh = (t / 3) % 3, kw = t % 3
-                            let xPlane = kd == 0 ? slots.0 : (kd == 1 ? slots.1 : slots.2)
-                            let b = xPlane + (first + k0 + (kh - 1) * g.wp + (kw - 1)) * g.cin
-                            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(s.cout), Int32(s.cin), Int32(kc),
-                                        1, gyp + (first + k0) * s.cout, Int32(s.cout), b, Int32(g.cin),
-                                        1, sums + t * tapFloats, Int32(s.cin))
+                    if tiled {
+                        // Row by row: grad_y's rows as they are, each against the shifted padded x row; no
+                        // work for padding positions.
+                        var h0 = 0
+                        while h0 < s.h {
+                            let rows = min(rowsPerChunk, s.h - h0)
+                            for t in taps {
+                                let kd = t / 9, kh = (t / 3) % 3, kw = t % 3
+                                let xPlane = kd == 0 ? slots.0 : (kd == 1 ? slots.1 : slots.2)
+                                let xRow = xPlane + ((h0 + kh) * g.wp + kw) * g.cin
+                                wgradTaps(gy: src + h0 * s.w * s.cout, x: xRow, rows: rows, width: s.w,
+                                          xRowStride: g.wp * g.cin, cout: s.cout, cin: s.cin, sums: mySums + t * tapFloats)
+                            }
+                            h0 += rows
                         }
-                        k0 += kc
+                    } else {
+                        for h in 0..<s.h {
+                            (gyp + ((h + 1) * g.wp + 1) * s.cout).update(from: src + h * s.w * s.cout, count: s.w * s.cout)
+                        }
+                        let first = g.wp + 1, span = s.h * g.wp + s.w - first + 1
+                        let chunkPositions = max(64, (16 * 1024) / max(s.cout, s.cin))
+                        var k0 = 0
+                        while k0 < span {
+                            let kc = min(chunkPositions, span - k0)
+                            for t in taps {
+                                let kd = t / 9, kh = (t / 3) % 3, kw = t % 3
+                                let xPlane = kd == 0 ? slots.0 : (kd == 1 ? slots.1 : slots.2)
+                                let b = xPlane + (first + k0 + (kh - 1) * g.wp + (kw - 1)) * g.cin
+                                // sums[t] (Cin x Cout) += x_shifted^T (Cin x L) . grad_y (L x Cout)
+                                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(s.cin), Int32(s.cout), Int32(kc),
+                                            1, b, Int32(g.cin), gyp + (first + k0) * s.cout, Int32(s.cout),
+                                            1, mySums + t * tapFloats, Int32(s.cout))
+                            }
+                            k0 += kc
+                        }
                     }
                 }
             }
-            for co in 0..<s.cout {
-                for ci in 0..<s.cin {
-                    let dst = gradWeight + (co * s.cin + ci) * 27
-                    for t in 0..<27 { dst[t] += sums[t * tapFloats + co * s.cin + ci] }
+            for copy in 0..<sumCopies {
+                let base = sums + copy * 27 * tapFloats
+                for co in 0..<s.cout {
+                    for ci in 0..<s.cin {
+                        let dst = gradWeight + (co * s.cin + ci) * 27
+                        for t in 0..<27 { dst[t] += base[(t * s.cin + ci) * s.cout + co] }
+                    }
                 }
             }
+        }
+
+        /// Floats of per-part private weight-gradient sums allowed before parts split taps instead.
+        static let privateSumsLimit = 8 << 20
+
+        /// sums (Cin x Cout) += x^T . grad_y over `rows` rows of `width` positions (grad_y rows contiguous,
+        /// x rows `xRowStride` floats apart) for one tap, tile by tile (48 or 16 output channels x 8 input
+        /// channels), each tile's accumulators held in registers over all the rows.
+        @inline(__always)
+        static func wgradTaps(gy: UnsafePointer<Float>, x: UnsafePointer<Float>, rows: Int, width: Int, xRowStride: Int,
+                              cout: Int, cin: Int, sums: UnsafeMutablePointer<Float>) {
+            var co = 0
+            while co < cout {
+                let wide = cout - co >= 48
+                var ci = 0
+                while ci < cin {
+                    if wide {
+                        wgradTile48x8(gy + co, cout, x + ci, cin, rows, width, xRowStride, sums + ci * cout + co, cout)
+                    } else {
+                        wgradTile16x8(gy + co, cout, x + ci, cin, rows, width, xRowStride, sums + ci * cout + co, cout)
+                    }
+                    ci += 8
+                }
+                co += wide ? 48 : 16
+            }
+        }
+
+        /// out[j * os + 0..<48] += sum_p gy[p][0..<48] * x[p][j] for j in 0..<8 (24 accumulators), over
+        /// `rows` rows of `count` positions: grad_y contiguous, x rows `xRowStride` floats apart.
+        @inline(__always)
+        static func wgradTile48x8(_ gy: UnsafePointer<Float>, _ gs: Int, _ x: UnsafePointer<Float>, _ xs: Int,
+                                  _ rows: Int, _ count: Int, _ xRowStride: Int,
+                                  _ out: UnsafeMutablePointer<Float>, _ os: Int) {
+            typealias V = SIMD16<Float>
+            var a0 = V(), a1 = V(), a2 = V(), a3 = V(), a4 = V(), a5 = V(), a6 = V(), a7 = V()
+            var b0 = V(), b1 = V(), b2 = V(), b3 = V(), b4 = V(), b5 = V(), b6 = V(), b7 = V()
+            var c0 = V(), c1 = V(), c2 = V(), c3 = V(), c4 = V(), c5 = V(), c6 = V(), c7 = V()
+            var g = gy
+            for r in 0..<rows {
+            var p = x + r &* xRowStride
+            for _ in 0..<count {
+                let w0 = cload(g), w1 = cload(g + 16), w2 = cload(g + 32)
+                var v = V(repeating: p[0])
+                a0 = a0.addingProduct(v, w0); b0 = b0.addingProduct(v, w1); c0 = c0.addingProduct(v, w2)
+                v = V(repeating: p[1])
+                a1 = a1.addingProduct(v, w0); b1 = b1.addingProduct(v, w1); c1 = c1.addingProduct(v, w2)
+                v = V(repeating: p[2])
+                a2 = a2.addingProduct(v, w0); b2 = b2.addingProduct(v, w1); c2 = c2.addingProduct(v, w2)
+                v = V(repeating: p[3])
+                a3 = a3.addingProduct(v, w0); b3 = b3.addingProduct(v, w1); c3 = c3.addingProduct(v, w2)
+                v = V(repeating: p[4])
+                a4 = a4.addingProduct(v, w0); b4 = b4.addingProduct(v, w1); c4 = c4.addingProduct(v, w2)
+                v = V(repeating: p[5])
+                a5 = a5.addingProduct(v, w0); b5 = b5.addingProduct(v, w1); c5 = c5.addingProduct(v, w2)
+                v = V(repeating: p[6])
+                a6 = a6.addingProduct(v, w0); b6 = b6.addingProduct(v, w1); c6 = c6.addingProduct(v, w2)
+                v = V(repeating: p[7])
+                a7 = a7.addingProduct(v, w0); b7 = b7.addingProduct(v, w1); c7 = c7.addingProduct(v, w2)
+                g += gs
+                p += xs
+            }
+            }
+            addInto(a0, b0, c0, out); addInto(a1, b1, c1, out + os); addInto(a2, b2, c2, out + 2 * os)
+            addInto(a3, b3, c3, out + 3 * os); addInto(a4, b4, c4, out + 4 * os); addInto(a5, b5, c5, out + 5 * os)
+            addInto(a6, b6, c6, out + 6 * os); addInto(a7, b7, c7, out + 7 * os)
+        }
+
+        /// o[0..<48] += (a, b, c).
+        @inline(__always)
+        static func addInto(_ a: SIMD16<Float>, _ b: SIMD16<Float>, _ c: SIMD16<Float>, _ o: UnsafeMutablePointer<Float>) {
+            cstore(cload(o) + a, o); cstore(cload(o + 16) + b, o + 16); cstore(cload(o + 32) + c, o + 32)
+        }
+
+        /// `wgradTile48x8` for 16 output channels.
+        @inline(__always)
+        static func wgradTile16x8(_ gy: UnsafePointer<Float>, _ gs: Int, _ x: UnsafePointer<Float>, _ xs: Int,
+                                  _ rows: Int, _ count: Int, _ xRowStride: Int,
+                                  _ out: UnsafeMutablePointer<Float>, _ os: Int) {
+            typealias V = SIMD16<Float>
+            var a0 = V(), a1 = V(), a2 = V(), a3 = V(), a4 = V(), a5 = V(), a6 = V(), a7 = V()
+            var g = gy
+            for r in 0..<rows {
+            var p = x + r &* xRowStride
+            for _ in 0..<count {
+                let w0 = cload(g)
+                a0 = a0.addingProduct(V(repeating: p[0]), w0); a1 = a1.addingProduct(V(repeating: p[1]), w0)
+                a2 = a2.addingProduct(V(repeating: p[2]), w0); a3 = a3.addingProduct(V(repeating: p[3]), w0)
+                a4 = a4.addingProduct(V(repeating: p[4]), w0); a5 = a5.addingProduct(V(repeating: p[5]), w0)
+                a6 = a6.addingProduct(V(repeating: p[6]), w0); a7 = a7.addingProduct(V(repeating: p[7]), w0)
+                g += gs
+                p += xs
+            }
+            }
+            cstore(cload(out) + a0, out); cstore(cload(out + os) + a1, out + os)
+            cstore(cload(out + 2 * os) + a2, out + 2 * os); cstore(cload(out + 3 * os) + a3, out + 3 * os)
+            cstore(cload(out + 4 * os) + a4, out + 4 * os); cstore(cload(out + 5 * os) + a5, out + 5 * os)
+            cstore(cload(out + 6 * os) + a6, out + 6 * os); cstore(cload(out + 7 * os) + a7, out + 7 * os)
         }
 
         /// Copies input plane dIn of sample n (both sources) into a zero-bordered padded plane; a plane

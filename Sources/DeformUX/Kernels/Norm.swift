@@ -192,62 +192,104 @@ public enum InstanceNorm {
                                 gradX: UnsafeMutablePointer<Float>, accumulate: Bool,
                                 n: Int, voxels: Int, channels c: Int, workspace: Workspace) throws {
         let parts = max(1, min(Threads.count, voxels / 1024))
-        let raw = try workspace.buffer("instancenorm.gradParts", count: parts * 2 * c * 2)
+        // Per part: Double sums of g and g xhat (2C), then Float scratch: the affine (or 1, 0) and the
+        // means as Float (4C), padded to whole vectors.
+        let cv = (c + 15) / 16 * 16
+        let raw = try workspace.buffer("instancenorm.gradParts", count: parts * 2 * c * 2 + 4 * cv + 2 * parts * cv)
         let partials = UnsafeMutableRawPointer(raw).bindMemory(to: Double.self, capacity: parts * 2 * c)
+        let affine = raw + parts * 2 * c * 2
+        let blockSums = affine + 4 * cv
         let slope = leakySlope ?? 1
         for s in 0..<n {
             let xS = x + s * voxels * c, gS = gradY + s * voxels * c, gxS = gradX + s * voxels * c
-            let a = scale.map { $0 + s * c }, b = shift.map { $0 + s * c }
-            let r = rstd + s * c
+            // xhat = a x + b per channel (a = 1, b = 0 for an already normalised x).
+            let a = affine, b = affine + cv, r = rstd + s * c
+            a.initialize(repeating: 1, count: cv)
+            b.initialize(repeating: 0, count: cv)
+            if let scale { a.update(from: scale + s * c, count: c) }
+            if let shift { b.update(from: shift + s * c, count: c) }
             partials.initialize(repeating: 0, count: parts * 2 * c)
             parallelFor(parts) { part in
                 let sumG = partials + part * 2 * c, sumGX = sumG + c
-                withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * c) { block in
-                    guard let bg = block.baseAddress else { return }
-                    let bgx = bg + c
-                    let range = Threads.range(part, of: parts, total: voxels)
-                    var v = range.lowerBound
-                    // Float sums over runs of 256 voxels, then Double.
-                    while v < range.upperBound {
-                        let end = min(v + 256, range.upperBound)
-                        bg.initialize(repeating: 0, count: 2 * c)
-                        while v < end {
-                            let row = xS + v * c, g = gS + v * c
-                            for i in 0..<c {
-                                let xhat = a.map { $0[i] * row[i] + (b?[i] ?? 0) } ?? row[i]
-                                let gi = xhat < 0 ? g[i] * slope : g[i]
-                                bg[i] += gi
-                                bgx[i] += gi * xhat
-                            }
-                            v += 1
-                        }
-                        for i in 0..<c { sumG[i] += Double(bg[i]); sumGX[i] += Double(bgx[i]) }
+                let bg = blockSums + part * 2 * cv, bgx = bg + cv
+                let range = Threads.range(part, of: parts, total: voxels)
+                var v = range.lowerBound
+                // Float sums over runs of 256 voxels, then Double.
+                while v < range.upperBound {
+                    let end = min(v + 256, range.upperBound)
+                    bg.initialize(repeating: 0, count: 2 * cv)
+                    while v < end {
+                        sums(x: xS + v * c, g: gS + v * c, a: a, b: b, slope: slope, c: c, sumG: bg, sumGX: bgx)
+                        v += 1
                     }
+                    for i in 0..<c { sumG[i] += Double(bg[i]); sumGX[i] += Double(bgx[i]) }
                 }
             }
+            // The means, as Float vectors, after the affine (mg at 2cv, mgx at 3cv).
+            let mg = affine + 2 * cv, mgx = affine + 3 * cv
+            mg.initialize(repeating: 0, count: 2 * cv)
             for i in 0..<c {
                 var sg: Double = 0, sgx: Double = 0
                 for p in 0..<parts { sg += partials[p * 2 * c + i]; sgx += partials[p * 2 * c + c + i] }
-                partials[i] = sg / Double(voxels)
-                partials[c + i] = sgx / Double(voxels)
+                mg[i] = Float(sg / Double(voxels))
+                mgx[i] = Float(sgx / Double(voxels))
             }
-            let meanG = partials, meanGX = partials + c
             parallelFor(parts) { part in
-                withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * c) { m in
-                    guard let mg = m.baseAddress else { return }
-                    let mgx = mg + c
-                    for i in 0..<c { mg[i] = Float(meanG[i]); mgx[i] = Float(meanGX[i]) }
-                    for v in Threads.range(part, of: parts, total: voxels) {
-                        let row = xS + v * c, g = gS + v * c, gx = gxS + v * c
-                        for i in 0..<c {
-                            let xhat = a.map { $0[i] * row[i] + (b?[i] ?? 0) } ?? row[i]
-                            let gi = xhat < 0 ? g[i] * slope : g[i]
-                            let d = r[i] * (gi - mg[i] - xhat * mgx[i])
-                            gx[i] = accumulate ? gx[i] + d : d
-                        }
-                    }
+                for v in Threads.range(part, of: parts, total: voxels) {
+                    gradient(x: xS + v * c, g: gS + v * c, gx: gxS + v * c, a: a, b: b, r: r, mg: mg, mgx: mgx,
+                             slope: slope, c: c, accumulate: accumulate)
                 }
             }
+        }
+    }
+
+    /// One voxel's contribution to the per-channel sums of g and g xhat (see `backward`).
+    @inline(__always)
+    static func sums(x: UnsafePointer<Float>, g: UnsafePointer<Float>, a: UnsafePointer<Float>, b: UnsafePointer<Float>,
+                     slope: Float, c: Int, sumG: UnsafeMutablePointer<Float>, sumGX: UnsafeMutablePointer<Float>) {
+        typealias V = SIMD16<Float>
+        var i = 0
+        let vs = V(repeating: slope), zero = V()
+        while i + 16 <= c {
+            let xhat = cload(b + i).addingProduct(cload(a + i), cload(x + i))
+            var gi = cload(g + i)
+            gi.replace(with: gi * vs, where: xhat .<= zero)
+            cstore(cload(sumG + i) + gi, sumG + i)
+            cstore(cload(sumGX + i).addingProduct(gi, xhat), sumGX + i)
+            i += 16
+        }
+        while i < c {
+            let xhat = b[i] + a[i] * x[i]
+            let gi = xhat <= 0 ? g[i] * slope : g[i]
+            sumG[i] += gi
+            sumGX[i] += gi * xhat
+            i += 1
+        }
+    }
+
+    /// One voxel's gradient (see `backward`); gx may be g.
+    @inline(__always)
+    static func gradient(x: UnsafePointer<Float>, g: UnsafePointer<Float>, gx: UnsafeMutablePointer<Float>,
+                         a: UnsafePointer<Float>, b: UnsafePointer<Float>, r: UnsafePointer<Float>,
+                         mg: UnsafePointer<Float>, mgx: UnsafePointer<Float>, slope: Float, c: Int, accumulate: Bool) {
+        typealias V = SIMD16<Float>
+        var i = 0
+        let vs = V(repeating: slope), zero = V()
+        while i + 16 <= c {
+            let xhat = cload(b + i).addingProduct(cload(a + i), cload(x + i))
+            var gi = cload(g + i)
+            gi.replace(with: gi * vs, where: xhat .<= zero)
+            var d = cload(r + i) * (gi - cload(mg + i) - xhat * cload(mgx + i))
+            if accumulate { d += cload(gx + i) }
+            cstore(d, gx + i)
+            i += 16
+        }
+        while i < c {
+            let xhat = b[i] + a[i] * x[i]
+            let gi = xhat <= 0 ? g[i] * slope : g[i]
+            let d = r[i] * (gi - mg[i] - xhat * mgx[i])
+            gx[i] = accumulate ? gx[i] + d : d
+            i += 1
         }
     }
 }

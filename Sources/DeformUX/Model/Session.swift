@@ -20,12 +20,14 @@ import Darwin
 public final class Session {
     public let model: DeformUXNet
     let snapshot: WeightSnapshot
-    let workspace = Workspace()
+    /// Activation memory; the workspace takes its scratch from it too (one budget).
     let pool = StoragePool()
+    let workspace: Workspace
     private let exclusive = OwnedLock("session")
 
     public init(model: DeformUXNet) throws {
         self.model = model
+        workspace = Workspace(pool: pool)
         snapshot = try WeightSnapshot(layout: model.parameters.layout, forms: model.forms)
     }
 
@@ -113,16 +115,27 @@ public final class Session {
             self.op = op; self.total = total; self.progress = progress; self.cancellation = cancellation
         }
 
-        /// DEFORMUX_TRACE_MEMORY=1 prints the activation memory after every step (a developer's tool).
-        static let trace = getenv("DEFORMUX_TRACE_MEMORY") != nil
+        /// DEFORMUX_TRACE=1 prints, after every step, its wall and CPU seconds and the activation memory
+        /// (a developer's tool).
+        static let trace = getenv("DEFORMUX_TRACE") != nil
         weak var pool: StoragePool?
         weak var workspace: Workspace?
+        var lastWall = Cancellation.now(), lastCPU = Steps.cpuSeconds()
+
+        static func cpuSeconds() -> Double {
+            var u = rusage()
+            getrusage(RUSAGE_SELF.rawValue, &u)
+            return Double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + Double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) * 1e-6
+        }
 
         func advance(_ name: String) throws {
             done += 1
             if Steps.trace, let pool, let workspace {
                 let live = pool.liveBytes
-                print("deformux memory: \(op) step \(done)/\(total) \(name): activations \(live.now >> 20) MB (peak \(live.peak >> 20) MB), retained \(pool.retainedBytes >> 20) MB, scratch \(workspace.bytes >> 20) MB")
+                let wall = Cancellation.now(), cpu = Steps.cpuSeconds()
+                print("deformux trace: \(op) step \(done)/\(total) \(name): \(decimal(wall - lastWall, 3)) s, cpu \(decimal(cpu - lastCPU, 3)) s; activations \(live.now >> 20) MB (peak \(live.peak >> 20) MB), retained \(pool.retainedBytes >> 20) MB, scratch \(workspace.bytes >> 20) MB")
+                lastWall = wall
+                lastCPU = cpu
             }
             try cancellation?.check(op, "during \(name)")
             if let progress, !progress(done, total) {

@@ -335,8 +335,11 @@ public final class Workspace: @unchecked Sendable {
     private var buffers: [String: TensorStorage] = [:]
     /// Set by the runner for the duration of a call that can be cancelled.
     public var cancellation: Cancellation?
+    /// Where the buffers come from: a runner's activation pool, so that scratch and activations share
+    /// one memory budget (scratch displaces retained activation memory instead of adding to it).
+    private let pool: StoragePool?
 
-    public init() {}
+    public init(pool: StoragePool? = nil) { self.pool = pool }
 
     /// Whether the running call should stop early (see `Cancellation.stopRequested`).
     @inline(__always) public func stopRequested() -> Bool { cancellation?.stopRequested() ?? false }
@@ -350,7 +353,7 @@ public final class Workspace: @unchecked Sendable {
     public func buffer(_ name: String, count: Int) throws -> UnsafeMutablePointer<Float> {
         if let b = buffers[name], b.count >= count { return b.pointer }
         buffers[name] = nil
-        let b = try TensorStorage(count: count)
+        let b = try TensorStorage(count: count, zeroed: false, pool: pool)
         buffers[name] = b
         return b.pointer
     }
