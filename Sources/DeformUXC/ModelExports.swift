@@ -276,7 +276,7 @@ public typealias ProgressCallback = @convention(c) (UnsafeMutableRawPointer?, In
 
 /// The C callback as a session's progress (between steps) and cancellation (polled during steps with
 /// the last step count reported).
-private func callbacks(_ cb: ProgressCallback?, _ user: UnsafeMutableRawPointer?, total: Int)
+func callbacks(_ cb: ProgressCallback?, _ user: UnsafeMutableRawPointer?, total: Int)
     -> (DeformUXNet.Progress?, Cancellation?) {
     guard let cb else { return (nil, nil) }
     final class Last { var done = 0 }

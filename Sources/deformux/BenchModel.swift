@@ -118,6 +118,45 @@ struct BenchBackward: ParsableCommand {
     }
 }
 
+/// `deformux bench train`: one training step of the whole network (forward, Dice + CE loss, backward,
+/// AdamW), batch 1, a random input and random labels.
+struct BenchTrain: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "train",
+        abstract: "Time one training step (forward, loss, backward, AdamW) and print seconds, GFLOP/s and peak RSS (issue 9's benchmark)."
+    )
+
+    @OptionGroup var model: ModelOptions
+    @Option(help: "Edge of the cubic patch (a multiple of 16).") var size = 96
+    @Option(help: "Worker threads.") var threads = 2
+    @Option(help: "Timed steps (the median is printed).") var repeats = 1
+    @Flag(help: "Skip the warm-up step.") var noWarmup = false
+
+    func run() throws {
+        try Threads.setCount(threads)
+        let config = try model.config()
+        let net = try DeformUXNet(config: config, seed: 1)
+        let trainer = try Trainer(model: net)
+        let x = try benchInput(config, size: size)
+        var rng = SplitMix64(seed: 9)
+        let labels = (0..<(size * size * size)).map { _ in Int32(rng.next() % UInt64(config.outChannels)) }
+        let summary = try net.summary(inputShape: x.shape)
+        let builtRSS = currentRSSMegabytes()
+        var loss = 0.0
+        try labels.withUnsafeBufferPointer { lp in
+            guard let labelPointer = lp.baseAddress else { return }
+            if !noWarmup { loss = try trainer.step(images: x, labels: labelPointer).total }
+            let seconds = try median(repeats) { loss = try trainer.step(images: x, labels: labelPointer).total }
+            let gflop = 3 * 2 * Double(summary.totalMACs) / 1e9
+            print("deformux bench train: \(config.block.rawValue) mlp \(config.mlp.rawValue) offsets \(config.offsetMode.rawValue), \(size)^3, batch 1, \(Threads.count) threads")
+            print("  parameters        \(net.parameterCount)")
+            print("  multiply-adds     \(decimal(3 * Double(summary.totalMACs) / 1e9, 1)) G (forward and backward, counted as 3 x forward)")
+            print("  training step     \(decimal(seconds, 3, width: 8)) s   (\(decimal(gflop / seconds, 1)) GFLOP/s; loss \(decimal(loss, 4)))")
+            print("  peak RSS          \(decimal(peakRSSMegabytes(), 1, width: 8)) MB   (\(decimal(builtRSS, 1)) MB with the model built)")
+        }
+    }
+}
+
 /// A random input N=1 x Cin x size^3 (seeded).
 func benchInput(_ config: DeformUXNetConfig, size: Int) throws -> Tensor {
     var rng = SplitMix64(seed: 7)

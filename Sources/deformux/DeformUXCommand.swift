@@ -14,6 +14,6 @@ struct DeformUXCommand: ParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks that print their figures (build with -c release and a CPU target).",
-        subcommands: [BenchDDC.self, BenchModel.self, BenchBackward.self, BenchConv.self]
+        subcommands: [BenchDDC.self, BenchModel.self, BenchBackward.self, BenchTrain.self, BenchConv.self]
     )
 }

@@ -993,6 +993,297 @@ done:
 
 /* ======================================= end of NIfTI ========================================= */
 
+/* ---- training (dfx_dice_ce, dfx_trainer_*, dfx_sampler_*) ---- */
+
+static const char *TRAINER_CAPSULE = "deformux.trainer";
+static const char *SAMPLER_CAPSULE = "deformux.sampler";
+
+/* Borrows obj as a C-contiguous int32 buffer of rank ndim (shape checked when given), like borrow(). */
+static int borrow_int32(Borrowed *b, PyObject *obj, const char *op, const char *name, int writable, int ndim,
+                        const Py_ssize_t *shape, int32_t **ptr) {
+    *ptr = NULL;
+    if (b->count >= MAX_BUFFERS) {
+        PyErr_SetString(PyExc_SystemError, "deformux._C: too many buffers");
+        return -1;
+    }
+    Py_buffer *view = &b->views[b->count];
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) != 0) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_Format(PyExc_TypeError, "%s: %s must be a C-contiguous%s int32 array, got %.100s", op, name,
+                     writable ? " writable" : "", Py_TYPE(obj)->tp_name);
+        Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+        return -1;
+    }
+    b->count++;
+    const char *f = view->format ? view->format : "B";
+    if (f[0] == '@' || f[0] == '=' || f[0] == '<') f++;
+    if (view->itemsize != 4 || (strcmp(f, "i") != 0 && strcmp(f, "l") != 0)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be int32, got buffer format '%s'", op, name, view->format ? view->format : "B");
+        return -1;
+    }
+    if (view->ndim != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must have rank %d, got rank %d", op, name, ndim, view->ndim);
+        return -1;
+    }
+    if (shape != NULL) {
+        for (int i = 0; i < ndim; i++) {
+            if (view->shape[i] != shape[i]) {
+                PyErr_Format(PyExc_ValueError, "%s: %s has size %zd on axis %d, expected %zd", op, name,
+                             view->shape[i], i, shape[i]);
+                return -1;
+            }
+        }
+    }
+    *ptr = (int32_t *)view->buf;
+    return 0;
+}
+
+/* dice_ce(logits, labels, class_weights_or_None, grad_or_None) -> (total, dice, ce) */
+static PyObject *py_dice_ce(PyObject *self, PyObject *args) {
+    (void)self;
+    static const char *op = "dice_ce";
+    PyObject *ol, *olab, *ow, *og, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOO:dice_ce", &ol, &olab, &ow, &og)) return NULL;
+    Borrowed b = {.count = 0};
+    float *logits, *weights = NULL, *grad = NULL;
+    int32_t *labels;
+    if (borrow(&b, ol, op, "logits", 0, 0, 5, NULL, &logits) < 0) goto done;
+    {
+        Py_ssize_t *ls = b.views[0].shape;
+        Py_ssize_t lab_shape[4] = {ls[0], ls[2], ls[3], ls[4]};
+        Py_ssize_t c[1] = {ls[1]};
+        if (borrow_int32(&b, olab, op, "labels", 0, 4, lab_shape, &labels) < 0) goto done;
+        if (borrow(&b, ow, op, "class_weights", 0, 1, 1, c, &weights) < 0) goto done;
+        if (borrow(&b, og, op, "grad", 1, 1, 5, ls, &grad) < 0) goto done;
+        double out[3] = {0, 0, 0};
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = dfx_dice_ce(logits, labels, ls[0], ls[1], ls[2], ls[3], ls[4], weights, grad, out);
+        Py_END_ALLOW_THREADS
+        if (status != DFX_OK) { raise_status(status); goto done; }
+        result = Py_BuildValue("(ddd)", out[0], out[1], out[2]);
+    }
+done:
+    release_all(&b);
+    return result;
+}
+
+static void trainer_capsule_free(PyObject *capsule) {
+    dfx_trainer *t = (dfx_trainer *)PyCapsule_GetPointer(capsule, TRAINER_CAPSULE);
+    if (t != NULL) dfx_trainer_free(t);
+}
+
+static dfx_trainer *trainer_from(PyObject *capsule) {
+    return (dfx_trainer *)PyCapsule_GetPointer(capsule, TRAINER_CAPSULE);
+}
+
+/* trainer_create(model, options_json) -> trainer (keeps the model alive) */
+static PyObject *py_trainer_create(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule;
+    const char *options;
+    if (!PyArg_ParseTuple(args, "Os:trainer_create", &capsule, &options)) return NULL;
+    dfx_model *m = model_from(capsule);
+    if (m == NULL) return NULL;
+    dfx_trainer *t = NULL;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_trainer_create(m, options, &t);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    PyObject *out = PyCapsule_New(t, TRAINER_CAPSULE, trainer_capsule_free);
+    if (out == NULL) dfx_trainer_free(t);
+    return out;
+}
+
+/* trainer_step(trainer, images, labels, progress_or_None) -> (total, dice, ce) */
+static PyObject *py_trainer_step(PyObject *self, PyObject *args) {
+    (void)self;
+    static const char *op = "Trainer.train_step";
+    PyObject *capsule, *oi, *olab, *ocb, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOO:trainer_step", &capsule, &oi, &olab, &ocb)) return NULL;
+    dfx_trainer *t = trainer_from(capsule);
+    if (t == NULL) return NULL;
+    Borrowed b = {.count = 0};
+    float *images;
+    int32_t *labels;
+    if (borrow(&b, oi, op, "images", 0, 0, 5, NULL, &images) < 0) goto done;
+    {
+        Py_ssize_t *is = b.views[0].shape;
+        Py_ssize_t lab_shape[4] = {is[0], is[2], is[3], is[4]};
+        if (borrow_int32(&b, olab, op, "labels", 0, 4, lab_shape, &labels) < 0) goto done;
+        Progress p = {.callable = ocb == Py_None ? NULL : ocb, .last_done = 0, .failed = 0};
+        double out[3] = {0, 0, 0};
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = dfx_trainer_step(t, images, is[0], is[2], is[3], is[4], labels, out, progress_trampoline, &p);
+        Py_END_ALLOW_THREADS
+        if (finish(status, &p) < 0) goto done;
+        result = Py_BuildValue("(ddd)", out[0], out[1], out[2]);
+    }
+done:
+    release_all(&b);
+    return result;
+}
+
+/* trainer_info(trainer) -> (learning_rate, step, accumulated) */
+static PyObject *py_trainer_info(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_trainer *t = trainer_from(capsule);
+    if (t == NULL) return NULL;
+    double lr = 0;
+    int64_t step = 0, acc = 0;
+    dfx_status status = dfx_trainer_info(t, &lr, &step, &acc);
+    if (status != DFX_OK) return raise_status(status);
+    return Py_BuildValue("(dLL)", lr, (long long)step, (long long)acc);
+}
+
+static PyObject *py_trainer_set_learning_rate(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule;
+    double lr;
+    if (!PyArg_ParseTuple(args, "Od:trainer_set_learning_rate", &capsule, &lr)) return NULL;
+    dfx_trainer *t = trainer_from(capsule);
+    if (t == NULL) return NULL;
+    dfx_status status = dfx_trainer_set_learning_rate(t, lr);
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
+}
+
+/* trainer_report_validation(trainer, metric) -> learning rate now in force */
+static PyObject *py_trainer_report_validation(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule;
+    double metric, lr = 0;
+    if (!PyArg_ParseTuple(args, "Od:trainer_report_validation", &capsule, &metric)) return NULL;
+    dfx_trainer *t = trainer_from(capsule);
+    if (t == NULL) return NULL;
+    dfx_status status = dfx_trainer_report_validation(t, metric, &lr);
+    if (status != DFX_OK) return raise_status(status);
+    return PyFloat_FromDouble(lr);
+}
+
+typedef dfx_status (*trainer_path_fn)(dfx_trainer *, const char *);
+
+static PyObject *trainer_path_call(PyObject *args, const char *format, trainer_path_fn fn) {
+    PyObject *capsule, *opath;
+    if (!PyArg_ParseTuple(args, format, &capsule, PyUnicode_FSConverter, &opath)) return NULL;
+    dfx_trainer *t = trainer_from(capsule);
+    if (t == NULL) { Py_DECREF(opath); return NULL; }
+    const char *path = PyBytes_AS_STRING(opath);
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = fn(t, path);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(opath);
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_trainer_save_state(PyObject *self, PyObject *args) {
+    (void)self;
+    return trainer_path_call(args, "OO&:trainer_save_state", dfx_trainer_save_state);
+}
+
+static PyObject *py_trainer_load_state(PyObject *self, PyObject *args) {
+    (void)self;
+    return trainer_path_call(args, "OO&:trainer_load_state", dfx_trainer_load_state);
+}
+
+static void sampler_capsule_free(PyObject *capsule) {
+    dfx_sampler *s = (dfx_sampler *)PyCapsule_GetPointer(capsule, SAMPLER_CAPSULE);
+    if (s != NULL) dfx_sampler_free(s);
+}
+
+static dfx_sampler *sampler_from(PyObject *capsule) {
+    return (dfx_sampler *)PyCapsule_GetPointer(capsule, SAMPLER_CAPSULE);
+}
+
+/* sampler_create(config_json) -> sampler */
+static PyObject *py_sampler_create(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *config;
+    if (!PyArg_ParseTuple(args, "s:sampler_create", &config)) return NULL;
+    dfx_sampler *s = NULL;
+    dfx_status status = dfx_sampler_create(config, &s);
+    if (status != DFX_OK) return raise_status(status);
+    PyObject *out = PyCapsule_New(s, SAMPLER_CAPSULE, sampler_capsule_free);
+    if (out == NULL) dfx_sampler_free(s);
+    return out;
+}
+
+/* sampler_add(sampler, image [C][X][Y][Z] float32, labels [X][Y][Z] int32) -> index */
+static PyObject *py_sampler_add(PyObject *self, PyObject *args) {
+    (void)self;
+    static const char *op = "PatchSampler.add";
+    PyObject *capsule, *oi, *olab, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOO:sampler_add", &capsule, &oi, &olab)) return NULL;
+    dfx_sampler *s = sampler_from(capsule);
+    if (s == NULL) return NULL;
+    Borrowed b = {.count = 0};
+    float *image;
+    int32_t *labels;
+    if (borrow(&b, oi, op, "image", 0, 0, 4, NULL, &image) < 0) goto done;
+    {
+        Py_ssize_t *is = b.views[0].shape;
+        Py_ssize_t lab_shape[3] = {is[1], is[2], is[3]};
+        if (borrow_int32(&b, olab, op, "labels", 0, 3, lab_shape, &labels) < 0) goto done;
+        int64_t size[3] = {is[1], is[2], is[3]}, index = -1;
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = dfx_sampler_add(s, image, is[0], size, labels, &index);
+        Py_END_ALLOW_THREADS
+        if (status != DFX_OK) { raise_status(status); goto done; }
+        result = PyLong_FromLongLong((long long)index);
+    }
+done:
+    release_all(&b);
+    return result;
+}
+
+/* sampler_batch(sampler, [indices], rng_state, images_out, labels_out) -> new rng_state */
+static PyObject *py_sampler_batch(PyObject *self, PyObject *args) {
+    (void)self;
+    static const char *op = "PatchSampler.batch";
+    PyObject *capsule, *oidx, *oi, *olab, *result = NULL;
+    unsigned long long state;
+    if (!PyArg_ParseTuple(args, "OO!KOO:sampler_batch", &capsule, &PyList_Type, &oidx, &state, &oi, &olab)) return NULL;
+    dfx_sampler *s = sampler_from(capsule);
+    if (s == NULL) return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(oidx);
+    if (count < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: at least one volume index is needed", op);
+        return NULL;
+    }
+    int64_t *idx = PyMem_Calloc((size_t)count, sizeof(int64_t));
+    if (idx == NULL) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < count; i++) {
+        idx[i] = PyLong_AsLongLong(PyList_GET_ITEM(oidx, i));
+        if (idx[i] == -1 && PyErr_Occurred()) { PyMem_Free(idx); return NULL; }
+    }
+    Borrowed b = {.count = 0};
+    float *images;
+    int32_t *labels;
+    if (borrow(&b, oi, op, "images", 1, 0, 5, NULL, &images) < 0) goto done;
+    {
+        Py_ssize_t *is = b.views[0].shape;
+        Py_ssize_t lab_shape[4] = {is[0], is[2], is[3], is[4]};
+        if (borrow_int32(&b, olab, op, "labels", 1, 4, lab_shape, &labels) < 0) goto done;
+        uint64_t st = (uint64_t)state;
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = dfx_sampler_batch(s, idx, (int64_t)count, &st, images, labels);
+        Py_END_ALLOW_THREADS
+        if (status != DFX_OK) { raise_status(status); goto done; }
+        result = PyLong_FromUnsignedLongLong((unsigned long long)st);
+    }
+done:
+    release_all(&b);
+    PyMem_Free(idx);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"version", py_version, METH_NOARGS, "version() -> str: dfx_version()"},
     {"last_error", py_last_error, METH_NOARGS, "last_error() -> str: dfx_last_error() of this thread"},
@@ -1036,6 +1327,19 @@ static PyMethodDef methods[] = {
     {"nifti_release_voxels", py_nifti_release_voxels, METH_O, "nifti_release_voxels(handle)"},
     {"nifti_write", py_nifti_write, METH_VARARGS,
      "nifti_write(path, data, datatype, dims, affine, template_or_None, description_or_None, level)"},
+    /* training */
+    {"dice_ce", py_dice_ce, METH_VARARGS, "dice_ce(logits, labels, class_weights_or_None, grad_or_None) -> (total, dice, ce)"},
+    {"trainer_create", py_trainer_create, METH_VARARGS, "trainer_create(model, options_json) -> trainer"},
+    {"trainer_step", py_trainer_step, METH_VARARGS, "trainer_step(trainer, images, labels, progress_or_None) -> (total, dice, ce)"},
+    {"trainer_info", py_trainer_info, METH_O, "trainer_info(trainer) -> (learning_rate, step, accumulated)"},
+    {"trainer_set_learning_rate", py_trainer_set_learning_rate, METH_VARARGS, "trainer_set_learning_rate(trainer, lr)"},
+    {"trainer_report_validation", py_trainer_report_validation, METH_VARARGS,
+     "trainer_report_validation(trainer, metric) -> learning rate"},
+    {"trainer_save_state", py_trainer_save_state, METH_VARARGS, "trainer_save_state(trainer, path)"},
+    {"trainer_load_state", py_trainer_load_state, METH_VARARGS, "trainer_load_state(trainer, path)"},
+    {"sampler_create", py_sampler_create, METH_VARARGS, "sampler_create(config_json) -> sampler"},
+    {"sampler_add", py_sampler_add, METH_VARARGS, "sampler_add(sampler, image, labels) -> index"},
+    {"sampler_batch", py_sampler_batch, METH_VARARGS, "sampler_batch(sampler, [indices], rng_state, images, labels) -> rng_state"},
     {NULL, NULL, 0, NULL},
 };
 

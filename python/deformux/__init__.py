@@ -20,6 +20,8 @@ from ._C import DeformUXError, FileFormatError
 from . import ops
 from . import nifti
 from .model import DeformUXNet, Session
+from . import losses
+from .training import Trainer, PatchSampler
 
 __version__ = "0.1.0"
 
@@ -27,7 +29,7 @@ __version__ = "0.1.0"
 # turns into "[Errno None] None: <filename>" as soon as .filename is set, as _C.raise_status sets it.
 FileFormatError.__str__ = lambda self: str(self.args[0]) if self.args else ""
 
-__all__ = ["ops", "nifti", "DeformUXNet", "Session", "DeformUXError", "FileFormatError", "set_num_threads",
+__all__ = ["ops", "nifti", "losses", "DeformUXNet", "Session", "Trainer", "PatchSampler", "DeformUXError", "FileFormatError", "set_num_threads",
            "get_num_threads", "release_memory", "engine_version", "__version__"]
 
 

@@ -27,13 +27,16 @@ final class EncoderBlock {
     let norm: LayerNormLayer
     let pw1Weight: ParameterRef?, pw1Bias: ParameterRef?, pw2Weight: ParameterRef?, pw2Bias: ParameterRef?
     let gamma: ParameterRef
+    /// This block's place among all encoder blocks (0, 1, ...): its drop-path rate and mask slot.
+    let index: Int
 
     /// Voxels per MLP chunk: the 4C hidden activations of one chunk stay in cache-sized scratch.
     static let mlpChunk = 512
 
-    init(_ prefix: String, channels c: Int, config: DeformUXNetConfig, layout: inout ParameterLayout) throws {
+    init(_ prefix: String, channels c: Int, config: DeformUXNetConfig, index: Int, layout: inout ParameterLayout) throws {
         channels = c
         self.config = config
+        self.index = index
         switch config.block {
         case .deformux:
             spatial = .deformable(try DeformableDepthwiseConv3d(
@@ -84,6 +87,8 @@ final class EncoderBlock {
         let x: Tensor
         /// The spatial conv's output (the LayerNorm's input).
         let y: Tensor
+        /// Drop path: per sample, 0 (branch dropped) or 1 / (1 - rate); nil when no drop path.
+        let keep: [Float]?
     }
 
     /// y = spatial conv(x), into a new tensor.
@@ -104,21 +109,24 @@ final class EncoderBlock {
     func forward(_ x: Tensor, _ ctx: RunContext) throws -> Tensor {
         let y = try spatialForward(x, ctx)
         _ = try norm.forward(y, ctx, into: y)
-        try mlpResidual(x: x.pointer, z: y.pointer, out: y.pointer, voxels: x.count / channels, ctx)
+        try mlpResidual(x: x.pointer, z: y.pointer, out: y.pointer, voxels: x.count / channels, keep: nil, ctx)
         return y
     }
 
+    /// `forward` for training: keeps what backward needs, and applies drop path when the context
+    /// carries masks for this block (`RunContext.dropPath`).
     func forwardSaving(_ x: Tensor, _ ctx: RunContext) throws -> (out: Tensor, saved: Saved) {
         let y = try spatialForward(x, ctx)
         let out = try norm.forward(y, ctx)
-        try mlpResidual(x: x.pointer, z: out.pointer, out: out.pointer, voxels: x.count / channels, ctx)
-        return (out, Saved(x: x, y: y))
+        let keep = ctx.dropPath?.keep(block: index)
+        try mlpResidual(x: x.pointer, z: out.pointer, out: out.pointer, voxels: x.count / channels, keep: keep, ctx)
+        return (out, Saved(x: x, y: y, keep: keep))
     }
 
-    /// out = x + gamma * MLP(z), chunk by chunk with the MLP's kernels on chunk-sized shapes (out may
-    /// be z).
+    /// out = x + keep[n] * gamma * MLP(z), chunk by chunk with the MLP's kernels on chunk-sized shapes
+    /// (out may be z; keep: the drop-path factor of each sample, 1 when nil).
     func mlpResidual(x: UnsafePointer<Float>, z: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, voxels: Int,
-                     _ ctx: RunContext) throws {
+                     keep: [Float]?, _ ctx: RunContext) throws {
         let c = channels, hidden = 4 * c, chunk = EncoderBlock.mlpChunk
         let g = ctx.weight(gamma)
         let chunks = (voxels + chunk - 1) / chunk
@@ -126,6 +134,7 @@ final class EncoderBlock {
         let perPart = chunk * (hidden + c)
         let scratch = try ctx.workspace.buffer("encoderblock.mlp", count: parts * perPart)
         let mlp = config.mlp
+        let perSample = voxels / max(1, keep?.count ?? 1)
         let w1 = pw1Weight.map { ctx.weight($0) }, b1 = pw1Bias.map { ctx.weight($0) }
         let w2 = pw2Weight.map { ctx.weight($0) }, b2 = pw2Bias.map { ctx.weight($0) }
         let ws = ctx.workspace
@@ -155,7 +164,12 @@ final class EncoderBlock {
                 }
                 for r in 0..<rows {
                     let xr = xc + r * c, mr = m + r * c, or = oc + r * c
-                    for i in 0..<c { or[i] = xr[i] + g[i] * mr[i] }
+                    if let keep {
+                        let k = keep[(v0 + r) / perSample]
+                        for i in 0..<c { or[i] = xr[i] + k * g[i] * mr[i] }
+                    } else {
+                        for i in 0..<c { or[i] = xr[i] + g[i] * mr[i] }
+                    }
                 }
             }
         }
@@ -205,7 +219,7 @@ final class EncoderBlock {
             // gamma's gradient, then m becomes dL/dm = gradOut * gamma.
             try EncoderBlock.gammaBackward(gradOut: gradOut.pointer, m: m.pointer, gamma: ctx.weight(gamma),
                                            gradGamma: ctx.gradient(gamma), gradM: m.pointer, voxels: voxels,
-                                           channels: c, workspace: ws)
+                                           channels: c, keep: saved.keep, workspace: ws)
             // pw2: parameter gradients from g, then dL/dg into g's memory (g is no longer needed).
             if dense {
                 let s2 = Pointwise.Shape(n: 1, cin: hidden, cout: c, voxels: voxels, xLayout: cl, yLayout: cl)
@@ -239,7 +253,7 @@ final class EncoderBlock {
         case .none:
             try EncoderBlock.gammaBackward(gradOut: gradOut.pointer, m: z.pointer, gamma: ctx.weight(gamma),
                                            gradGamma: ctx.gradient(gamma), gradM: gz.pointer, voxels: voxels,
-                                           channels: c, workspace: ws)
+                                           channels: c, keep: saved.keep, workspace: ws)
         }
         // LayerNorm, then the spatial conv.
         let gy = try ctx.zeros(x.shape)
@@ -254,22 +268,26 @@ final class EncoderBlock {
         }
     }
 
-    /// gradGamma += sum over voxels of gradOut * m (per channel; per-part Double sums added in part
-    /// order), and gradM = gradOut * gamma (gradM may alias m).
+    /// gradGamma += sum over voxels of keep gradOut * m (per channel; per-part Double sums added in part
+    /// order), and gradM = keep gradOut * gamma (gradM may alias m); keep is each sample's drop-path
+    /// factor (1 when nil).
     static func gammaBackward(gradOut: UnsafePointer<Float>, m: UnsafePointer<Float>, gamma: UnsafePointer<Float>,
                               gradGamma: UnsafeMutablePointer<Float>?, gradM: UnsafeMutablePointer<Float>,
-                              voxels: Int, channels c: Int, workspace: Workspace) throws {
+                              voxels: Int, channels c: Int, keep: [Float]?, workspace: Workspace) throws {
         let parts = max(1, min(Threads.count, voxels / 1024))
         let raw = try workspace.buffer("encoderblock.gammaParts", count: 2 * parts * c)
         let partials = UnsafeMutableRawPointer(raw).bindMemory(to: Double.self, capacity: parts * c)
         partials.initialize(repeating: 0, count: parts * c)
+        let perSample = voxels / max(1, keep?.count ?? 1)
         parallelFor(parts) { part in
             let acc = partials + part * c
             for v in Threads.range(part, of: parts, total: voxels) {
                 let g = gradOut + v * c, mv = m + v * c, d = gradM + v * c
+                let k = keep?[v / perSample] ?? 1
                 for i in 0..<c {
-                    acc[i] += Double(g[i] * mv[i])
-                    d[i] = g[i] * gamma[i]
+                    let gk = g[i] * k
+                    acc[i] += Double(gk * mv[i])
+                    d[i] = gk * gamma[i]
                 }
             }
         }

@@ -121,6 +121,8 @@ public final class RunContext {
     /// The model's gradient region (a backward adds into it), or nil for inference.
     public let gradients: UnsafeMutablePointer<Float>?
     let layout: ParameterLayout
+    /// Drop path (stochastic depth) masks for a training forward, or nil.
+    public var dropPath: DropPathMasks?
 
     init(weights: WeightSnapshot, workspace: Workspace, pool: StoragePool, gradients: UnsafeMutablePointer<Float>?,
          layout: ParameterLayout) {
@@ -174,4 +176,28 @@ public final class RunContext {
     func checkCancelled(_ operation: String, _ step: @autoclosure () -> String) throws {
         try workspace.cancellation?.check(operation, step())
     }
+}
+
+/// Stochastic depth for the encoder blocks of one training forward (ConvNeXt / 3D UX-Net's drop path):
+/// each block's residual branch is dropped for a whole sample with probability `rate(block)` and
+/// scaled by 1 / (1 - rate) otherwise. Rates grow linearly with the block's depth, from 0 to `maxRate`
+/// (`torch.linspace(0, drop_path_rate, sum(depths))` in the released code). The masks are drawn by the
+/// trainer's generator, so a seed gives the same run.
+public struct DropPathMasks: Sendable {
+    /// keep[block][sample]: 0 or 1 / (1 - rate).
+    public let keep: [[Float]]
+
+    /// Masks for `blocks` encoder blocks and `samples` samples, drawn from `rng`.
+    public init(maxRate: Double, blocks: Int, samples: Int, rng: inout SplitMix64) {
+        var keep: [[Float]] = []
+        for b in 0..<blocks {
+            let rate = blocks > 1 ? maxRate * Double(b) / Double(blocks - 1) : maxRate
+            keep.append((0..<samples).map { _ in
+                rate <= 0 ? 1 : (rng.unitDouble() < rate ? 0 : Float(1 / (1 - rate)))
+            })
+        }
+        self.keep = keep
+    }
+
+    func keep(block: Int) -> [Float]? { block < keep.count ? keep[block] : nil }
 }

@@ -280,10 +280,13 @@ final class Encoder {
         downNorms = norms
         downConvs = convs
         var st: [[EncoderBlock]] = []
+        var index = 0
         for i in 0..<4 {
             var blocks: [EncoderBlock] = []
             for j in 0..<config.depths[i] {
-                blocks.append(try EncoderBlock(e + "stages.\(i).\(j).", channels: f[i], config: config, layout: &layout))
+                blocks.append(try EncoderBlock(e + "stages.\(i).\(j).", channels: f[i], config: config, index: index,
+                                               layout: &layout))
+                index += 1
             }
             st.append(blocks)
         }

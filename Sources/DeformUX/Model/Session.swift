@@ -103,6 +103,29 @@ public final class Session {
         if gradientsHeld { try run() } else { try store.withGradients(op, run) }
     }
 
+    /// One training step's forward and backward (the caller holds the model's gradients,
+    /// `ParameterStore.withGradients`): the logits of x (N x Cin x D x H x W) go to `loss` channels-last
+    /// (N x D x H x W x Cout); it returns the loss and overwrites them with dL/dlogits; then the
+    /// gradients of every parameter are added into the model's gradient store (zeroed by the caller once
+    /// per optimiser step). `dropPath` applies stochastic depth to the encoder blocks. Returns the loss.
+    public func trainingStep(_ x: Tensor, dropPath: DropPathMasks? = nil, progress: DeformUXNet.Progress? = nil,
+                             cancellation: Cancellation? = nil, loss: (Tensor) throws -> Double) throws -> Double {
+        let op = "Trainer.step"
+        try model.validateInput(x.shape, operation: op)
+        try x.requireContiguous("\(op) images")
+        return try exclusive.withLock(op) {
+            let (ctx, steps) = try begin(op, gradients: model.parameters.gradients, total: 2 * DeformUXNet.forwardSteps,
+                                         progress: progress, cancellation: cancellation)
+            defer { end() }
+            ctx.dropPath = dropPath
+            let input = try toChannelsLast(x, pool: pool)
+            let (logits, tape) = try model.forwardSaving(input, ctx, steps.advance)
+            let value = try loss(logits)
+            try model.backward(logits, tape, ctx, gradInput: nil, steps.advance)
+            return value
+        }
+    }
+
     /// Counts steps, reports them and honours cancellation between them.
     final class Steps {
         let total: Int

@@ -301,6 +301,60 @@ dfx_status dfx_nifti_write(const char *path, const void *data, int32_t datatype,
 
 /* ======================================= end of NIfTI ========================================= */
 
+/* ================================================================================================
+ * Training (ARCHITECTURE.md section 7; issue 9).
+ */
+
+/* MONAI's DiceCELoss(to_onehot_y=True, softmax=True) with its defaults: logits n x c x d x h x w
+ * (channels first), labels n x d x h x w int32 class indices in 0..<c, class_weights (c floats) or NULL.
+ * grad (may be NULL) receives dL/dlogits (overwritten); out (may be NULL) receives the loss, its Dice
+ * part and its cross-entropy part. */
+dfx_status dfx_dice_ce(const float *logits, const int32_t *labels, int64_t n, int64_t c, int64_t d, int64_t h,
+                       int64_t w, const float *class_weights, float *grad, double out[3]);
+
+/* A trainer runs one model (and keeps it alive): AdamW on every parameter (the optimiser moments live
+ * in the model's store), the Dice + CE loss, gradient accumulation, drop path. options_json (may be
+ * NULL): learning_rate, betas [b1, b2], eps, weight_decay, decay_norms_and_biases, accumulation,
+ * drop_path, class_weights, seed, scheduler, plateau_factor, plateau_patience; absent keys take the
+ * recipe's defaults (1e-4, [0.9, 0.999], 1e-8, 0.08, true, 1, 0, none, 0, true, 0.9, 10). */
+typedef struct dfx_trainer dfx_trainer;
+dfx_status dfx_trainer_create(dfx_model *model, const char *options_json, dfx_trainer **out);
+void dfx_trainer_free(dfx_trainer *trainer);
+/* One micro-batch: images n x Cin x d x h x w (d, h, w multiples of 16), labels n x d x h x w int32;
+ * when `accumulation` micro-batches are in, the AdamW update. out (may be NULL): the loss before the
+ * update (total, Dice part, cross-entropy part). */
+dfx_status dfx_trainer_step(dfx_trainer *trainer, const float *images, int64_t n, int64_t d, int64_t h, int64_t w,
+                            const int32_t *labels, double out[3], dfx_progress_fn progress, void *user);
+/* The learning rate, optimiser steps taken and micro-batches accumulated; any pointer may be NULL. */
+dfx_status dfx_trainer_info(dfx_trainer *trainer, double *learning_rate, int64_t *step, int64_t *accumulated);
+dfx_status dfx_trainer_set_learning_rate(dfx_trainer *trainer, double learning_rate);
+/* Reports a validation metric (higher is better, e.g. the mean Dice) to the ReduceLROnPlateau schedule
+ * (mode max, factor and patience from the options); *learning_rate (may be NULL) receives the rate now
+ * in force. Without a schedule (scheduler false) the rate does not change. */
+dfx_status dfx_trainer_report_validation(dfx_trainer *trainer, double metric, double *learning_rate);
+/* The optimiser's state (moments, step, hyperparameters, drop-path generator) as safetensors, written
+ * atomically; the weights are saved with dfx_model_save. Save between optimiser steps. */
+dfx_status dfx_trainer_save_state(dfx_trainer *trainer, const char *path);
+dfx_status dfx_trainer_load_state(dfx_trainer *trainer, const char *path);
+
+/* A patch sampler keeps copies of training volumes and draws augmented patches from them (MONAI's
+ * RandCropByPosNegLabeld, then one resampling pass for rotation/scaling, bias field, noise, shift).
+ * config_json: {"classes": C, "sampler": {"patchSize": [..], "samplesPerVolume": 2, "positive": 1,
+ * "negative": 1, "imageThreshold": null}, "preset": "paper" | "mrRobust" | "none"} or an explicit
+ * "augmentation" object (see Sources/DeformUX/Training/Augment.swift). */
+typedef struct dfx_sampler dfx_sampler;
+dfx_status dfx_sampler_create(const char *config_json, dfx_sampler **out);
+void dfx_sampler_free(dfx_sampler *sampler);
+/* Adds a volume (copied): image channels x size[0] x size[1] x size[2] float32, labels size[0] x size[1] x
+ * size[2] int32 in 0..<classes. *index (may be NULL) receives its index. */
+dfx_status dfx_sampler_add(dfx_sampler *sampler, const float *image, int64_t channels, const int64_t size[3],
+                           const int32_t *labels, int64_t *index);
+/* samplesPerVolume patches from each of the `count` volumes `indices`, drawn with the generator whose
+ * state is *rng_state (advanced): images (count*samplesPerVolume) x channels x patch, labels int32
+ * (count*samplesPerVolume) x patch. The same state gives the same patches. */
+dfx_status dfx_sampler_batch(dfx_sampler *sampler, const int64_t *indices, int64_t count, uint64_t *rng_state,
+                             float *images, int32_t *labels);
+
 #ifdef __cplusplus
 }
 #endif
