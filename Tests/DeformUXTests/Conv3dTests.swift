@@ -33,6 +33,11 @@ final class Conv3dTests: XCTestCase {
         ConvCase(name: "3x3x3 rows of 8: 3x2x8 cin17 cout48", n: 1, cin: 17, cin2: 0, cout: 48, d: 3, h: 2, w: 8, k: 3, stride: 1, pad: 1, bias: true),
         ConvCase(name: "3x3x3 rows of 8: N2 two sources 5+3 2x3x16 cout17", n: 2, cin: 8, cin2: 3, cout: 17, d: 2, h: 3, w: 16, k: 3, stride: 1, pad: 1, bias: false),
         ConvCase(name: "3x3x3 cin70 (9-tap chunks) cout96 2x3x4", n: 1, cin: 70, cin2: 0, cout: 96, d: 2, h: 3, w: 4, k: 3, stride: 1, pad: 1, bias: false),
+        // The narrow tile (<= 16 outputs, three tiles of 8 voxels), by rows and across row ends.
+        ConvCase(name: "narrow rows of 8: 3x4x16 cin5 cout16", n: 1, cin: 5, cin2: 0, cout: 16, d: 3, h: 4, w: 16, k: 3, stride: 1, pad: 1, bias: true),
+        ConvCase(name: "narrow rows of 8: N2 two sources 7+4 2x3x24 cout9", n: 2, cin: 11, cin2: 4, cout: 9, d: 2, h: 3, w: 24, k: 3, stride: 1, pad: 1, bias: false),
+        ConvCase(name: "narrow rows of 8: 2x5x8 cin33 cout1 (a group's last triple short)", n: 1, cin: 33, cin2: 0, cout: 1, d: 2, h: 5, w: 8, k: 3, stride: 1, pad: 1, bias: true),
+        ConvCase(name: "narrow across rows: 3x5x7 cin16 cout16", n: 1, cin: 16, cin2: 0, cout: 16, d: 3, h: 5, w: 7, k: 3, stride: 1, pad: 1, bias: true),
         ConvCase(name: "3x3x3 two sources 100+90 (3-tap chunks) cout5 3x2x3", n: 1, cin: 190, cin2: 90, cout: 5, d: 3, h: 2, w: 3, k: 3, stride: 1, pad: 1, bias: true),
     ]
 
@@ -113,6 +118,7 @@ final class Conv3dTests: XCTestCase {
             (ConvCase(name: "stats+transform 3x3x3 N2 3x2x8 cin17 cout17", n: 2, cin: 17, cin2: 0, cout: 17, d: 3, h: 2, w: 8, k: 3, stride: 1, pad: 1, bias: false), true, 0.01),
             (ConvCase(name: "stats+transform 3x3x3 two sources 5+3 cout16 4x3x5 no activation", n: 1, cin: 8, cin2: 3, cout: 16, d: 4, h: 3, w: 5, k: 3, stride: 1, pad: 1, bias: true), true, nil),
             (ConvCase(name: "transform 3x3x3 N2 1x1x1 cin1 cout3", n: 2, cin: 1, cin2: 0, cout: 3, d: 1, h: 1, w: 1, k: 3, stride: 1, pad: 1, bias: false), true, 0.2),
+            (ConvCase(name: "stats+transform narrow rows of 8 N2 3x4x16 cin16 cout16", n: 2, cin: 16, cin2: 0, cout: 16, d: 3, h: 4, w: 16, k: 3, stride: 1, pad: 1, bias: true), true, 0.01),
             (ConvCase(name: "stats 1x1x1 N2 9x4x6 two sources 5+3 cout17", n: 2, cin: 8, cin2: 3, cout: 17, d: 9, h: 4, w: 6, k: 1, stride: 1, pad: 0, bias: true), false, nil),
             (ConvCase(name: "stats 1x1x1 N2 20x20x20 cin16 cout48", n: 2, cin: 16, cin2: 0, cout: 48, d: 20, h: 20, w: 20, k: 1, stride: 1, pad: 0, bias: false), false, nil),
             (ConvCase(name: "stats 2x2x2 s2 N2 5x4x6 cin3 cout17", n: 2, cin: 3, cin2: 0, cout: 17, d: 5, h: 4, w: 6, k: 2, stride: 2, pad: 0, bias: true), false, nil),
@@ -246,6 +252,7 @@ final class Conv3dTests: XCTestCase {
             ConvCase(name: "bwd 3x3x3 two sources 40+30 cout70 (straddling blocks) 2x3x4", n: 1, cin: 70, cin2: 30, cout: 70, d: 2, h: 3, w: 4, k: 3, stride: 1, pad: 1, bias: true),
             ConvCase(name: "bwd 3x3x3 two sources 100+100 cout16 2x10x8 (weight gradient in position chunks)", n: 1, cin: 200, cin2: 100, cout: 16, d: 2, h: 10, w: 8, k: 3, stride: 1, pad: 1, bias: false),
             ConvCase(name: "bwd 3x3x3 1x1x1 cin1 cout1", n: 1, cin: 1, cin2: 0, cout: 1, d: 1, h: 1, w: 1, k: 3, stride: 1, pad: 1, bias: true),
+            ConvCase(name: "bwd narrow 3x3x3 N2 two sources 8+8 cout16 2x3x16", n: 2, cin: 16, cin2: 8, cout: 16, d: 2, h: 3, w: 16, k: 3, stride: 1, pad: 1, bias: true),
             ConvCase(name: "bwd 1x1x1 N2 two sources 5+3 cout17 7x5x3", n: 2, cin: 8, cin2: 3, cout: 17, d: 7, h: 5, w: 3, k: 1, stride: 1, pad: 0, bias: true),
             ConvCase(name: "bwd 2x2x2 s2 N2 two sources 5+3 cout5 5x4x6", n: 2, cin: 8, cin2: 3, cout: 5, d: 5, h: 4, w: 6, k: 2, stride: 2, pad: 0, bias: true),
             ConvCase(name: "bwd 7x7x7 s2 p3 9x4x6 cin1 cout48", n: 1, cin: 1, cin2: 0, cout: 48, d: 9, h: 4, w: 6, k: 7, stride: 2, pad: 3, bias: true),

@@ -118,14 +118,18 @@ public enum Conv3d {
             else { path = .im2col }
         }
 
+        /// The direct kernel's output-channel block: 16 for convs with at most 16 outputs (the narrow
+        /// tile, 24 voxels x 16 channels), else 48 (8 voxels x 48 channels).
+        public var blockWidth: Int { path == .direct3x3x3 && cout <= 16 ? 16 : coutBlock }
+
         /// Floats of the packed weight.
         ///
-        /// direct3x3x3: [cout block of 48][tap 27][cin][48] (output channels past Cout are 0).
+        /// direct3x3x3: [cout block of `blockWidth`][tap 27][cin][blockWidth] (output channels past Cout are 0).
         /// pointwise, im2col: [tap][cin][Cout], the K x Cout right-hand matrix of the GEMM (K = taps * Cin,
         /// the same (tap, channel) order as the channels-last column panel).
         public var count: Int {
             switch path {
-            case .direct3x3x3: return coutBlocks(cout) * 27 * cin * coutBlock
+            case .direct3x3x3: return (cout + blockWidth - 1) / blockWidth * 27 * cin * blockWidth
             case .pointwise, .im2col: return taps * cin * cout
             }
         }
@@ -149,16 +153,17 @@ public enum Conv3d {
         switch s.path {
         case .direct3x3x3:
             packed.initialize(repeating: 0, count: s.count)
-            for b in 0..<coutBlocks(s.cout) {
-                let block = packed + b * 27 * s.cin * coutBlock
-                // 4 input channels at a time: the 48 x 4 x 27 source floats they need stay in L1 while
-                // the 27 destination rows of 4 x 48 floats are written one after another.
+            let bw = s.blockWidth
+            for b in 0..<(s.cout + bw - 1) / bw {
+                let block = packed + b * 27 * s.cin * bw
+                // 4 input channels at a time: the bw x 4 x 27 source floats they need stay in L1 while
+                // the 27 destination rows of 4 x bw floats are written one after another.
                 for ci0 in stride(from: 0, to: s.cin, by: 4) {
                     let ci1 = min(s.cin, ci0 + 4)
                     for t in 0..<taps {
-                        for j in 0..<min(coutBlock, s.cout - b * coutBlock) {
-                            let src = weight + (b * coutBlock + j) * s.cin * taps + t
-                            for ci in ci0..<ci1 { block[(t * s.cin + ci) * coutBlock + j] = src[ci * taps] }
+                        for j in 0..<min(bw, s.cout - b * bw) {
+                            let src = weight + (b * bw + j) * s.cin * taps + t
+                            for ci in ci0..<ci1 { block[(t * s.cin + ci) * bw + j] = src[ci * taps] }
                         }
                     }
                 }
@@ -184,7 +189,9 @@ public enum Conv3d {
                 for t in 0..<taps {
                     let at: Int
                     switch s.path {
-                    case .direct3x3x3: at = (((co / coutBlock) * 27 + t) * s.cin + ci) * coutBlock + co % coutBlock
+                    case .direct3x3x3:
+                        let bw = s.blockWidth
+                        at = (((co / bw) * 27 + t) * s.cin + ci) * bw + co % bw
                     case .pointwise, .im2col: at = (t * s.cin + ci) * s.cout + co
                     }
                     weight[(co * s.cin + ci) * taps + t] = packed[at]
@@ -197,22 +204,23 @@ public enum Conv3d {
     /// to grad_x (Cin and Cout swapped, taps flipped: W'[ci][co][t] = W[co][ci][26 - t]), made from the
     /// forward's packed weight. `q` holds `Packing(cin: cout, cout: cin, kernel: 3, padding: 1).count` floats.
     static func packInputGradient(fromPacked p: UnsafePointer<Float>, into q: UnsafeMutablePointer<Float>, packing s: Packing) {
-        let cb = coutBlock
-        let blocks = coutBlocks(s.cin)        // blocks of the new output channels (the old input channels)
-        let blockFloats = 27 * s.cout * cb
-        // Parts own blocks (or, with a single block, taps), and write their rows contiguously.
+        let t = Packing(cin: s.cout, cout: s.cin, kernel: 3, padding: 1)
+        let sw = s.blockWidth, tw = t.blockWidth   // block widths of the source and of the result
+        let blocks = (s.cin + tw - 1) / tw         // blocks of the new output channels (the old input channels)
+        let blockFloats = 27 * s.cout * tw
+        // Parts own (block, tap) items and write their rows contiguously.
         let work = blocks * 27
         let parts = max(1, min(Threads.count, work / 8))
         parallelFor(parts) { part in
             for item in Threads.range(part, of: parts, total: work) {
                 let b = item / 27, tap = item % 27
-                let qTap = q + b * blockFloats + tap * s.cout * cb
-                let ciLo = b * cb, ciN = min(cb, s.cin - ciLo)
+                let qTap = q + b * blockFloats + tap * s.cout * tw
+                let ciLo = b * tw, ciN = min(tw, s.cin - ciLo)
                 for co in 0..<s.cout {
-                    let row = qTap + co * cb
-                    let src = p + ((co / cb) * 27 + (26 - tap)) * s.cin * cb + co % cb
-                    for j in 0..<ciN { row[j] = src[(ciLo + j) * cb] }
-                    if ciN < cb { (row + ciN).initialize(repeating: 0, count: cb - ciN) }
+                    let row = qTap + co * tw
+                    let src = p + ((co / sw) * 27 + (26 - tap)) * s.cin * sw + co % sw
+                    for j in 0..<ciN { row[j] = src[(ciLo + j) * sw] }
+                    if ciN < tw { (row + ciN).initialize(repeating: 0, count: tw - ciN) }
                 }
             }
         }
@@ -741,8 +749,8 @@ public enum Conv3d {
 
         /// Taps per weight chunk: the chunk (taps x Cin x 48 floats) should stay in L2 while every tile
         /// of a group streams through it.
-        static func tapsPerChunk(cin: Int) -> Int {
-            let bytesPerTap = cin * Conv3d.coutBlock * 4
+        static func tapsPerChunk(cin: Int, width: Int = Conv3d.coutBlock) -> Int {
+            let bytesPerTap = cin * width * 4
             if 27 * bytesPerTap <= 320 * 1024 { return 27 }
             if 9 * bytesPerTap <= 320 * 1024 { return 9 }
             if 3 * bytesPerTap <= 320 * 1024 { return 3 }
@@ -1067,35 +1075,59 @@ public enum Conv3d {
             }
         }
 
-        /// One output plane: for each block of 48 output channels and each group of tiles, sweep the
-        /// weight chunks, then copy the group's real voxels (+ bias) to y.
+        /// One output plane: for each block of output channels and each group of tiles, sweep the weight
+        /// chunks, then copy the group's real voxels (+ bias) to y. Blocks are 48 channels wide (tiles
+        /// of 8 voxels), or, for convs with at most 16 outputs, 16 wide (three tiles at once: 24 voxels).
         static func computePlane(bases: UnsafePointer<UnsafePointer<Float>>, packed: UnsafePointer<Float>,
                                  bias: UnsafePointer<Float>?, out: Output, plane: Int,
                                  acc: UnsafeMutablePointer<Float>, s: Shape, g: Geometry,
                                  stats: Statistics?, part: Int, sample: Int) {
             let planeVoxel0 = plane * s.h * s.w
             let cin = g.cin
-            let chunk = tapsPerChunk(cin: cin)
-            let cb48 = Conv3d.coutBlock
-            for cb in 0..<coutBlocks(s.cout) {
-                let wBlock = packed + cb * 27 * cin * cb48
-                let valid = min(cb48, s.cout - cb * cb48)
+            let bw = s.packing.blockWidth
+            let narrow = bw == 16
+            let chunk = tapsPerChunk(cin: cin, width: bw)
+            let group = narrow ? 15 : groupTiles   // a multiple of 3 for the narrow tile
+            for cb in 0..<(s.cout + bw - 1) / bw {
+                let wBlock = packed + cb * 27 * cin * bw
+                let valid = min(bw, s.cout - cb * bw)
                 var t0 = 0
                 while t0 < g.tiles {
-                    let t1 = min(g.tiles, t0 + groupTiles)
+                    let t1 = min(g.tiles, t0 + group)
                     var tap = 0
                     while tap < 27 {
-                        let w = wBlock + tap * cin * cb48
-                        for t in t0..<t1 {
-                            let a = acc + (t - t0) * (8 * 48)
-                            let v0 = t * Conv3d.tileVoxels
-                            if g.byRows {
-                                tile8x48(bases + tap, chunk, g.position(v0) * cin, cin, w, a, tap > 0)
-                            } else {
-                                let o = (g.position(v0) * cin, g.position(v0 + 1) * cin, g.position(v0 + 2) * cin,
-                                         g.position(v0 + 3) * cin, g.position(v0 + 4) * cin, g.position(v0 + 5) * cin,
-                                         g.position(v0 + 6) * cin, g.position(v0 + 7) * cin)
-                                tile8x48Gather(bases + tap, chunk, o, cin, w, a, tap > 0)
+                        let w = wBlock + tap * cin * bw
+                        if narrow {
+                            // Three tiles of 8 voxels at a time (past t1 they repeat the plane's last voxel
+                            // into accumulator rows nobody copies out).
+                            var t = t0
+                            while t < t1 {
+                                let a = acc + (t - t0) * (8 * 16)
+                                let v0 = t * Conv3d.tileVoxels
+                                if g.byRows {
+                                    tile24x16(bases + tap, chunk, g.position(v0) * cin, g.position(v0 + 8) * cin,
+                                              g.position(v0 + 16) * cin, cin, w, a, tap > 0)
+                                } else {
+                                    withUnsafeTemporaryAllocation(of: Int.self, capacity: 24) { o in
+                                        guard let op = o.baseAddress else { return }
+                                        for k in 0..<24 { op[k] = g.position(v0 + k) * cin }
+                                        tile24x16Gather(bases + tap, chunk, UnsafePointer(op), cin, w, a, tap > 0)
+                                    }
+                                }
+                                t += 3
+                            }
+                        } else {
+                            for t in t0..<t1 {
+                                let a = acc + (t - t0) * (8 * 48)
+                                let v0 = t * Conv3d.tileVoxels
+                                if g.byRows {
+                                    tile8x48(bases + tap, chunk, g.position(v0) * cin, cin, w, a, tap > 0)
+                                } else {
+                                    let o = (g.position(v0) * cin, g.position(v0 + 1) * cin, g.position(v0 + 2) * cin,
+                                             g.position(v0 + 3) * cin, g.position(v0 + 4) * cin, g.position(v0 + 5) * cin,
+                                             g.position(v0 + 6) * cin, g.position(v0 + 7) * cin)
+                                    tile8x48Gather(bases + tap, chunk, o, cin, w, a, tap > 0)
+                                }
                             }
                         }
                         tap += chunk
@@ -1103,9 +1135,9 @@ public enum Conv3d {
                     // Copy out the tiles' voxels (+ bias) to y.
                     let vStart = t0 * Conv3d.tileVoxels
                     let vEnd = min(t1 * Conv3d.tileVoxels, s.h * s.w)
-                    let lo = cb * cb48
+                    let lo = cb * bw
                     for v in vStart..<vEnd {
-                        let src = acc + (v - vStart) * cb48
+                        let src = acc + (v - vStart) * bw
                         let vox = planeVoxel0 + v
                         if lo + valid <= out.c1 {
                             copyOut(src, out.y1 + vox * out.c1 + lo, valid, bias.map { $0 + lo }, out.accumulate)
@@ -1138,10 +1170,89 @@ public enum Conv3d {
                 cstore(v0, dst); cstore(v1, dst + 16); cstore(v2, dst + 32)
                 return
             }
+            if count == 16 {
+                var v0 = cload(src)
+                if let bias { v0 += cload(bias) }
+                if accumulate { v0 += cload(dst) }
+                cstore(v0, dst)
+                return
+            }
             for q in 0..<count {
                 let v = src[q] + (bias?[q] ?? 0)
                 dst[q] = accumulate ? dst[q] + v : v
             }
+        }
+
+        /// The narrow register tile: three runs of 8 consecutive padded positions (at offsets o0, o1, o2
+        /// from each tap's base pointer) x 16 output channels, 24 accumulators. Weights: [tap][cin][16].
+        /// acc holds 24 rows of 16 floats.
+        @inline(__always)
+        static func tile24x16(_ bases: UnsafePointer<UnsafePointer<Float>>, _ taps: Int, _ o0: Int, _ o1: Int, _ o2: Int,
+                              _ cin: Int, _ w: UnsafePointer<Float>, _ acc: UnsafeMutablePointer<Float>, _ accumulate: Bool) {
+            typealias V = SIMD16<Float>
+            var a0 = V(), a1 = V(), a2 = V(), a3 = V(), a4 = V(), a5 = V(), a6 = V(), a7 = V()
+            var b0 = V(), b1 = V(), b2 = V(), b3 = V(), b4 = V(), b5 = V(), b6 = V(), b7 = V()
+            var c0 = V(), c1 = V(), c2 = V(), c3 = V(), c4 = V(), c5 = V(), c6 = V(), c7 = V()
+            if accumulate {
+                a0 = cload(acc); a1 = cload(acc + 16); a2 = cload(acc + 32); a3 = cload(acc + 48)
+                a4 = cload(acc + 64); a5 = cload(acc + 80); a6 = cload(acc + 96); a7 = cload(acc + 112)
+                b0 = cload(acc + 128); b1 = cload(acc + 144); b2 = cload(acc + 160); b3 = cload(acc + 176)
+                b4 = cload(acc + 192); b5 = cload(acc + 208); b6 = cload(acc + 224); b7 = cload(acc + 240)
+                c0 = cload(acc + 256); c1 = cload(acc + 272); c2 = cload(acc + 288); c3 = cload(acc + 304)
+                c4 = cload(acc + 320); c5 = cload(acc + 336); c6 = cload(acc + 352); c7 = cload(acc + 368)
+            }
+            var wp = w
+            let s1 = cin, s2 = 2 &* cin, s3 = 3 &* cin, s4 = 4 &* cin, s5 = 5 &* cin, s6 = 6 &* cin, s7 = 7 &* cin
+            for t in 0..<taps {
+                let base = bases[t]
+                var p = base + o0, q = base + o1, r = base + o2
+                let end = p + cin
+                while p < end {
+                    let wv = cload(wp)
+                    a0 = a0.addingProduct(V(repeating: p[0]), wv); a1 = a1.addingProduct(V(repeating: p[s1]), wv)
+                    a2 = a2.addingProduct(V(repeating: p[s2]), wv); a3 = a3.addingProduct(V(repeating: p[s3]), wv)
+                    a4 = a4.addingProduct(V(repeating: p[s4]), wv); a5 = a5.addingProduct(V(repeating: p[s5]), wv)
+                    a6 = a6.addingProduct(V(repeating: p[s6]), wv); a7 = a7.addingProduct(V(repeating: p[s7]), wv)
+                    b0 = b0.addingProduct(V(repeating: q[0]), wv); b1 = b1.addingProduct(V(repeating: q[s1]), wv)
+                    b2 = b2.addingProduct(V(repeating: q[s2]), wv); b3 = b3.addingProduct(V(repeating: q[s3]), wv)
+                    b4 = b4.addingProduct(V(repeating: q[s4]), wv); b5 = b5.addingProduct(V(repeating: q[s5]), wv)
+                    b6 = b6.addingProduct(V(repeating: q[s6]), wv); b7 = b7.addingProduct(V(repeating: q[s7]), wv)
+                    c0 = c0.addingProduct(V(repeating: r[0]), wv); c1 = c1.addingProduct(V(repeating: r[s1]), wv)
+                    c2 = c2.addingProduct(V(repeating: r[s2]), wv); c3 = c3.addingProduct(V(repeating: r[s3]), wv)
+                    c4 = c4.addingProduct(V(repeating: r[s4]), wv); c5 = c5.addingProduct(V(repeating: r[s5]), wv)
+                    c6 = c6.addingProduct(V(repeating: r[s6]), wv); c7 = c7.addingProduct(V(repeating: r[s7]), wv)
+                    wp += 16
+                    p += 1; q += 1; r += 1
+                }
+            }
+            cstore(a0, acc); cstore(a1, acc + 16); cstore(a2, acc + 32); cstore(a3, acc + 48)
+            cstore(a4, acc + 64); cstore(a5, acc + 80); cstore(a6, acc + 96); cstore(a7, acc + 112)
+            cstore(b0, acc + 128); cstore(b1, acc + 144); cstore(b2, acc + 160); cstore(b3, acc + 176)
+            cstore(b4, acc + 192); cstore(b5, acc + 208); cstore(b6, acc + 224); cstore(b7, acc + 240)
+            cstore(c0, acc + 256); cstore(c1, acc + 272); cstore(c2, acc + 288); cstore(c3, acc + 304)
+            cstore(c4, acc + 320); cstore(c5, acc + 336); cstore(c6, acc + 352); cstore(c7, acc + 368)
+        }
+
+        /// `tile24x16` for 24 voxels at any offsets o[0..<24] (planes whose W is not a multiple of 8).
+        @inline(__always)
+        static func tile24x16Gather(_ bases: UnsafePointer<UnsafePointer<Float>>, _ taps: Int, _ o: UnsafePointer<Int>,
+                                    _ cin: Int, _ w: UnsafePointer<Float>, _ acc: UnsafeMutablePointer<Float>,
+                                    _ accumulate: Bool) {
+            typealias V = SIMD16<Float>
+            // 24 accumulators in a local array of vectors: the compiler keeps them in registers when
+            // unrolled; this path only serves awkward widths, so clarity wins over the last percent.
+            var a = [V](repeating: V(), count: 24)
+            if accumulate { for k in 0..<24 { a[k] = cload(acc + 16 * k) } }
+            var wp = w
+            for t in 0..<taps {
+                let base = bases[t]
+                for ci in 0..<cin {
+                    let wv = cload(wp)
+                    for k in 0..<24 { a[k] = a[k].addingProduct(V(repeating: base[o[k] &+ ci]), wv) }
+                    wp += 16
+                }
+            }
+            for k in 0..<24 { cstore(a[k], acc + 16 * k) }
         }
 
         /// The register tile: 8 consecutive padded positions x 48 output channels, accumulated over
