@@ -22,6 +22,7 @@ from . import nifti
 from .model import DeformUXNet, Session
 from . import losses
 from .training import Trainer, PatchSampler
+from .train import train, load_dataset
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 # turns into "[Errno None] None: <filename>" as soon as .filename is set, as _C.raise_status sets it.
 FileFormatError.__str__ = lambda self: str(self.args[0]) if self.args else ""
 
-__all__ = ["ops", "nifti", "losses", "DeformUXNet", "Session", "Trainer", "PatchSampler", "DeformUXError", "FileFormatError", "set_num_threads",
+__all__ = ["ops", "nifti", "losses", "DeformUXNet", "Session", "Trainer", "PatchSampler", "train", "load_dataset", "DeformUXError", "FileFormatError", "set_num_threads",
            "get_num_threads", "release_memory", "engine_version", "__version__"]
 
 

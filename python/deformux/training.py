@@ -120,6 +120,10 @@ class Trainer:
         """Optimiser steps taken."""
         return _C.trainer_info(self._handle)[1]
 
+    def accumulation_done(self):
+        """True between optimiser steps (no micro-batch of a gradient accumulation pending)."""
+        return _C.trainer_info(self._handle)[2] == 0
+
     def save_state(self, path):
         """Writes the optimiser state (moments, step, hyperparameters, drop-path generator), atomically;
         the weights are saved with ``model.save``."""
