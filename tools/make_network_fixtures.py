@@ -11,13 +11,17 @@ Files are described in Tests/Fixtures/network/README.md. In short, per variant V
     V.safetensors      weights, F32, state-dict names of ARCHITECTURE.md section 5; __metadata__ holds
                        "deformux.config" (JSON) and "deformux.fixture" (V)
     V.io.safetensors   input (N x 1 x D x H x W), output logits (N x 3 x D x H x W), skip0..skip3 (the
-                       encoder's normed stage outputs x2..x5)
+                       encoder's normed stage outputs x2..x5); gradient variants also grad_output (an
+                       input of the backward, drawn like the input) and grad_input
+    V.grad.safetensors gradient variants only: d sum(output * grad_output) / d parameter, under the
+                       parameter's state-dict name
     V.json             the configuration, the shapes and the files, for reading without safetensors
-Weights are float32; the forward pass runs in float64 from them and its results are rounded to float32.
+Weights are float32; the forward pass (and, for gradient variants, autograd's backward) runs in float64
+from them and its results are rounded to float32.
 
 A variant is a `Variant` (configuration, input shape, seed); `make_variant` builds its model and writes
-its three files, and `reference_outputs` computes what goes into V.io.safetensors besides the input:
-add an output there (a gradient, say) and every variant gets it.
+its files, and `reference_outputs` computes what goes into V.io.safetensors besides the input (and the
+parameter gradients of a gradient variant): add an output there and every variant gets it.
 """
 import argparse
 import json
@@ -34,6 +38,7 @@ OUT = os.path.join(REPO, "Tests", "Fixtures", "network")
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "python", "deformux"))  # convert.py alone (not the package)
 from reference_model import ChannelLayerNorm, DDC, Block, DeformUXNet  # noqa: E402
+from ddc_torch_impl import layer_offsets, held_axis  # noqa: E402
 from convert import write_safetensors, read_safetensors, normalize_name, expected_shapes, CONFIG_KEY  # noqa: E402
 
 OUT_CHANS = 3
@@ -41,7 +46,7 @@ OUT_CHANS = 3
 
 @dataclass(frozen=True)
 class Variant:
-    """One fixture: the network `DeformUXNet(1, 3, feature_size, depths, hidden_size, **options)` with
+    """One fixture: the network `DeformUXNet(1, out_channels, feature_size, depths, hidden_size, **options)` with
     weights from `seed`, run on a standard-normal input of `input_shape` (N x 1 x D x H x W)."""
     name: str
     input_shape: tuple
@@ -50,6 +55,10 @@ class Variant:
     feature_size: tuple = (8, 12, 16, 24)  # small, and two widths that are not powers of two
     depths: tuple = (2, 2, 2, 2)
     hidden_size: int = 32
+    # A gradient variant: offsets kept away from integer sampling positions (`randomize`), a grad_output
+    # drawn after the input, and the float64 gradients written (V.grad.safetensors, grad_input).
+    gradients: bool = False
+    out_channels: int = OUT_CHANS
 
 
 VARIANTS = [
@@ -74,14 +83,45 @@ ABLATIONS = [
     Variant("ablation_standard", (1, 1, 32, 16, 16), 16, dict(deformable="standard"), **ABLATION),
 ]
 
+# Whole-network gradients (issue 7): every variant of the backward, small (weights + gradients + io about
+# 300 KB each). Widths 3..6 (none a power of two past 4), one or two blocks per stage. Offsets stay away
+# from integer sampling positions (`randomize`): trilinear sampling has kinks there, where a float32
+# engine and a float64 reference may take different sides. N = 2 for the official mode (its flat read
+# crosses the sample boundary) and one 32 x 16 x 16 input so that stage 3 is not a single voxel.
+GRAD = dict(feature_size=(3, 4, 5, 6), depths=(1, 1, 1, 1), hidden_size=6, gradients=True, out_channels=2)
+GRADIENT_VARIANTS = [
+    Variant("grad_dense_aligned", (1, 1, 32, 16, 16), 21, dict(block="deformux", mlp="dense", offset_mode="aligned"),
+            **{**GRAD, "depths": (2, 1, 1, 1)}),
+    Variant("grad_grouped_official_n2", (2, 1, 16, 32, 16), 22,
+            dict(block="deformux", mlp="grouped", offset_mode="official"), **GRAD),
+    Variant("grad_uxnet", (1, 1, 16, 16, 32), 23, dict(block="uxnet", mlp="grouped", offset_mode="aligned"), **GRAD),
+    Variant("grad_offset_kernel3", (1, 1, 16, 32, 16), 24, dict(offset_kernel=3), **GRAD),
+    Variant("grad_planes_xy", (1, 1, 32, 16, 16), 25, dict(offset_planes="xy"), **GRAD),
+    Variant("grad_planes_xz", (1, 1, 16, 32, 16), 26, dict(offset_planes="xz", offset_mode="official", mlp="grouped"),
+            **GRAD),
+    Variant("grad_planes_yz", (1, 1, 16, 16, 32), 27, dict(offset_planes="yz"), **GRAD),
+    Variant("grad_mlp_none", (1, 1, 16, 32, 16), 28, dict(mlp="none"), **GRAD),
+    Variant("grad_standard", (1, 1, 32, 16, 16), 29, dict(deformable="standard"), **GRAD),
+]
 
-def randomize(model, gen):
+
+def randomize(model, gen, half_offsets=False):
     """PyTorch's default init, plus non-trivial values where the default is trivial: the offset branch
-    (zero at init), gamma (1e-6), LayerNorm weight/bias (1/0), so that the fixtures see every term."""
+    (zero at init), gamma (1e-6), LayerNorm weight/bias (1/0), so that the fixtures see every term.
+    `half_offsets` (gradient variants): offsets near +-0.5 voxel instead of about +-1 (bias +-U(0.4, 0.6),
+    small weights), so that every sampling position stays far from an integer (checked by
+    `offset_distance_from_integers`)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, DDC):
                 c = m.conv_offset.weight[0].numel()  # fan-in: C (1x1x1 branch) or 27 C (3x3x3)
+                if half_offsets:
+                    # sum of c terms of size ~|x| * 0.05 / sqrt(c): a few hundredths of a voxel
+                    m.conv_offset.weight.uniform_(-0.05 / c ** 0.5, 0.05 / c ** 0.5, generator=gen)
+                    m.conv_offset.bias.uniform_(0.4, 0.6, generator=gen)
+                    sign = torch.randint(0, 2, m.conv_offset.bias.shape, generator=gen) * 2 - 1
+                    m.conv_offset.bias.mul_(sign.to(m.conv_offset.bias.dtype))
+                    continue
                 # offsets of about +-1 voxel: sum of c terms of size ~|x| * 0.6 / sqrt(c), plus a bias
                 m.conv_offset.weight.uniform_(-0.6 / c ** 0.5, 0.6 / c ** 0.5, generator=gen)
                 m.conv_offset.bias.uniform_(-1.0, 1.0, generator=gen)
@@ -108,20 +148,59 @@ def build_model(v):
     `randomize` from its own generator. Returns (model, generator) (the input is drawn from it next)."""
     torch.manual_seed(v.seed)
     gen = torch.Generator().manual_seed(1000 + v.seed)
-    model = DeformUXNet(1, OUT_CHANS, list(v.feature_size), depths=list(v.depths), hidden_size=v.hidden_size,
+    model = DeformUXNet(1, v.out_channels, list(v.feature_size), depths=list(v.depths), hidden_size=v.hidden_size,
                         **v.options)
-    randomize(model, gen)
+    randomize(model, gen, half_offsets=v.gradients)
     return model, gen
 
 
-def reference_outputs(model64, x64):
-    """What V.io.safetensors holds besides the input, computed in float64: the logits and the skips."""
+def reference_outputs(model64, x64, grad_output64=None):
+    """What V.io.safetensors holds besides the input, computed in float64, and the parameter gradients.
+    Forward variants: the logits and the skips, and None. Gradient variants (`grad_output64` given):
+    grad_output and grad_input = d sum(logits * grad_output) / dx by autograd (their logits and skips
+    are left out to keep the files small: the forward variants check the forward), and that sum's
+    gradient for every parameter by state-dict name."""
+    if grad_output64 is None:
+        with torch.no_grad():
+            y, skips = model64.forward_all(x64)
+        io = {"output": y}
+        for i, s in enumerate(skips):
+            io[f"skip{i}"] = s
+        return io, None
+    x = x64.clone().requires_grad_(True)
+    model64.zero_grad(set_to_none=True)
+    y = model64(x)
+    (y * grad_output64).sum().backward()
+    grads = {}
+    for name, p in model64.named_parameters():
+        assert p.grad is not None, f"{name} gets no gradient"
+        grads[name] = p.grad
+    return {"grad_output": grad_output64, "grad_input": x.grad}, grads
+
+
+def offset_distance_from_integers(model64, x64):
+    """The smallest distance from an integer of any offset the DDCs read in a forward of x (held plane
+    channels, exactly 0, excepted): the sampling positions' distance from the kinks of trilinear
+    sampling (and from the -1 / size borders)."""
+    ddcs = [m for m in model64.modules() if isinstance(m, DDC)]
+    if not ddcs:
+        return None
+    worst = [1.0]
+
+    def hook(m, inputs, _):
+        o = layer_offsets(inputs[0], m.conv_offset.weight, m.conv_offset.bias, m.offset_mode, m.offset_planes)
+        axis = held_axis(m.offset_planes)
+        if axis is not None:
+            keep = [a for a in range(81) if a % 3 != axis]
+            o = o[:, keep]
+        worst[0] = min(worst[0], float((o - torch.round(o)).abs().min()))
+
+    handles = [m.register_forward_hook(hook) for m in ddcs]
     with torch.no_grad():
-        y, skips = model64.forward_all(x64)
-    io = {"output": y}
-    for i, s in enumerate(skips):
-        io[f"skip{i}"] = s
-    return io
+        model64(x64)
+    for h in handles:
+        h.remove()
+    return worst[0]
 
 
 def make_variant(v, out=OUT):
@@ -133,8 +212,11 @@ def make_variant(v, out=OUT):
     config = dict(model.config)
     assert set(expected_shapes(config)) == set(state), "convert.expected_shapes disagrees with the reference"
     io = {"input": f32(x)}
+    # A gradient variant's grad_output: float32 values (what the engine gets), used in float64.
+    g = torch.randn((v.input_shape[0], v.out_channels) + v.input_shape[2:], generator=gen) if v.gradients else None
     model64, x64 = model.double(), x.double()
-    io.update({k: f32(t) for k, t in reference_outputs(model64, x64).items()})
+    outputs, grads = reference_outputs(model64, x64, None if g is None else g.double())
+    io.update({k: f32(t) for k, t in outputs.items()})
     meta = {CONFIG_KEY: json.dumps(config, sort_keys=True), "deformux.fixture": v.name}
     write_safetensors(os.path.join(out, f"{v.name}.safetensors"), state, meta)
     write_safetensors(os.path.join(out, f"{v.name}.io.safetensors"), io, {"deformux.fixture": v.name})
@@ -145,10 +227,25 @@ def make_variant(v, out=OUT):
         "io": f"{v.name}.io.safetensors",
         "shapes": {k: list(a.shape) for k, a in io.items()},
         "parameter_count": int(sum(a.size for a in state.values())),
-        "output_max_abs": float(np.abs(io["output"]).max()),
     }
-    if config.get("offset_planes", "all") != "all":
+    if "output" in io:
+        desc["output_max_abs"] = float(np.abs(io["output"]).max())
+    if grads is not None:
+        grads = {k: f32(t) for k, t in grads.items()}
+        assert set(grads) == set(state)
+        write_safetensors(os.path.join(out, f"{v.name}.grad.safetensors"), grads, {"deformux.fixture": v.name})
+        desc["gradients"] = f"{v.name}.grad.safetensors"
+        desc["gradient_max_abs"] = float(max(np.abs(a).max() for a in grads.values()))
+        desc["grad_input_max_abs"] = float(np.abs(io["grad_input"]).max())
+        distance = offset_distance_from_integers(model64, x64)
+        if distance is not None:
+            assert distance > 0.05, (v.name, distance)
+            desc["offset_min_distance_from_integer"] = round(distance, 6)
+    if config.get("offset_planes", "all") != "all" and grads is None:
         desc["output_max_change_with_other_planes"] = plane_sensitivity(model64, x64, io["output"], config["offset_planes"])
+    elif config.get("offset_planes", "all") != "all":
+        desc["grad_input_max_change_with_other_planes"] = plane_sensitivity(
+            model64, x64, io["grad_input"], config["offset_planes"], g.double())
     with open(os.path.join(out, f"{v.name}.json"), "w") as f:
         json.dump(desc, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -159,10 +256,11 @@ def make_variant(v, out=OUT):
     return state, desc
 
 
-def plane_sensitivity(model64, x64, output, own):
+def plane_sensitivity(model64, x64, output, own, grad_output64=None):
     """{planes: max |logit change|} when the plane variant's weights run with each other offset_planes
     setting. Each must exceed the tests' 1e-4 bound by far, so that a fixture passes only with the right
-    held axis (a swapped axis mapping in the engine cannot pass)."""
+    held axis (a swapped axis mapping in the engine cannot pass). With `grad_output64` (a gradient
+    variant) the same for the input gradient (`output` is then grad_input), relative to its max |value|."""
     ddcs = [m for m in model64.modules() if isinstance(m, DDC)]
     change = {}
     for other in ("all", "xy", "xz", "yz"):
@@ -170,9 +268,13 @@ def plane_sensitivity(model64, x64, output, own):
             continue
         for m in ddcs:
             m.offset_planes = other
-        with torch.no_grad():
-            y = f32(model64(x64))
-        change[other] = float(np.abs(y.astype(np.float64) - output).max())
+        if grad_output64 is None:
+            with torch.no_grad():
+                y = f32(model64(x64))
+            change[other] = float(np.abs(y.astype(np.float64) - output).max())
+        else:
+            y = f32(reference_outputs(model64, x64, grad_output64)[0]["grad_input"])
+            change[other] = float(np.abs(y.astype(np.float64) - output).max() / np.abs(output).max())
         assert change[other] > 0.01, (own, other, change[other])
     for m in ddcs:
         m.offset_planes = own
@@ -218,20 +320,21 @@ def make_interop(out=OUT):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=OUT, help="directory to write to (default: %(default)s)")
-    names = [v.name for v in VARIANTS + ABLATIONS] + ["released_layout", "interop_tiny"]
+    names = [v.name for v in VARIANTS + ABLATIONS + GRADIENT_VARIANTS] + ["released_layout", "interop_tiny"]
     ap.add_argument("--only", nargs="+", choices=names, metavar="NAME",
                     help="write these only (and no manifest); one of: " + ", ".join(names))
     args = ap.parse_args(argv)
     wanted = set(args.only or names)
     os.makedirs(args.out, exist_ok=True)
     states = {}
-    for v in VARIANTS + ABLATIONS:
+    for v in VARIANTS + ABLATIONS + GRADIENT_VARIANTS:
         if v.name not in wanted and not (v.name == "grouped_official" and "released_layout" in wanted):
             continue
         state, desc = make_variant(v, args.out)
         states[v.name] = state
-        print(f"{desc['name']}: {desc['parameter_count']} parameters, input {desc['shapes']['input']}, "
-              f"max |logit| {desc['output_max_abs']:.3g}")
+        size = (f"max |logit| {desc['output_max_abs']:.3g}" if "output_max_abs" in desc else
+                f"max |gradient| {desc['gradient_max_abs']:.3g}, offsets >= {desc.get('offset_min_distance_from_integer', '(none)')} from integers")
+        print(f"{desc['name']}: {desc['parameter_count']} parameters, input {desc['shapes']['input']}, {size}")
     if "released_layout" in wanted:
         make_released_layout(states["grouped_official"], "grouped_official", args.out)
     if "interop_tiny" in wanted:
@@ -239,7 +342,7 @@ def main(argv=None):
     if args.only is None:
         manifest = [v.name for v in VARIANTS] + ["released_layout"] + [v.name for v in ABLATIONS]
         with open(os.path.join(args.out, "manifest.json"), "w") as f:
-            json.dump({"variants": manifest}, f, indent=1)
+            json.dump({"variants": manifest, "gradient_variants": [v.name for v in GRADIENT_VARIANTS]}, f, indent=1)
             f.write("\n")
     total = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out))
     print(f"total {total / 1e6:.2f} MB in {args.out}")
