@@ -266,7 +266,7 @@ final class BlockGradientTests: XCTestCase {
                            seed: UInt64) throws {
         var layout = ParameterLayout()
         let prefix = "s."
-        let block = try EncoderBlock(prefix, channels: c, config: config, layout: &layout)
+        let block = try EncoderBlock(prefix, channels: c, config: config, index: 0, layout: &layout)
         var forms = Self.copyForms(layout)
         block.forms(&forms)
         let store = try ParameterStore(layout: layout)

@@ -93,7 +93,7 @@ final class FusedPathTests: XCTestCase {
     func checkEncoderBlock(_ label: String, _ config: DeformUXNetConfig, n: Int, d: Int, h: Int, w: Int, c: Int,
                            seed: UInt64) throws {
         var layout = ParameterLayout()
-        let block = try EncoderBlock("s.", channels: c, config: config, layout: &layout)
+        let block = try EncoderBlock("s.", channels: c, config: config, index: 0, layout: &layout)
         var forms = BlockGradientTests.copyForms(layout)
         block.forms(&forms)
         let (store, ctx) = try Self.setUp(layout, forms: forms, seed: seed)

@@ -78,3 +78,14 @@ def test_network_fixture_generator_reproduces_the_committed_files(tmp_path):
     written = _regenerated_files_match("make_network_fixtures.py", "network", tmp_path,
                                        optional=("interop_tiny.safetensors",))
     assert "manifest.json" in written and "ablation_standard.io.safetensors" in written
+
+
+def test_train_step_fixture_generator_reproduces_the_committed_file(tmp_path):
+    _torch()
+    pytest.importorskip("monai", reason="tools/make_train_step_fixture.py needs monai")
+    r = _run([str(TOOLS / "make_train_step_fixture.py"), "--out", str(tmp_path)], timeout=600)
+    assert r.returncode == 0, f"tools/make_train_step_fixture.py failed:\n{r.stdout}"
+    name = "train_step.safetensors"
+    committed = REPO / "Tests" / "Fixtures" / "training" / name
+    assert (tmp_path / name).read_bytes() == committed.read_bytes(), (
+        f"tools/make_train_step_fixture.py writes other bytes than the committed Tests/Fixtures/training/{name}")
