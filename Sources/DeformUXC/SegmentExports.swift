@@ -135,6 +135,17 @@ public func dfx_segmenter_free(_ segmenter: OpaquePointer?) {
     Unmanaged<SegmenterHandle>.fromOpaque(UnsafeRawPointer(segmenter)).release()
 }
 
+/// The input and output channel counts of the segmenter's model; either pointer may be NULL.
+@_cdecl("dfx_segmenter_channels")
+public func dfx_segmenter_channels(_ segmenter: OpaquePointer?, _ inChannels: UnsafeMutablePointer<Int32>?,
+                                   _ outChannels: UnsafeMutablePointer<Int32>?) -> Int32 {
+    guarded("segmenter_channels") {
+        let h = try segmenterHandle(segmenter, "segmenter_channels")
+        inChannels?.pointee = Int32(h.predictor.inChannels)
+        outChannels?.pointee = Int32(h.predictor.outChannels)
+    }
+}
+
 /// The configuration the segmenter runs with: its model card with every default written out.
 @_cdecl("dfx_segmenter_config_json")
 public func dfx_segmenter_config_json(_ segmenter: OpaquePointer?, _ buf: UnsafeMutablePointer<CChar>?, _ cap: Int64,
@@ -175,14 +186,16 @@ public func dfx_segment(_ segmenter: OpaquePointer?, _ image: UnsafePointer<Floa
                                 affine: try Affine((0..<16).map { affine[$0] }))
 
         // The C callback reports progress and is polled inside the network's steps as the cancellation.
-        final class Last { var done: Int64 = 0; var total: Int64 = 1 }
+        // Polls repeat the last reported numbers; none are made before the first report (the total is
+        // known only once the windows are planned).
+        final class Last { var done: Int64 = 0; var total: Int64 = 0 }
         let last = Last()
         let monitor = progress.map { cb in
             SegmentMonitor(progress: { done, total in
                 last.done = Int64(done)
                 last.total = Int64(total)
                 return cb(user, Int64(done), Int64(total)) == 0
-            }, cancellation: Cancellation(poll: { cb(user, last.done, last.total) == 0 }))
+            }, cancellation: Cancellation(poll: { last.total == 0 || cb(user, last.done, last.total) == 0 }))
         } ?? SegmentMonitor()
 
         try h.lock.withLock(op) {

@@ -213,6 +213,8 @@ static void test_segment(void) {
                  DFX_ERR_INVALID_ARGUMENT, "one class per output channel");
     CHECK(dfx_segmenter_create(sess, "{\"window\": [16, 16, 16], \"orientation\": null, \"classes\": [\"b\", \"x\", \"y\"]}",
                                &seg) == DFX_OK && seg != NULL, "segmenter create: %s", dfx_last_error());
+    int32_t seg_in = 0, seg_out = 0;
+    CHECK(dfx_segmenter_channels(seg, &seg_in, &seg_out) == DFX_OK && seg_in == 1 && seg_out == 3, "segmenter channels");
     CHECK(dfx_segmenter_statistics_json(seg, text, (int64_t)sizeof text, &needed) == DFX_OK && strcmp(text, "null") == 0,
           "statistics before a run: %s", text);
     CHECK(dfx_segmenter_config_json(seg, text, (int64_t)sizeof text, &needed) == DFX_OK && strstr(text, "\"window\": [16, 16, 16]"),

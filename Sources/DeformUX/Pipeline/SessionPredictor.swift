@@ -92,9 +92,10 @@ public final class SessionPredictor: WindowPredictor {
             r.windowsDone = done
             r.windowsTotal = total
             r.forwardsInBatch = 0
-            // Between windows: poll the cancellation too (its poll may be the caller's progress function).
+            if let p = r.progress, !p(done * r.unitsPerWindow, total * r.unitsPerWindow) { return false }
+            // Between windows: poll the cancellation too (after the progress, which its poll may repeat).
             if let c = r.cancellation, (try? c.check("segment", "")) == nil { return false }
-            return r.progress?(done * r.unitsPerWindow, total * r.unitsPerWindow) ?? true
+            return true
         }
     }
 }

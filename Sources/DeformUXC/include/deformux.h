@@ -328,6 +328,8 @@ dfx_status dfx_model_card_normalize(const char *card_json, char *buf, int64_t ca
  * per output channel. *out is NULL on failure. */
 dfx_status dfx_segmenter_create(dfx_session *session, const char *config_json, dfx_segmenter **out);
 void dfx_segmenter_free(dfx_segmenter *segmenter);
+/* The input and output channel counts (Cin, Cout) of the segmenter's model; either pointer may be NULL. */
+dfx_status dfx_segmenter_channels(const dfx_segmenter *segmenter, int32_t *in_channels, int32_t *out_channels);
 /* The segmenter's model card with every default written out (text convention as above). */
 dfx_status dfx_segmenter_config_json(const dfx_segmenter *segmenter, char *buf, int64_t cap, int64_t *needed);
 
