@@ -34,6 +34,14 @@ PACKAGE_FILES = [
     ("data/mni152/LICENSE.md", "data/mni152/LICENSE.md"),
     ("data/mni152/nilearn-LICENSE-BSD3.txt", "data/mni152/nilearn-LICENSE-BSD3.txt"),
     ("data/mni152/README.md", "data/mni152/README.md"),
+    # ---- segmentation (issue 8): the GM/WM maps and the tissue labels made from them (the reference of
+    # the demo and of deformux.data.mni152(), which the training issue uses too) ----
+    ("data/mni152/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+     "data/mni152/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"),
+    ("data/mni152/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+     "data/mni152/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"),
+    ("data/mni152/mni152_tissue_labels.nii.gz", "data/mni152/mni152_tissue_labels.nii.gz"),
+    # ---- end of segmentation ----
     (HEADER_DIR + "/deformux.h", "include/deformux.h"),
 ]
 

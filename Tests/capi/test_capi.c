@@ -175,6 +175,107 @@ static void test_nifti(void) {
 }
 /* ---- end of NIfTI ---- */
 
+/* ---- segmentation (dfx_segmenter_*, dfx_segment, dfx_model_card_normalize) ---- */
+static int64_t progress_calls = 0, progress_total = 0, progress_last = -1;
+static int monotone = 1;
+static int32_t count_progress(void *user, int64_t done, int64_t total) {
+    (void)user;
+    if (done < progress_last) monotone = 0;
+    progress_calls++;
+    progress_last = done;
+    progress_total = total;
+    return 0;
+}
+
+static void test_segment(void) {
+    char text[4096];
+    int64_t needed = 0;
+    /* cards: defaults written out; errors name the key */
+    CHECK(dfx_model_card_normalize("{\"overlap\": 0.25}", text, (int64_t)sizeof text, &needed) == DFX_OK &&
+          needed <= (int64_t)sizeof text && strstr(text, "\"overlap\": 0.25") != NULL && strstr(text, "\"window\": [96, 96, 96]") != NULL,
+          "card normalize: %s", text);
+    expect_error("card overlap", dfx_model_card_normalize("{\"overlap\": 1}", text, (int64_t)sizeof text, &needed),
+                 DFX_ERR_INVALID_ARGUMENT, "overlap");
+    expect_error("card NULL", dfx_model_card_normalize(NULL, text, (int64_t)sizeof text, &needed), DFX_ERR_INVALID_ARGUMENT,
+                 "model_card_normalize");
+
+    dfx_model *m = NULL;
+    dfx_session *sess = NULL;
+    dfx_segmenter *seg = NULL;
+    CHECK(dfx_model_create("{\"out_channels\": 3, \"feature_size\": [4, 8, 8, 8], \"hidden_size\": 8}", 2, &m) == DFX_OK,
+          "segment model: %s", dfx_last_error());
+    CHECK(dfx_session_create(m, &sess) == DFX_OK, "segment session: %s", dfx_last_error());
+    expect_error("segmenter NULL session", dfx_segmenter_create(NULL, "{}", &seg), DFX_ERR_INVALID_ARGUMENT, "session");
+    expect_error("segmenter bad card", dfx_segmenter_create(sess, "{\"window\": [16, 16, 20]}", &seg), DFX_ERR_INVALID_ARGUMENT,
+                 "window");
+    CHECK(seg == NULL, "a failed create left a handle");
+    expect_error("segmenter wrong classes", dfx_segmenter_create(sess, "{\"classes\": [\"background\", \"a\"]}", &seg),
+                 DFX_ERR_INVALID_ARGUMENT, "one class per output channel");
+    CHECK(dfx_segmenter_create(sess, "{\"window\": [16, 16, 16], \"orientation\": null, \"classes\": [\"b\", \"x\", \"y\"]}",
+                               &seg) == DFX_OK && seg != NULL, "segmenter create: %s", dfx_last_error());
+    int32_t seg_in = 0, seg_out = 0;
+    CHECK(dfx_segmenter_channels(seg, &seg_in, &seg_out) == DFX_OK && seg_in == 1 && seg_out == 3, "segmenter channels");
+    CHECK(dfx_segmenter_statistics_json(seg, text, (int64_t)sizeof text, &needed) == DFX_OK && strcmp(text, "null") == 0,
+          "statistics before a run: %s", text);
+    CHECK(dfx_segmenter_config_json(seg, text, (int64_t)sizeof text, &needed) == DFX_OK && strstr(text, "\"window\": [16, 16, 16]"),
+          "segmenter config: %s", text);
+
+    enum { SX = 20, SY = 9, SZ = 12, SN = SX * SY * SZ };
+    static float image[SN], probabilities[3 * SN];
+    static uint8_t labels[SN];
+    for (int i = 0; i < SN; i++) image[i] = (float)((i * 7919) % 101) / 10.0f;
+    const int64_t size[3] = {SX, SY, SZ};
+    const double affine[16] = {1, 0, 0, 0, 0, 1.5, 0, 0, 0, 0, 2, 0, 0, 0, 0, 1};
+    memset(labels, 255, sizeof labels);
+    CHECK(dfx_segment(seg, image, 1, size, affine, labels, probabilities, count_progress, NULL) == DFX_OK, "segment: %s",
+          dfx_last_error());
+    int in_range = 1;
+    for (int i = 0; i < SN; i++) {
+        if (labels[i] > 2) in_range = 0;
+        float p = probabilities[i] + probabilities[SN + i] + probabilities[2 * SN + i];
+        if (fabsf(p - 1.0f) > 1e-5f) in_range = 0;
+    }
+    CHECK(in_range, "labels 0..2 and probabilities summing to 1");
+    /* network grid 32 x 16 x 16, windows of 16 at overlap 0.5: 3 x 1 x 1, 12 steps each */
+    CHECK(progress_total == 3 * 12 && progress_last == progress_total && monotone && progress_calls >= 36,
+          "progress: %lld calls, last %lld of %lld", (long long)progress_calls, (long long)progress_last,
+          (long long)progress_total);
+    CHECK(dfx_segmenter_statistics_json(seg, text, (int64_t)sizeof text, &needed) == DFX_OK &&
+          strstr(text, "\"windows\": 3") != NULL && strstr(text, "\"network_size\": [32, 16, 16]") != NULL &&
+          strstr(text, "\"units_per_window\": 12") != NULL, "statistics: %s", text);
+    CHECK(dfx_segment(seg, image, 1, size, affine, labels, NULL, NULL, NULL) == DFX_OK, "segment without probabilities");
+    static int cancel_after = 5;
+    expect_error("segment cancelled", dfx_segment(seg, image, 1, size, affine, labels, NULL, cancel_at, &cancel_after),
+                 DFX_ERR_CANCELLED, "cancelled");
+    expect_error("segment channels", dfx_segment(seg, image, 2, size, affine, labels, NULL, NULL, NULL), DFX_ERR_SHAPE,
+                 "channels");
+    expect_error("segment image NULL", dfx_segment(seg, NULL, 1, size, affine, labels, NULL, NULL, NULL),
+                 DFX_ERR_INVALID_ARGUMENT, "image");
+    expect_error("segment labels NULL", dfx_segment(seg, image, 1, size, affine, NULL, NULL, NULL, NULL),
+                 DFX_ERR_INVALID_ARGUMENT, "labels");
+    const int64_t zero[3] = {SX, 0, SZ};
+    expect_error("segment size 0", dfx_segment(seg, image, 1, zero, affine, labels, NULL, NULL, NULL), DFX_ERR_INVALID_ARGUMENT,
+                 "size");
+    const double bad_affine[16] = {1, 0, 0, 0, 0, NAN, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1};
+    expect_error("segment NaN affine", dfx_segment(seg, image, 1, size, bad_affine, labels, NULL, NULL, NULL),
+                 DFX_ERR_INVALID_ARGUMENT, "non-finite");
+    image[17] = NAN;
+    expect_error("segment NaN", dfx_segment(seg, image, 1, size, affine, labels, NULL, NULL, NULL), DFX_ERR_INVALID_ARGUMENT,
+                 "non-finite");
+    int64_t retained = 0;
+    CHECK(dfx_segmenter_retained_bytes(seg, &retained) == DFX_OK && retained > 0, "segmenter retained bytes");
+    CHECK(dfx_segmenter_release_memory(seg) == DFX_OK, "segmenter release");
+    CHECK(dfx_segmenter_retained_bytes(seg, &retained) == DFX_OK && retained == 0, "retained after release: %lld",
+          (long long)retained);
+    expect_error("segmenter NULL", dfx_segmenter_retained_bytes(NULL, &retained), DFX_ERR_INVALID_ARGUMENT, "segmenter");
+    dfx_model_free(m);
+    dfx_session_free(sess); /* the segmenter keeps its session (and model) alive */
+    image[17] = 1.0f;
+    CHECK(dfx_segment(seg, image, 1, size, affine, labels, NULL, NULL, NULL) == DFX_OK, "segment after freeing the session");
+    dfx_segmenter_free(seg);
+    dfx_segmenter_free(NULL);
+}
+
 int main(void) {
     for (int i = 0; i < N * C * V; i++) { x[i] = (float)((i * 37 % 11) - 5) / 5.0f; gy[i] = 1.0f; }
     for (int i = 0; i < C * 27; i++) weight[i] = (float)((i * 13 % 7) - 3) / 7.0f;
@@ -352,6 +453,7 @@ int main(void) {
     dfx_workspace_free(ws);
     dfx_workspace_free(NULL);
     test_nifti();
+    test_segment();
 
     /* the last error is per thread and survives successful calls */
     dfx_set_num_threads(0);

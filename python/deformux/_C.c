@@ -1284,6 +1284,187 @@ done:
     return result;
 }
 
+/* ================================================================================================
+ * Segmentation (dfx_segmenter_*, dfx_segment, dfx_model_card_normalize): a PyCapsule owns the
+ * segmenter handle (which keeps its session alive). deformux/segment.py holds the policy (inputs,
+ * model cards, progress bar, results); these functions only marshal.
+ */
+
+static const char *SEGMENTER_CAPSULE = "deformux.segmenter";
+
+static void segmenter_capsule_free(PyObject *capsule) {
+    dfx_segmenter *h = (dfx_segmenter *)PyCapsule_GetPointer(capsule, SEGMENTER_CAPSULE);
+    if (h != NULL) dfx_segmenter_free(h);
+}
+
+static dfx_segmenter *segmenter_from(PyObject *capsule) {
+    return (dfx_segmenter *)PyCapsule_GetPointer(capsule, SEGMENTER_CAPSULE);
+}
+
+/* A text output of a segmenter (buf, cap, needed), asked again while it grew. */
+typedef dfx_status (*segmenter_text_fn)(const dfx_segmenter *, char *, int64_t, int64_t *);
+
+static PyObject *segmenter_text(PyObject *capsule, segmenter_text_fn fill) {
+    dfx_segmenter *h = segmenter_from(capsule);
+    if (h == NULL) return NULL;
+    int64_t cap = 1024, needed = 0;
+    for (;;) {
+        char *buf = PyMem_Malloc((size_t)cap);
+        if (buf == NULL) return PyErr_NoMemory();
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = fill(h, buf, cap, &needed);
+        Py_END_ALLOW_THREADS
+        if (status != DFX_OK) { PyMem_Free(buf); return raise_status(status); }
+        if (needed <= cap) {
+            PyObject *r = PyUnicode_DecodeUTF8(buf, (Py_ssize_t)strnlen(buf, (size_t)cap), "replace");
+            PyMem_Free(buf);
+            return r;
+        }
+        PyMem_Free(buf);
+        cap = needed;
+    }
+}
+
+/* model_card_normalize(card_json) -> str: the card with every default written out. */
+static PyObject *py_model_card_normalize(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *card;
+    if (!PyArg_ParseTuple(args, "s:model_card_normalize", &card)) return NULL;
+    int64_t needed = 0;
+    dfx_status status = dfx_model_card_normalize(card, NULL, 0, &needed);
+    if (status != DFX_OK) return raise_status(status);
+    char *buf = PyMem_Malloc((size_t)needed);
+    if (buf == NULL) return PyErr_NoMemory();
+    status = dfx_model_card_normalize(card, buf, needed, &needed);
+    PyObject *r = status == DFX_OK ? PyUnicode_DecodeUTF8(buf, (Py_ssize_t)strlen(buf), "replace") : raise_status(status);
+    PyMem_Free(buf);
+    return r;
+}
+
+/* segmenter_create(session_capsule, config_json_or_None) -> capsule */
+static PyObject *py_segmenter_create(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *osession, *oconfig;
+    if (!PyArg_ParseTuple(args, "OO:segmenter_create", &osession, &oconfig)) return NULL;
+    dfx_session *s = session_from(osession);
+    if (s == NULL) return NULL;
+    const char *config = NULL;
+    if (oconfig != Py_None) {
+        config = PyUnicode_AsUTF8(oconfig);
+        if (config == NULL) return NULL;
+    }
+    dfx_segmenter *h = NULL;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_segmenter_create(s, config, &h);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    PyObject *capsule = PyCapsule_New(h, SEGMENTER_CAPSULE, segmenter_capsule_free);
+    if (capsule == NULL) dfx_segmenter_free(h);
+    return capsule;
+}
+
+static PyObject *py_segmenter_config_json(PyObject *self, PyObject *capsule) {
+    (void)self;
+    return segmenter_text(capsule, dfx_segmenter_config_json);
+}
+
+static PyObject *py_segmenter_statistics_json(PyObject *self, PyObject *capsule) {
+    (void)self;
+    return segmenter_text(capsule, dfx_segmenter_statistics_json);
+}
+
+/* segment(segmenter, image, affine, labels, probabilities_or_None, progress_or_None) -> None
+ *   image          float32 (C, X, Y, Z), C-contiguous
+ *   affine         16 float64 (4 x 4), C-contiguous
+ *   labels         uint8 (X, Y, Z), writable, C-contiguous (filled)
+ *   probabilities  float32 (Cout, X, Y, Z), writable, or None (filled) */
+static PyObject *py_segment(PyObject *self, PyObject *args) {
+    (void)self;
+    static const char *op = "segment";
+    PyObject *capsule, *oimage, *oaffine, *olabels, *oprob, *ocb;
+    if (!PyArg_ParseTuple(args, "OOOOOO:segment", &capsule, &oimage, &oaffine, &olabels, &oprob, &ocb)) return NULL;
+    dfx_segmenter *h = segmenter_from(capsule);
+    if (h == NULL) return NULL;
+    Borrowed b = {.count = 0};
+    Py_buffer affine = {0}, labels = {0};
+    int have_affine = 0, have_labels = 0;
+    PyObject *result = NULL;
+    float *image, *prob;
+    if (borrow(&b, oimage, op, "image", 0, 0, 4, NULL, &image) < 0) goto done;
+    if (PyObject_GetBuffer(oaffine, &affine, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) goto done;
+    have_affine = 1;
+    if (affine.len != 16 * (Py_ssize_t)sizeof(double) || affine.itemsize != (Py_ssize_t)sizeof(double)) {
+        PyErr_SetString(PyExc_ValueError, "segment: affine must be 16 float64 values (4 x 4)");
+        goto done;
+    }
+    if (PyObject_GetBuffer(olabels, &labels, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) != 0) goto done;
+    have_labels = 1;
+    {
+        Py_ssize_t *is = b.views[0].shape;
+        if (labels.itemsize != 1 || labels.format == NULL || strcmp(labels.format, "B") != 0 || labels.ndim != 3 || labels.shape[0] != is[1] || labels.shape[1] != is[2] ||
+            labels.shape[2] != is[3]) {
+            PyErr_Format(PyExc_ValueError, "segment: labels must be uint8 of shape (%zd, %zd, %zd)", is[1], is[2], is[3]);
+            goto done;
+        }
+        int32_t cin = 0, cout = 0;
+        dfx_status st = dfx_segmenter_channels(h, &cin, &cout);
+        if (st != DFX_OK) { raise_status(st); goto done; }
+        if (is[0] != cin) {
+            PyErr_Format(PyExc_ValueError, "segment: the image must have %d channel(s), got %zd", (int)cin, is[0]);
+            goto done;
+        }
+        if (oprob != Py_None) {
+            const Py_ssize_t pshape[4] = {cout, is[1], is[2], is[3]};
+            if (borrow(&b, oprob, op, "probabilities", 1, 0, 4, pshape, &prob) < 0) goto done;
+        } else {
+            prob = NULL;
+        }
+        int64_t size[3] = {is[1], is[2], is[3]};
+        Progress p = {.callable = ocb == Py_None ? NULL : ocb, .last_done = -1, .failed = 0};
+        dfx_status status;
+        Py_BEGIN_ALLOW_THREADS
+        status = dfx_segment(h, image, is[0], size, (const double *)affine.buf, (uint8_t *)labels.buf, prob,
+                             progress_trampoline, &p);
+        Py_END_ALLOW_THREADS
+        if (finish(status, &p) < 0) goto done;
+        result = Py_NewRef(Py_None);
+    }
+done:
+    release_all(&b);
+    if (have_affine) PyBuffer_Release(&affine);
+    if (have_labels) PyBuffer_Release(&labels);
+    return result;
+}
+
+static PyObject *py_segmenter_release_memory(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_segmenter *h = segmenter_from(capsule);
+    if (h == NULL) return NULL;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_segmenter_release_memory(h);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_segmenter_retained_bytes(PyObject *self, PyObject *capsule) {
+    (void)self;
+    dfx_segmenter *h = segmenter_from(capsule);
+    if (h == NULL) return NULL;
+    int64_t n = 0;
+    dfx_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dfx_segmenter_retained_bytes(h, &n);
+    Py_END_ALLOW_THREADS
+    if (status != DFX_OK) return raise_status(status);
+    return PyLong_FromLongLong((long long)n);
+}
+
+/* ==================================== end of segmentation ===================================== */
+
 static PyMethodDef methods[] = {
     {"version", py_version, METH_NOARGS, "version() -> str: dfx_version()"},
     {"last_error", py_last_error, METH_NOARGS, "last_error() -> str: dfx_last_error() of this thread"},
@@ -1340,6 +1521,15 @@ static PyMethodDef methods[] = {
     {"sampler_create", py_sampler_create, METH_VARARGS, "sampler_create(config_json) -> sampler"},
     {"sampler_add", py_sampler_add, METH_VARARGS, "sampler_add(sampler, image, labels) -> index"},
     {"sampler_batch", py_sampler_batch, METH_VARARGS, "sampler_batch(sampler, [indices], rng_state, images, labels) -> rng_state"},
+    /* segmentation */
+    {"model_card_normalize", py_model_card_normalize, METH_VARARGS, "model_card_normalize(card_json) -> str"},
+    {"segmenter_create", py_segmenter_create, METH_VARARGS, "segmenter_create(session, config_json_or_None) -> segmenter"},
+    {"segmenter_config_json", py_segmenter_config_json, METH_O, "segmenter_config_json(segmenter) -> str"},
+    {"segmenter_statistics_json", py_segmenter_statistics_json, METH_O, "segmenter_statistics_json(segmenter) -> str"},
+    {"segment", py_segment, METH_VARARGS,
+     "segment(segmenter, image, affine, labels, probabilities_or_None, progress_or_None): fills labels"},
+    {"segmenter_release_memory", py_segmenter_release_memory, METH_O, "segmenter_release_memory(segmenter)"},
+    {"segmenter_retained_bytes", py_segmenter_retained_bytes, METH_O, "segmenter_retained_bytes(segmenter) -> int"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,8 +1,10 @@
 """deformux: DeformUX-Net 3D medical image segmentation on the CPU (a Swift engine).
 
 This package is a thin layer over the engine's C ABI (libDeformUXC.so, bundled next to the
-extension ``deformux._C``): the network (``deformux.DeformUXNet``) and its DDC operator
-(``deformux.ops``). Training and ``segment()`` come next.
+extension ``deformux._C``): whole-volume segmentation (``deformux.segment``, ``deformux.Segmenter``),
+the network (``deformux.DeformUXNet``) and its DDC operator (``deformux.ops``). Training comes next.
+
+    labels = deformux.segment("t1.nii.gz", model="model.json", output="labels.nii.gz")
 
     import numpy as np, deformux
     m = deformux.DeformUXNet(out_channels=16)
@@ -20,6 +22,11 @@ from ._C import DeformUXError, FileFormatError
 from . import ops
 from . import nifti
 from .model import DeformUXNet, Session
+# ---- segmentation (issue 8): segment(), Segmenter, model cards, metrics, figures, bundled data ----
+from . import card, data, evaluate, figures
+from .card import ModelCard
+from .segment import Segmenter, segment
+# ---- training (issue 9): the loss, Trainer, PatchSampler, train() ----
 from . import losses
 from .training import Trainer, PatchSampler
 from .train import train, load_dataset
@@ -30,8 +37,10 @@ __version__ = "0.1.0"
 # turns into "[Errno None] None: <filename>" as soon as .filename is set, as _C.raise_status sets it.
 FileFormatError.__str__ = lambda self: str(self.args[0]) if self.args else ""
 
-__all__ = ["ops", "nifti", "losses", "DeformUXNet", "Session", "Trainer", "PatchSampler", "train", "load_dataset", "DeformUXError", "FileFormatError", "set_num_threads",
-           "get_num_threads", "release_memory", "engine_version", "__version__"]
+__all__ = ["ops", "nifti", "DeformUXNet", "Session", "DeformUXError", "FileFormatError", "set_num_threads",
+           "get_num_threads", "release_memory", "engine_version", "__version__",
+           "segment", "Segmenter", "ModelCard", "card", "data", "evaluate", "figures",
+           "losses", "Trainer", "PatchSampler", "train", "load_dataset"]
 
 
 def set_num_threads(n):

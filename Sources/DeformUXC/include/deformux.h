@@ -355,6 +355,72 @@ dfx_status dfx_sampler_add(dfx_sampler *sampler, const float *image, int64_t cha
 dfx_status dfx_sampler_batch(dfx_sampler *sampler, const int64_t *indices, int64_t count, uint64_t *rng_state,
                              float *images, int32_t *labels);
 
+/* ====================================== end of training ======================================= */
+
+/* ================================================================================================
+ * Segmentation: whole volumes in, label maps out (Sources/DeformUX/Pipeline/README.md). A segmenter
+ * runs a session's network over a volume with a model card's settings: reorientation to RAS,
+ * resampling, the intensity preset, padding, sliding windows with blending, and back onto the input
+ * grid. It keeps its working memory (network grid, accumulator, window buffers) between volumes and
+ * keeps its session alive. One call at a time per segmenter (others wait; a call from its own
+ * progress callback gets DFX_ERR_BUSY); segmenters on different sessions run concurrently.
+ *
+ * Model cards (JSON; Sources/DeformUX/Model/ModelCard.swift lists every key and default): "name",
+ * "version", "config" (the network, as dfx_model_create's JSON), "weights", "classes", "spacing"
+ * ([x, y, z] mm or null: keep the input's grid), "orientation" ("RAS" or null), "intensity" ({"kind":
+ * "mr"|"ct"|"none", "clip", "percentiles", "nonzero"}), "window" ([x, y, z], multiples of 16, or null:
+ * 96 reduced to small images), "overlap", "blend" ("gaussian"|"constant"), "batch", "skip_background"
+ * (null or {"threshold": t in input units}), "tta", "largest_component", "training" (free-form),
+ * "license". Missing keys take their defaults; unknown keys are kept.
+ */
+typedef struct dfx_segmenter dfx_segmenter;
+
+/* Parses and checks a model card; the card with every default written out, as JSON text (text
+ * convention as dfx_model_config_json). Bad cards: DFX_ERR_INVALID_ARGUMENT naming the key. */
+dfx_status dfx_model_card_normalize(const char *card_json, char *buf, int64_t cap, int64_t *needed);
+
+/* A segmenter running session's network with config_json (a model card; NULL: the defaults of a model
+ * without a card). A card "config" must equal the session's model's, and "classes" must name one class
+ * per output channel. *out is NULL on failure. */
+dfx_status dfx_segmenter_create(dfx_session *session, const char *config_json, dfx_segmenter **out);
+void dfx_segmenter_free(dfx_segmenter *segmenter);
+/* The input and output channel counts (Cin, Cout) of the segmenter's model; either pointer may be NULL. */
+dfx_status dfx_segmenter_channels(const dfx_segmenter *segmenter, int32_t *in_channels, int32_t *out_channels);
+/* The segmenter's model card with every default written out (text convention as above). */
+dfx_status dfx_segmenter_config_json(const dfx_segmenter *segmenter, char *buf, int64_t cap, int64_t *needed);
+
+/*
+ * Segments one volume.
+ *   image          channels x X x Y x Z float32, C order (channels first; x, y, z indexed as nibabel's
+ *                  get_fdata(), ARCHITECTURE.md section 8); finite values; channels = the model's Cin
+ *   size           X, Y, Z (each >= 1)
+ *   affine         16 doubles, row-major, voxel (i, j, k) -> world mm (nibabel's img.affine)
+ *   labels         X x Y x Z uint8 (output): the argmax class on the input grid
+ *   probabilities  Cout x X x Y x Z float32 (output), the softmax on the input grid; or NULL
+ *   progress       (user, done, total) in work units: one unit is one of the network's steps for one
+ *                  window (12 per window, 96 with flip TTA), so total = windows x units per window
+ *                  ("units_per_window" in the statistics); called before the first window (skipped
+ *                  windows counted done), after each step and window, and polled every ~0.1 s inside
+ *                  the network's kernels; return non-zero to cancel (DFX_ERR_CANCELLED). May be NULL.
+ */
+dfx_status dfx_segment(dfx_segmenter *segmenter, const float *image, int64_t channels, const int64_t size[3],
+                       const double affine[16], uint8_t *labels, float *probabilities,
+                       dfx_progress_fn progress, void *user);
+
+/* The last successful dfx_segment's statistics as a JSON object ("null" before the first): windows,
+ * windows_run, windows_skipped, batches, forwards, window, units_per_window, accumulator_planes,
+ * accumulator_planes_high_water, accumulator_bytes, input_size, canonical_size, reorientation_axes,
+ * reorientation_flips, resampled_size, network_size, padding_before, intensity_lower, intensity_upper,
+ * preprocess_seconds, predict_seconds (inside the network), blend_seconds (gathering windows, blending,
+ * argmax), postprocess_seconds (back onto the input grid, largest component), total_seconds. */
+dfx_status dfx_segmenter_statistics_json(const dfx_segmenter *segmenter, char *buf, int64_t cap, int64_t *needed);
+/* Frees the working memory a segmenter keeps between volumes (not its session's). */
+dfx_status dfx_segmenter_release_memory(dfx_segmenter *segmenter);
+/* Bytes of working memory a segmenter keeps between volumes (not counting its session's). */
+dfx_status dfx_segmenter_retained_bytes(dfx_segmenter *segmenter, int64_t *out);
+
+/* ==================================== end of segmentation ===================================== */
+
 #ifdef __cplusplus
 }
 #endif
