@@ -1,0 +1,349 @@
+"""A model used from several threads and from its own progress callbacks (issue 6: item 2 the deadlock,
+item 4 the report-text race).
+
+Every scenario runs in a fresh interpreter (isolated.run) with a timeout: a deadlock between the engine
+and the GIL freezes every thread of its process, and would otherwise hang the test run rather than fail
+it. The scenarios use a small network (feature_size 8, 12, 16, 24; hidden 32) on 16 x 16 x 32 inputs,
+so each takes well under a second when nothing is wrong.
+"""
+import textwrap
+
+import isolated
+
+# What every scenario below starts from: a model, an input, its logits, a second model's weights.
+SETUP = """
+m = DeformUXNet(**SMALL, seed=1)
+x = np.random.default_rng(0).standard_normal((1, 1, 16, 16, 32)).astype(np.float32)
+g = np.random.default_rng(1).standard_normal((1, 3, 16, 16, 32)).astype(np.float32)
+want = m.forward(x)
+other = DeformUXNet(**SMALL, seed=2)
+want_other = other.forward(x)
+assert not np.array_equal(want, want_other)
+import tempfile
+tmp = tempfile.mkdtemp()
+"""
+
+
+def scenario(*parts, timeout=60):
+    """Runs SETUP and `parts` (each dedented) in a fresh interpreter; the JSON its last line prints."""
+    return isolated.last_json(isolated.run(SETUP + "".join(textwrap.dedent(p) for p in parts), timeout=timeout))
+
+
+# ---- item 2: forward beside state_dict / load / save on one model ----
+
+def test_reload_thread_beside_serving_forward_does_not_deadlock():
+    """A serving thread runs forwards with a progress callback (the callback takes the GIL between the
+    network's steps) while a reload thread reads and writes the same model's weights, its report text,
+    summary and config in a loop. Before the fix the forward held the model's mutex while it called
+    back and state_dict() waited for that mutex holding the GIL: the interpreter hung."""
+    r = scenario("""
+        path, path2 = os.path.join(tmp, "w.safetensors"), os.path.join(tmp, "w2.safetensors")
+        m.save(path)
+        sd = m.state_dict()
+        counts = {"forward": 0, "progress": 0, "reload": 0}
+        errors = []
+        done = threading.Event()
+
+        def progress(step, total):
+            counts["progress"] += 1
+            return True
+
+        def serve():
+            try:
+                for _ in range(40):
+                    y = m.forward(x, progress=progress)
+                    if not np.array_equal(y, want):
+                        errors.append("a forward during reloads gave other logits")
+                    counts["forward"] += 1
+            except BaseException as e:
+                errors.append("serve: " + repr(e))
+            finally:
+                done.set()
+
+        def reload():
+            try:
+                while not done.is_set() or counts["reload"] < 3:
+                    # the same weights go back in, so every forward must give `want`
+                    m.load_state_dict(m.state_dict())
+                    m.load(path)
+                    m.load_state_dict(sd)
+                    m.save(path2)
+                    m.summary(32)
+                    m.config
+                    repr(m)
+                    counts["reload"] += 1
+            except BaseException as e:
+                errors.append("reload: " + repr(e))
+
+        threads = [threading.Thread(target=serve), threading.Thread(target=reload)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(json.dumps({"counts": counts, "errors": errors}))
+    """)
+    assert r["errors"] == []
+    assert r["counts"]["forward"] == 40 and r["counts"]["progress"] == 40 * 12
+    assert r["counts"]["reload"] >= 3
+
+
+def test_reload_thread_beside_serving_backward_and_sessions_does_not_deadlock():
+    """The same with a backward on the default session and forwards on a second session, while the
+    reload thread also reads the gradients and the sessions' memory figures."""
+    r = scenario("""
+        counts = {"backward": 0, "forward": 0, "reload": 0}
+        errors = []
+        done = threading.Event()
+        s = m.session()
+        sd = m.state_dict()
+
+        def train():
+            try:
+                for _ in range(8):
+                    m.backward(x, g, progress=lambda step, total: True)
+                    counts["backward"] += 1
+            except BaseException as e:
+                errors.append("train: " + repr(e))
+
+        def serve():
+            try:
+                for _ in range(20):
+                    if not np.array_equal(s.forward(x, progress=lambda step, total: True), want):
+                        errors.append("a forward on the second session gave other logits")
+                    counts["forward"] += 1
+            except BaseException as e:
+                errors.append("serve: " + repr(e))
+
+        def reload():
+            try:
+                while not done.is_set() or counts["reload"] < 3:
+                    m.load_state_dict(sd)
+                    m.gradients()
+                    m.summary(32)
+                    s.retained_bytes
+                    counts["reload"] += 1
+            except BaseException as e:
+                errors.append("reload: " + repr(e))
+
+        workers = [threading.Thread(target=train), threading.Thread(target=serve)]
+        r = threading.Thread(target=reload)
+        for t in workers + [r]:
+            t.start()
+        for t in workers:
+            t.join()
+        done.set()
+        r.join()
+        print(json.dumps({"counts": counts, "errors": errors}))
+    """)
+    assert r["errors"] == []
+    assert r["counts"]["backward"] == 8 and r["counts"]["forward"] == 20 and r["counts"]["reload"] >= 3
+
+
+# ---- item 2: a progress callback that uses its own model ----
+
+def test_progress_callback_reads_its_own_model():
+    r = scenario("""
+        sd0, config0, summary0 = m.state_dict(), m.config, m.summary(32)
+        seen = []
+
+        def progress(step, total):
+            sd = m.state_dict()
+            assert sd.keys() == sd0.keys() and all(np.array_equal(sd[k], sd0[k]) for k in sd0)
+            assert m.config == config0 and m.summary(32) == summary0
+            assert m.num_parameters() > 0 and "DeformUXNet" in repr(m)
+            m.gradients()  # not held by a forward
+            seen.append(step)
+            return True
+
+        y = m.forward(x, progress=progress)
+        y2 = m.session().forward(x, progress=progress)
+        print(json.dumps({"seen": seen, "same": bool(np.array_equal(y, want)), "same2": bool(np.array_equal(y2, want))}))
+    """)
+    assert r["seen"] == list(range(1, 13)) * 2
+    assert r["same"] and r["same2"]
+
+
+def test_progress_callback_loads_weights_into_its_own_model():
+    """A callback that loads new weights into the model it reports on: the running call finishes with
+    the weights it started with (its snapshot), and the next call uses the new ones. Checked for
+    load_state_dict and load(path), on the default session and on a session of its own, and for a
+    backward (its gradients are the old weights' gradients)."""
+    r = scenario("""
+        old_sd, new_sd = m.state_dict(), other.state_dict()
+        new_path = os.path.join(tmp, "other.safetensors")
+        other.save(new_path)
+        out = {}
+
+        def loading(at, load):
+            def progress(step, total):
+                if step == at:
+                    load()
+                return True
+            return progress
+
+        for label, at, load in [("load_state_dict", 3, lambda: m.load_state_dict(new_sd)),
+                                ("load", 7, lambda: m.load(new_path))]:
+            for where, runner in [("default", lambda: m.forward), ("session", lambda: m.session().forward)]:
+                run = runner()
+                m.load_state_dict(old_sd)
+                during = run(x, progress=loading(at, load))
+                after = run(x)
+                out[f"{label} {where}"] = [bool(np.array_equal(during, want)), bool(np.array_equal(after, want_other))]
+
+        m.load_state_dict(old_sd)
+        want_grads = m.backward(x, g)
+        want_grads_other = other.backward(x, g)
+        during = m.backward(x, g, progress=loading(5, lambda: m.load_state_dict(new_sd)))
+        after = m.backward(x, g)
+        out["backward"] = [all(np.array_equal(during[k], want_grads[k]) for k in want_grads),
+                           all(np.array_equal(after[k], want_grads_other[k]) for k in want_grads)]
+        print(json.dumps(out))
+    """)
+    for case, (during_is_old, after_is_new) in r.items():
+        assert during_is_old, f"{case}: the running call did not keep the weights it started with"
+        assert after_is_new, f"{case}: the next call did not use the weights loaded during the previous one"
+
+
+# ---- item 2: re-entrant calls from a callback are refused, never a deadlock ----
+
+def test_reentrant_forward_from_its_callback_is_a_clear_error():
+    r = scenario("""
+        out = {}
+
+        def calling(at, fn, key):
+            def progress(step, total):
+                if step == at:
+                    try:
+                        fn()
+                        out[key] = "no error"
+                    except Exception as e:
+                        out[key] = [type(e).__name__, str(e)]
+                return True
+            return progress
+
+        y = m.forward(x, progress=calling(2, lambda: m.forward(x), "default"))
+        out["outer default"] = bool(np.array_equal(y, want))
+        s, s2 = m.session(), m.session()
+        y = s.forward(x, progress=calling(2, lambda: s.forward(x), "session"))
+        out["outer session"] = bool(np.array_equal(y, want))
+        y = s.forward(x, progress=calling(2, lambda: m.release_memory() or s.release_memory(), "release"))
+        out["outer release"] = bool(np.array_equal(y, want))
+        # another session of the same model works from the callback
+        inner = []
+        s.forward(x, progress=lambda step, total: step != 4 or inner.append(s2.forward(x)) or True)
+        out["other session"] = bool(np.array_equal(inner[0], want))
+
+        # uncaught, the error ends the outer call; the model stays usable
+        def reenter(step, total):
+            m.forward(x)
+            return True
+        try:
+            m.forward(x, progress=reenter)
+            out["uncaught"] = "no error"
+        except deformux.DeformUXError as e:
+            out["uncaught"] = [type(e).__name__, str(e)]
+        out["usable"] = bool(np.array_equal(m.forward(x), want))
+        print(json.dumps(out))
+    """)
+    for key in ("default", "session", "release", "uncaught"):
+        assert r[key] != "no error", f"{key}: a re-entrant call from the callback was not refused"
+        kind, message = r[key]
+        assert kind == "DeformUXError" and "already in use by this thread" in message, (key, message)
+    assert r["outer default"] and r["outer session"] and r["outer release"] and r["other session"] and r["usable"]
+
+
+def test_reentrant_backward_from_its_callback_is_a_clear_error():
+    """In a backward's callback: another backward of the same model (any session) and the model's
+    gradients are refused; a forward on the same session is refused; a forward on another session and
+    reading the weights work."""
+    r = scenario("""
+        want_grads = m.backward(x, g)
+        s2 = m.session()
+        out = {}
+
+        def attempt(key, fn):
+            try:
+                fn()
+                out[key] = "no error"
+            except Exception as e:
+                out[key] = [type(e).__name__, str(e)]
+
+        def progress(step, total):
+            if step == 3:
+                attempt("backward", lambda: m.backward(x, g))
+                attempt("backward other session", lambda: s2.backward(x, g))
+                attempt("forward same session", lambda: m.forward(x))
+                attempt("gradients", lambda: m.gradients())
+                attempt("zero_grad", lambda: m.zero_grad())
+                out["forward other session"] = bool(np.array_equal(s2.forward(x), want))
+                out["state_dict"] = len(m.state_dict())
+            return True
+
+        grads = m.backward(x, g, progress=progress)
+        out["outer"] = all(np.array_equal(grads[k], want_grads[k]) for k in want_grads)
+        again = m.backward(x, g)
+        out["usable"] = all(np.array_equal(again[k], want_grads[k]) for k in want_grads)
+        print(json.dumps(out))
+    """)
+    for key in ("backward", "backward other session"):
+        assert r[key][0] == "RuntimeError" and "inside a backward of the same model" in r[key][1], r[key]
+    assert r["forward same session"][0] == "DeformUXError" and "session is already in use by this thread" in r["forward same session"][1]
+    for key in ("gradients", "zero_grad"):
+        assert r[key][0] == "DeformUXError" and "gradients is already in use by this thread" in r[key][1], r[key]
+    assert r["forward other session"] and r["state_dict"] > 0 and r["outer"] and r["usable"]
+
+
+# ---- item 4: report text that changes while it is read ----
+
+def test_report_text_is_always_complete_while_loads_change_it():
+    """A loader thread loads files with different subsets of the weights (strict=False), so the
+    model's report text switches between four lengths (one under the extension's first 256-byte guess,
+    three over it), while this thread reads it as fast as it can. Every text read must be one of the
+    four complete reports. Before the fix the extension asked for the size, then filled a buffer of
+    that size: when a longer report arrived in between, the engine wrote nothing and the extension
+    read the uninitialised buffer as a C string (garbage, a UnicodeDecodeError, or a read past it)."""
+    r = scenario("""
+        from deformux import convert
+        sd = m.state_dict()
+        names = list(sd)
+        paths = []
+        for keep in (names, names[: len(names) // 3], names[: 2 * len(names) // 3], names[:1]):
+            path = os.path.join(tmp, f"part{len(keep)}.safetensors")
+            convert.write_safetensors(path, {k: sd[k] for k in keep}, {})
+            paths.append(path)
+        reports = [m.load(p, strict=False) for p in paths]
+        assert len({len(t) for t in reports}) == 4, [len(t) for t in reports]
+        done = threading.Event()
+        loads, errors = [0], []
+
+        def loader():
+            try:
+                while not done.is_set():
+                    for p in paths:
+                        m.load(p, strict=False)
+                        loads[0] += 1
+            except BaseException as e:
+                errors.append(repr(e))
+
+        t = threading.Thread(target=loader)
+        t.start()
+        reads, bad, seen = 0, [], set()
+        start = time.perf_counter()
+        try:
+            while time.perf_counter() - start < 1.0 or loads[0] < 40:
+                text = _C.model_last_report(m._handle)
+                reads += 1
+                if text in reports:
+                    seen.add(reports.index(text))
+                elif len(bad) < 3:
+                    bad.append(text[:300])
+        except BaseException as e:
+            errors.append(repr(e))
+        done.set()
+        t.join()
+        print(json.dumps({"lengths": sorted(len(t) for t in reports), "reads": reads, "loads": loads[0],
+                          "bad": bad, "seen": sorted(seen), "errors": errors}))
+    """)
+    assert r["errors"] == [] and r["bad"] == [], r
+    assert r["lengths"][0] < 256 < r["lengths"][1], r["lengths"]
+    assert r["loads"] >= 40 and r["reads"] > r["loads"] and len(r["seen"]) >= 2, r
