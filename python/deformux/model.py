@@ -17,6 +17,7 @@ conversion; D, H and W must be multiples of 16 (pad the volume first).
 import json
 import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -82,11 +83,17 @@ class DeformUXNet:
         }
         self._handle = _C.model_create(json.dumps(config), _int("seed", seed, 0))
         self._tensors = _C.model_tensors(self._handle)
-        self._lock = threading.Lock()
+        self._new_locks()
         self._session = None
+        _live_models.add(self)
+        self._index = {name: i for i, (name, _) in enumerate(self._tensors)}
+
+    def _new_locks(self):
+        """The Python-side locks: the default session's creation, and the model's gradients (one
+        backward at a time). Made again in a forked child (see _after_fork_in_child)."""
+        self._lock = threading.Lock()
         self._grad_lock = threading.Lock()
         self._grad_owner = None
-        self._index = {name: i for i, (name, _) in enumerate(self._tensors)}
 
     @classmethod
     def from_file(cls, path, **overrides):
@@ -297,6 +304,22 @@ class Session:
     def retained_bytes(self):
         """Bytes the session keeps between calls (packed weights, activation memory, scratch)."""
         return _C.session_retained_bytes(self._handle)
+
+
+# Every live model, for the fork handler below.
+_live_models = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    """A thread of the parent may have held a model's Python locks when the process forked (a backward
+    holds the gradient lock for its whole call); that thread does not exist in the child, so the child
+    would wait for it forever. The child gets new, unlocked ones (the engine re-creates its own locks
+    the same way, Sources/DeformUX/Tensor/Locks.swift)."""
+    for m in list(_live_models):
+        m._new_locks()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _read_config(path):
