@@ -1,5 +1,5 @@
-"""A model used from several threads and from its own progress callbacks (issue 6: item 2 the deadlock,
-item 4 the report-text race).
+"""A model used from several threads, from its own progress callbacks and across fork() (issue 6: item 2
+the deadlock, item 4 the report-text race, and the fork should-fix).
 
 Every scenario runs in a fresh interpreter (isolated.run) with a timeout: a deadlock between the engine
 and the GIL freezes every thread of its process, and would otherwise hang the test run rather than fail
@@ -347,3 +347,175 @@ def test_report_text_is_always_complete_while_loads_change_it():
     assert r["errors"] == [] and r["bad"] == [], r
     assert r["lengths"][0] < 256 < r["lengths"][1], r["lengths"]
     assert r["loads"] >= 40 and r["reads"] > r["loads"] and len(r["seen"]) >= 2, r
+
+
+# ---- fork (should-fix): the child must not deadlock and gets its worker threads back ----
+
+# Forks; the child runs `child()` under an alarm (a deadlocked child is killed, never waited for) and
+# sends its JSON result through a pipe. Returns the child's result, or fails the scenario.
+FORK = """
+from deformux import ops
+deformux.set_num_threads(2)
+r_op = np.random.default_rng(3)
+op_args = (r_op.standard_normal((1, 8, 16, 16, 16)).astype(np.float32),
+           r_op.uniform(-2, 2, (1, 81, 16, 16, 16)).astype(np.float32),
+           r_op.standard_normal((8, 1, 3, 3, 3)).astype(np.float32))
+want_op = ops.deform_conv3d(*op_args)  # the parent's worker threads exist from here on
+
+def task_count():
+    return len(os.listdir("/proc/self/task"))
+
+def in_child(child, seconds=30):
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rd)
+        signal.alarm(seconds)  # a deadlocked child dies of SIGALRM
+        try:
+            result = child()
+        except BaseException as e:
+            result = {"error": repr(e)}
+        os.write(wr, json.dumps(result).encode())
+        os._exit(0)
+    os.close(wr)
+    data = b""
+    while chunk := os.read(rd, 65536):
+        data += chunk
+    os.close(rd)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status)).name
+        raise SystemExit(f"the forked child was killed by {sig}" + (" (it deadlocked)" if sig == "SIGALRM" else ""))
+    return json.loads(data)
+
+def child_work():
+    deformux.set_num_threads(2)
+    before = task_count()
+    op = ops.deform_conv3d(*op_args)
+    after = task_count()
+    return {"threads_before": before, "threads_after": after,
+            "op": bool(np.array_equal(op, want_op)),
+            "forward default session": bool(np.array_equal(m.forward(x), want)),
+            "forward new session": bool(np.array_equal(m.session().forward(x), want)),
+            "backward": bool(np.all(np.isfinite(m.backward(x, g)["out.conv.conv.weight"])))}
+"""
+
+
+def check_child(c, label):
+    assert "error" not in c, f"{label}: {c['error']}"
+    for key in ("op", "forward default session", "forward new session", "backward"):
+        assert c[key], f"{label}: {key} in the child gave a wrong result"
+
+
+def test_fork_child_runs_forward_and_operators_with_its_worker_threads():
+    """The parent's worker threads do not survive fork(); the child's first parallel call must start
+    new ones (before the fix the pool believed its workers still existed and ran every part on the
+    calling thread) and give the same results."""
+    c = scenario(FORK, """
+        print(json.dumps(in_child(child_work)))
+    """)
+    check_child(c, "fork")
+    assert c["threads_before"] == 1, "the child of fork() starts with one thread"
+    assert c["threads_after"] >= 2, "the child's operator call ran without worker threads (none were started)"
+
+
+def test_fork_while_another_thread_is_inside_a_forward():
+    """Another thread of the parent is inside a forward on the model's default session (blocked in its
+    progress callback, so it holds the session) when the parent forks; the child uses the same model
+    and session. Before the fix the child waited forever for the model's mutex."""
+    c = scenario(FORK, """
+        inside, release = threading.Event(), threading.Event()
+
+        def progress(step, total):
+            if step == 2:
+                inside.set()
+                release.wait(60)
+            return True
+
+        t = threading.Thread(target=lambda: m.forward(x, progress=progress))
+        t.start()
+        assert inside.wait(30)
+        try:
+            result = in_child(child_work)
+        finally:
+            release.set()
+            t.join()
+        print(json.dumps(result))
+    """)
+    check_child(c, "fork inside a forward")
+
+
+def test_fork_while_other_threads_are_computing():
+    """Threads of the parent run forwards, a backward and operator calls (holding the session, the
+    gradients, the thread pool and the workspace locks, with worker threads mid-job) while the parent
+    forks three times; each child computes correctly."""
+    c = scenario(FORK, """
+        stop = threading.Event()
+        errors = []
+
+        def loop(fn):
+            def run():
+                try:
+                    while not stop.is_set():
+                        fn()
+                except BaseException as e:
+                    errors.append(repr(e))
+            return run
+
+        x32 = np.zeros((1, 1, 32, 32, 32), np.float32)
+        threads = [threading.Thread(target=loop(lambda: m.forward(x32))),
+                   threading.Thread(target=loop(lambda: m.backward(x, g))),
+                   threading.Thread(target=loop(lambda: ops.deform_conv3d_backward(*op_args, want_op)))]
+        for t in threads:
+            t.start()
+        results = []
+        try:
+            for delay in (0.05, 0.13, 0.21):
+                time.sleep(delay)
+                results.append(in_child(child_work))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert errors == [], errors
+        print(json.dumps(results))
+    """)
+    for i, child in enumerate(c):
+        check_child(child, f"fork {i}")
+
+
+def test_multiprocessing_fork_pool_while_a_forward_runs():
+    """multiprocessing with the fork start method (how cohort pipelines call us): the pool's worker
+    processes are forked while another thread is inside a forward of the model they then use."""
+    c = scenario(FORK, """
+        import multiprocessing
+        inside, release = threading.Event(), threading.Event()
+
+        def progress(step, total):
+            if step == 5:
+                inside.set()
+                release.wait(60)
+            return True
+
+        def work(i):
+            r = child_work()
+            return r
+
+        t = threading.Thread(target=lambda: m.forward(x, progress=progress))
+        t.start()
+        assert inside.wait(30)
+        ctx = multiprocessing.get_context("fork")
+        try:
+            with ctx.Pool(2) as pool:
+                try:
+                    results = pool.map_async(work, range(4)).get(timeout=40)
+                except multiprocessing.TimeoutError:
+                    raise SystemExit("the pool's forked workers did not answer within 40 s (deadlock)")
+        finally:
+            release.set()
+            t.join()
+        print(json.dumps(results))
+    """)
+    for i, child in enumerate(c):
+        check_child(child, f"pool task {i}")
+        assert child["threads_after"] >= 2
