@@ -1,5 +1,5 @@
-"""A model used from several threads, from its own progress callbacks and across fork() (issue 6: item 2
-the deadlock, item 4 the report-text race, and the fork should-fix).
+"""A model used from several threads, from its own progress callbacks, across fork(), and under Ctrl-C
+(issue 6: item 2 the deadlock, item 4 the report-text race, and the fork and Ctrl-C should-fixes).
 
 Every scenario runs in a fresh interpreter (isolated.run) with a timeout: a deadlock between the engine
 and the GIL freezes every thread of its process, and would otherwise hang the test run rather than fail
@@ -519,3 +519,133 @@ def test_multiprocessing_fork_pool_while_a_forward_runs():
     for i, child in enumerate(c):
         check_child(child, f"pool task {i}")
         assert child["threads_after"] >= 2
+
+
+# ---- Ctrl-C (should-fix): honoured inside long operator calls and inside a network step ----
+
+SIGINT = """
+from deformux import ops
+deformux.set_num_threads(2)
+MAIN = threading.main_thread().ident
+
+def interrupted(call, after=None, delay=0.2):
+    '''Runs call() on the main thread while a timer thread sends it SIGINT `delay` s after the call
+    started (or after `after` is set, when given). The outcome, and the seconds from the signal to the
+    KeyboardInterrupt.'''
+    sent = []
+    def kill():
+        if after is not None:
+            after.wait(60)
+            time.sleep(delay)
+        sent.append(time.perf_counter())
+        signal.pthread_kill(MAIN, signal.SIGINT)
+    timer = threading.Thread(target=kill) if after is not None else threading.Timer(delay, kill)
+    timer.start()
+    try:
+        call()
+        outcome = "completed before the signal"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    end = time.perf_counter()
+    timer.join()
+    return {"outcome": outcome, "latency": end - sent[0] if sent else None}
+
+def big_inputs(c, size):
+    '''Inputs of an operator call that takes seconds (x is lazily zero-filled memory).'''
+    shape = (1, c, size, size, size)
+    return {"x": np.zeros(shape, np.float32), "offsets": np.full((1, 81) + shape[2:], 0.25, np.float32),
+            "weight": np.ones((c, 1, 3, 3, 3), np.float32), "grad": np.zeros(shape, np.float32),
+            "offset_weight": np.zeros((81, c, 1, 1, 1), np.float32), "offset_bias": np.zeros(81, np.float32)}
+"""
+
+
+def check_interrupted(r, label):
+    assert r["outcome"] == "interrupted", f"{label}: {r['outcome']}"
+    assert r["latency"] < 0.5, f"{label}: KeyboardInterrupt came {r['latency']:.2f} s after SIGINT (limit 0.5 s)"
+
+
+def test_ctrl_c_interrupts_long_operator_calls():
+    """SIGINT to the main thread while it is inside a long ops.deform_conv3d, deform_conv3d_backward or
+    ddc_layer_backward call: KeyboardInterrupt within 0.5 s, and the next call on the same thread (same
+    workspace) gives the right result. The same calls made through the extension with outputs of our
+    own show that the interrupted call stopped its work (before the fix the operators polled nothing:
+    the interrupt came only once the call had finished, its outputs complete). x is zero and the
+    gradient of y is one, so complete outputs are known: y = bias = 1, grad_bias = D * H * W."""
+    r = scenario(SIGINT, """
+        r = np.random.default_rng(5)
+        small = (r.standard_normal((1, 5, 6, 7, 8)).astype(np.float32),
+                 r.uniform(-2, 2, (1, 81, 6, 7, 8)).astype(np.float32),
+                 r.standard_normal((5, 1, 3, 3, 3)).astype(np.float32))
+        gs = r.standard_normal((1, 5, 6, 7, 8)).astype(np.float32)
+        ow, ob = (r.standard_normal((81, 5, 1, 1, 1)) * 0.3).astype(np.float32), r.standard_normal(81).astype(np.float32)
+        calls = {
+            "forward": (128, 64, lambda a: ops.deform_conv3d(a["x"], a["offsets"], a["weight"]),
+                        lambda: [ops.deform_conv3d(*small)]),
+            "backward": (96, 56, lambda a: ops.deform_conv3d_backward(a["x"], a["offsets"], a["weight"], a["grad"]),
+                         lambda: ops.deform_conv3d_backward(*small, gs)),
+            "layer backward": (96, 56, lambda a: ops.ddc_layer_backward(a["x"], a["weight"], a["offset_weight"],
+                                                                         a["offset_bias"], a["grad"]),
+                               lambda: ops.ddc_layer_backward(small[0], small[2], ow, ob, gs)),
+        }
+        out = {}
+        for label, (c, size, call, again) in calls.items():
+            want = again()
+            a = big_inputs(c, size)
+            out[label] = interrupted(lambda: call(a), delay=0.1)
+            # Through the extension, with our outputs: what the interrupted call left in them.
+            ws, ones = ops._workspace(), np.ones(c, np.float32)
+            a["grad"] = np.ones_like(a["x"])
+            if label == "forward":
+                y = np.full_like(a["x"], np.nan)
+                raw = interrupted(lambda: _C.deform_conv3d_forward(ws, a["x"], a["offsets"], a["weight"], ones, y), delay=0.05)
+                raw["complete"] = bool(np.all(y == 1))
+            else:
+                gw, gb = np.empty_like(a["weight"]), np.full(c, np.nan, np.float32)
+                if label == "backward":
+                    fn = lambda: _C.deform_conv3d_backward(ws, a["x"], a["offsets"], a["weight"], a["grad"], None, None, gw, gb)
+                else:
+                    gow, gob = np.empty_like(a["offset_weight"]), np.empty_like(a["offset_bias"])
+                    fn = lambda: _C.ddc_layer_backward(ws, a["x"], a["weight"], a["offset_weight"], a["offset_bias"],
+                                                       _C.OFFSET_ALIGNED, a["grad"], None, gw, gb, gow, gob)
+                raw = interrupted(fn, delay=0.05)
+                raw["complete"] = bool(np.all(gb == size ** 3))
+            out[label + " (extension)"] = raw
+            del a
+            deformux.release_memory()
+            out[label]["next call right"] = all(np.array_equal(p, q) for p, q in zip(again(), want))
+        print(json.dumps(out))
+    """)
+    for label, v in r.items():
+        check_interrupted(v, label)
+        if "complete" in v:
+            assert not v["complete"], f"{label}: the interrupted call finished its work all the same"
+        else:
+            assert v["next call right"], f"{label}: the call after the interrupted one gave another result"
+
+
+def test_ctrl_c_interrupts_one_long_network_step():
+    """SIGINT 0.4 s into decoder2, a step that takes 1-3 s at 128^3 with 16 full-resolution channels:
+    KeyboardInterrupt within 0.5 s (before the fix the network looked at Ctrl-C only between steps),
+    then the same model (default session) gives the right logits again."""
+    r = scenario(SIGINT, """
+        net = DeformUXNet(out_channels=3, feature_size=(16, 12, 16, 24), hidden_size=32, seed=3)
+        want_net = net.forward(x)
+        big = np.zeros((1, 1, 128, 128, 128), np.float32)
+        decoder2 = threading.Event()
+        steps = []
+
+        def progress(step, total):
+            steps.append(step)
+            if step == 9:  # encoder1 done: decoder2 (at full resolution) is next
+                decoder2.set()
+            return True
+
+        out = interrupted(lambda: net.forward(big, progress=progress), after=decoder2, delay=0.4)
+        out["last step reported"] = steps[-1]
+        net.release_memory()
+        out["next call right"] = bool(np.array_equal(net.forward(x), want_net))
+        print(json.dumps(out))
+    """)
+    check_interrupted(r, "decoder2 of a network forward")
+    assert r["last step reported"] == 9, "the interrupt did not land inside decoder2"
+    assert r["next call right"]
