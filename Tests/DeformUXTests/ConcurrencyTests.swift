@@ -5,9 +5,99 @@ import XCTest
 /// Sessions, locks and cancellation at the engine's own level (issue 6: item 2 and the Ctrl-C
 /// should-fix). The Python side of the same promises is python/tests/test_concurrency.py.
 final class ConcurrencyTests: XCTestCase {
+    static let tiny = DeformUXNetConfig(outChannels: 2, featureSize: [2, 2, 2, 2], depths: [1, 0, 0, 0], hiddenSize: 2)
+
     func input(_ seed: UInt64, _ shape: [Int]) throws -> Tensor {
         var rng = SplitMix64(seed: seed)
         return try Tensor(shape: shape, values: rng.floats(shape.reduce(1, *)))
+    }
+
+    /// Runs `body` on a new thread; true if it finished within `seconds` (a thread that waits for a lock
+    /// the caller holds does not).
+    func finishes(within seconds: Double, _ body: @escaping @Sendable () -> Void) -> Bool {
+        let done = DispatchSemaphore(value: 0)
+        Thread { body(); done.signal() }.start()
+        return done.wait(timeout: .now() + seconds) == .success
+    }
+
+    // MARK: The session holds no model lock while it calls back
+
+    func testCallbackMayWaitForAnotherThreadWritingTheWeights() throws {
+        let net = try DeformUXNet(config: ConcurrencyTests.tiny, seed: 1)
+        let other = try DeformUXNet(config: ConcurrencyTests.tiny, seed: 2)
+        let x = try input(3, [1, 1, 16, 16, 16])
+        let session = try Session(model: net)
+        let wantOld = try session.forward(x).toArray(), wantNew = try Session(model: other).forward(x).toArray()
+        XCTAssertNotEqual(wantOld, wantNew)
+        let count = net.parameters.layout.totalCount
+        var wrote = false, read = false
+        let y = try session.forward(x, progress: { done, _ in
+            if done == 3 {
+                // Another thread changes the weights while this forward is between steps, and this
+                // callback waits for it: it would wait forever if the forward held the weights' lock.
+                wrote = self.finishes(within: 10) {
+                    try? net.parameters.write("test") { net.parameters.values.update(from: other.parameters.values, count: count) }
+                }
+                read = self.finishes(within: 10) { _ = try? net.parameters.read("test") { _ in 0 } }
+            }
+            return true
+        }).toArray()
+        XCTAssertTrue(wrote, "a thread writing the weights waited for a running forward's callback")
+        XCTAssertTrue(read, "a thread reading the weights waited for a running forward's callback")
+        XCTAssertEqual(y, wantOld, "the running forward keeps the weights it started with")
+        XCTAssertEqual(try session.forward(x).toArray(), wantNew, "the next forward uses the new weights")
+    }
+
+    func testReentrantCallsFromACallbackAreBusyErrors() throws {
+        let net = try DeformUXNet(config: ConcurrencyTests.tiny, seed: 1)
+        let x = try input(3, [1, 1, 16, 16, 16])
+        let gy = try input(4, [1, 2, 16, 16, 16])
+        let session = try Session(model: net), second = try Session(model: net)
+        let want = try session.forward(x).toArray()
+        var kinds: [String: DeformUXError.Kind] = [:]
+        var secondOK = false
+        func attempt(_ label: String, _ body: () throws -> Void) {
+            do { try body(); kinds[label] = nil } catch let e as DeformUXError { kinds[label] = e.kind } catch {}
+        }
+        let y = try session.forward(x, progress: { done, _ in
+            if done == 2 {
+                attempt("forward") { _ = try session.forward(x) }
+                attempt("release") { try session.releaseMemory() }
+                secondOK = (try? second.forward(x).toArray()) == want
+            }
+            return true
+        }).toArray()
+        XCTAssertEqual(kinds["forward"], .busy)
+        XCTAssertEqual(kinds["release"], .busy)
+        XCTAssertTrue(secondOK, "another session of the model works from the callback")
+        XCTAssertEqual(y, want)
+        try net.parameters.withGradients("test") { net.parameters.zeroGradients() }
+        try session.backward(x, gradOutput: gy, progress: { done, _ in
+            if done == 3 {
+                attempt("gradients") { try net.parameters.withGradients("test") {} }
+                attempt("backward") { try second.backward(x, gradOutput: gy) }
+                attempt("values") { try net.parameters.read("test") { _ in } }
+            }
+            return true
+        })
+        XCTAssertEqual(kinds["gradients"], .busy)
+        XCTAssertEqual(kinds["backward"], .busy)
+        XCTAssertNil(kinds["values"], "reading the weights from a backward's callback works")
+    }
+
+    func testLocksRefuseReentryAndAllowNestedReads() throws {
+        let owned = OwnedLock("thing")
+        XCTAssertThrowsError(try owned.withLock("outer") { try owned.withLock("inner") {} }) { e in
+            XCTAssertEqual((e as? DeformUXError)?.kind, .busy)
+            XCTAssertTrue("\(e)".contains("the thing is already in use by this thread"), "\(e)")
+        }
+        let rw = ReadWriteLock("weights")
+        XCTAssertThrowsError(try rw.write("outer") { try rw.write("inner") {} }) { XCTAssertEqual(($0 as? DeformUXError)?.kind, .busy) }
+        XCTAssertThrowsError(try rw.write("outer") { try rw.read("inner") {} }) { XCTAssertEqual(($0 as? DeformUXError)?.kind, .busy) }
+        XCTAssertNoThrow(try rw.read("outer") { try rw.read("inner") {} })
+        // After each refusal the locks are free again.
+        XCTAssertNoThrow(try owned.withLock("again") {})
+        XCTAssertTrue(finishes(within: 10) { _ = try? rw.write("other thread") {} })
     }
 
     // MARK: Cancellation inside kernels
