@@ -34,11 +34,15 @@ _CHOICES = {
 }
 
 
-def _int(name, v, minimum=1):
+def _int(name, v, minimum=1, maximum=2**63 - 1):
+    """An int (or NumPy integer) in minimum..maximum; the default maximum is what the C ABI's int64
+    arguments carry (the engine then applies its own bounds, with messages of its own)."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"DeformUXNet: {name} must be an int, got {type(v).__name__}")
     if v < minimum:
         raise ValueError(f"DeformUXNet: {name} must be >= {minimum}, got {v}")
+    if v > maximum:
+        raise ValueError(f"DeformUXNet: {name} must be <= {maximum}, got {v}")
     return int(v)
 
 
@@ -81,7 +85,7 @@ class DeformUXNet:
             "offset_planes": _choice("offset_planes", offset_planes),
             "deformable": _choice("deformable", deformable),
         }
-        self._handle = _C.model_create(json.dumps(config), _int("seed", seed, 0))
+        self._handle = _C.model_create(json.dumps(config), _int("seed", seed, 0, 2**64 - 1))
         self._tensors = _C.model_tensors(self._handle)
         self._new_locks()
         self._session = None
