@@ -326,16 +326,29 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _damaged(path, message):
+    """The error for a damaged or foreign file, as the engine raises it (an OSError with .filename)."""
+    e = _C.FileFormatError(f"{path}: {message}")
+    e.filename = path
+    return e
+
+
 def _read_config(path):
-    """The configuration in a safetensors file's metadata (key ``deformux.config``)."""
+    """The configuration in a safetensors file's metadata (key ``deformux.config``). A damaged file
+    raises deformux.FileFormatError, as DeformUXNet.load does."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise _damaged(path, "not a safetensors file (shorter than 8 bytes)")
         n = int.from_bytes(head, "little")
         if n > 100 * 1024 * 1024:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+            raise _damaged(path, f"not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise _damaged(path, f"not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "not a safetensors file (its header is not a JSON object)")
     meta = header.get("__metadata__") or {}
     if "deformux.config" not in meta:
         raise ValueError(f"{path}: no deformux.config in the metadata; build DeformUXNet(...) with the "
