@@ -53,3 +53,54 @@ def last_json(stdout):
     import json
 
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+CASE_RUNNER = """
+import json as _json
+for _label, _code in _json.loads(sys.argv[1]):
+    print("START " + _json.dumps(_label), flush=True)
+    try:
+        _value = eval(compile(_code, _label, "eval"))
+        _result = ["returned", repr(_value)[:200]]
+    except Exception as _e:
+        _result = [type(_e).__name__, str(_e)]
+    print("RESULT " + _json.dumps([_label, _result]), flush=True)
+"""
+
+
+def run_cases(setup, cases, timeout=60):
+    """Evaluates each (label, expression) of `cases` after `setup` in a fresh interpreter, in order:
+    {label: [exception class name or "returned", message or repr]}. A case that kills its interpreter
+    (a trap) gives ["crashed", "killed by SIGILL ..."], one that hangs ["hung", ...]; the cases after it
+    run in a new interpreter."""
+    import json
+
+    source = PRELUDE + textwrap.dedent(setup) + CASE_RUNNER
+    results, todo = {}, list(cases)
+    while todo:
+        try:
+            r = subprocess.run([sys.executable, "-c", source, json.dumps(todo)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, timeout=timeout)
+            out, err, code = r.stdout, r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            err, code = "", None
+        started = None
+        for line in out.splitlines():
+            if line.startswith("START "):
+                started = json.loads(line[6:])
+            elif line.startswith("RESULT "):
+                label, result = json.loads(line[7:])
+                results[label] = result
+        todo = [c for c in todo if c[0] not in results]
+        if not todo:
+            break
+        if started is None or started in results:
+            raise AssertionError(f"the case runner failed before its first case (status {code}):\n{err[-3000:]}")
+        if code is None:
+            results[started] = ["hung", f"no result within {timeout} s"]
+        else:
+            what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            results[started] = ["crashed", f"{what}: {err[-500:]}"]
+        todo = [c for c in todo if c[0] != started]
+    return results
