@@ -45,15 +45,6 @@ private func niftiHandle(_ p: OpaquePointer?, _ op: String) throws -> NIfTIHandl
     return Unmanaged<NIfTIHandle>.fromOpaque(UnsafeRawPointer(p)).takeUnretainedValue()
 }
 
-/// Copies `text` (NUL-terminated) into buf if it fits; always reports the bytes needed.
-private func copyText(_ text: String, _ buf: UnsafeMutablePointer<CChar>?, _ cap: Int64, _ needed: UnsafeMutablePointer<Int64>?) {
-    let bytes = Array(text.utf8)
-    needed?.pointee = Int64(bytes.count + 1)
-    guard let buf, cap >= Int64(bytes.count + 1) else { return }
-    for (i, b) in bytes.enumerated() { buf[i] = CChar(bitPattern: b) }
-    buf[bytes.count] = 0
-}
-
 // MARK: JSON
 
 private func json(_ x: Double) -> String {
@@ -148,7 +139,9 @@ public func dfx_nifti_free(_ nifti: OpaquePointer?) {
 public func dfx_nifti_header_json(_ nifti: OpaquePointer?, _ buf: UnsafeMutablePointer<CChar>?, _ cap: Int64,
                                   _ needed: UnsafeMutablePointer<Int64>?) -> Int32 {
     guarded("nifti_header_json") {
-        copyText(niftiHeaderJSON(try niftiHandle(nifti, "nifti_header_json").current), buf, cap, needed)
+        // The text convention of deformux.h (ModelExports.swift's copyOut): truncated and terminated.
+        try copyOut(niftiHeaderJSON(try niftiHandle(nifti, "nifti_header_json").current), buf, cap, needed,
+                    "nifti_header_json")
     }
 }
 
