@@ -14,29 +14,18 @@ import DeformUX
 
 final class NIfTIHandle {
     private var file: NIfTIFile
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    /// A fork-safe short lock (Tensor/Locks.swift): a forked child never inherits it held.
+    private let lock = ShortLock()
 
     init(_ file: NIfTIFile) {
         self.file = file
-        pthread_mutex_init(mutex, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
     }
 
     /// The file as it is now (a copy sharing its bytes: conversions run without the lock).
-    var current: NIfTIFile {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return file
-    }
+    var current: NIfTIFile { lock.withLock { file } }
 
     func releaseVoxels() {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        file = file.droppingVoxels()
+        lock.withLock { file = file.droppingVoxels() }
     }
 }
 
