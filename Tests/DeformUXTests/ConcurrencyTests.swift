@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import XCTest
 @testable import DeformUX
 
@@ -98,6 +99,54 @@ final class ConcurrencyTests: XCTestCase {
         // After each refusal the locks are free again.
         XCTAssertNoThrow(try owned.withLock("again") {})
         XCTAssertTrue(finishes(within: 10) { _ = try? rw.write("other thread") {} })
+    }
+
+    // MARK: Memory figures read while the owner changes them
+
+    func testMemoryFiguresMayBeReadWhileTheOwnerChangesThem() throws {
+        // A session's retainedBytes (Python: Session.retained_bytes) is read from any thread, also
+        // while the session runs a call that grows, replaces and frees its scratch and packed weights.
+        // It read the workspace's dictionary and the snapshot's storage reference unsynchronised: the
+        // interpreter crashed (SIGSEGV, SIGILL). Now both keep a counter.
+        let net = try DeformUXNet(config: ConcurrencyTests.tiny, seed: 1)
+        let ws = Workspace()
+        let snapshot = try WeightSnapshot(layout: net.parameters.layout, forms: net.forms)
+        let stop = Atomic<Bool>(false)
+        let reads = Atomic<Int>(0)
+        let reader = Thread {
+            while !stop.load(ordering: .relaxed) {
+                _ = ws.bytes + snapshot.bytes
+                reads.add(1, ordering: .relaxed)
+            }
+        }
+        reader.start()
+        var expected: [String: Int] = [:]  // the owner's view: what buffer() keeps per name
+        for i in 0..<50_000 {
+            let name = "b\(i % 7)", count = 16 + (i * 37) % 4096
+            _ = try ws.buffer(name, count: count)
+            expected[name] = max(expected[name] ?? 0, count)
+            switch i % 97 {
+            case 0:
+                ws.release()
+                expected.removeAll()
+            case 50:
+                ws.release(prefixes: ["b1", "b2"])
+                expected["b1"] = nil
+                expected["b2"] = nil
+            default: break
+            }
+            if i % 13 == 0 {
+                snapshot.release()
+                try snapshot.refresh(from: net.parameters, operation: "test")
+            }
+            XCTAssertEqual(ws.bytes, 4 * expected.values.reduce(0, +), "after step \(i)")
+            if ws.bytes != 4 * expected.values.reduce(0, +) { break }
+        }
+        stop.store(true, ordering: .relaxed)
+        while reads.load(ordering: .relaxed) == 0 { usleep(1000) }
+        XCTAssertEqual(snapshot.bytes, 4 * snapshot.total)
+        snapshot.release()
+        XCTAssertEqual(snapshot.bytes, 0)
     }
 
     // MARK: Cancellation inside kernels
