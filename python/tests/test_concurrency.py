@@ -139,6 +139,46 @@ def test_reload_thread_beside_serving_backward_and_sessions_does_not_deadlock():
     assert r["counts"]["backward"] == 8 and r["counts"]["forward"] == 20 and r["counts"]["reload"] >= 3
 
 
+def test_retained_bytes_read_while_the_session_runs():
+    """Session.retained_bytes from one thread while another runs forwards on the same session, of two
+    sizes and with release_memory() between them (scratch and packed weights allocated, replaced and
+    freed all the time). It read the scratch dictionary and the snapshot's storage without the session's
+    lock and crashed the interpreter (SIGSEGV or SIGILL, in about two of three runs of this scenario);
+    the figures are counters now. ConcurrencyTests.testMemoryFiguresMayBeReadWhileTheOwnerChangesThem
+    checks the same in Swift, and the counters' values."""
+    r = scenario("""
+        tiny = DeformUXNet(out_channels=2, feature_size=(4, 4, 4, 4), depths=(1, 1, 1, 1), hidden_size=4)
+        s = tiny.session()
+        xs = [np.zeros((1, 1, 16, 16, 16), np.float32), np.zeros((1, 1, 16, 32, 16), np.float32)]
+        stop = threading.Event()
+        forwards, errors = [0], []
+
+        def run():
+            try:
+                while not stop.is_set():
+                    s.forward(xs[forwards[0] % 2])
+                    s.release_memory()
+                    forwards[0] += 1
+            except BaseException as e:
+                errors.append(repr(e))
+
+        t = threading.Thread(target=run)
+        t.start()
+        reads, start, seen = 0, time.perf_counter(), set()
+        while time.perf_counter() - start < 1.5:
+            seen.add(s.retained_bytes)
+            reads += 1
+        stop.set()
+        t.join()
+        s.forward(xs[1])
+        print(json.dumps({"forwards": forwards[0], "reads": reads, "distinct": len(seen), "errors": errors,
+                          "after": s.retained_bytes}))
+    """)
+    assert r["errors"] == []
+    assert r["forwards"] >= 10 and r["reads"] >= 1000 and r["distinct"] >= 3, r
+    assert r["after"] > 0
+
+
 # ---- item 2: a progress callback that uses its own model ----
 
 def test_progress_callback_reads_its_own_model():
