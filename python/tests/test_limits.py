@@ -20,8 +20,9 @@ from deformux import DeformUXNet, convert, demo, nifti
 SETUP = """
 from deformux import nifti
 m = DeformUXNet(**SMALL)
-import tempfile
+import atexit, shutil, tempfile
 tmp = tempfile.mkdtemp()
+atexit.register(shutil.rmtree, tmp, True)
 f4 = np.zeros(4, np.float32)
 """
 
