@@ -67,8 +67,9 @@ private func string(_ p: UnsafePointer<CChar>?, _ op: String, _ name: String) th
 /// Copies `text` into buf, truncated to cap - 1 bytes and always NUL-terminated when cap > 0, and
 /// reports the bytes the whole text needs (its length + 1): the caller knows the copy is complete when
 /// *needed <= cap, and asks again with a larger buffer otherwise (the text may have grown meanwhile).
-private func copyOut(_ text: String, _ buf: UnsafeMutablePointer<CChar>?, _ cap: Int64,
-                     _ needed: UnsafeMutablePointer<Int64>?, _ op: String) throws {
+/// Every text output of the C ABI goes through here (NIfTIExports.swift too).
+func copyOut(_ text: String, _ buf: UnsafeMutablePointer<CChar>?, _ cap: Int64,
+             _ needed: UnsafeMutablePointer<Int64>?, _ op: String) throws {
     guard cap >= 0 else { throw DeformUXError.invalidArgument(op, "cap must be >= 0", got: "\(cap)") }
     let bytes = Array(text.utf8)
     needed?.pointee = Int64(bytes.count + 1)

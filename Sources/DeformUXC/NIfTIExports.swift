@@ -14,44 +14,24 @@ import DeformUX
 
 final class NIfTIHandle {
     private var file: NIfTIFile
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    /// A fork-safe short lock (Tensor/Locks.swift): a forked child never inherits it held.
+    private let lock = ShortLock()
 
     init(_ file: NIfTIFile) {
         self.file = file
-        pthread_mutex_init(mutex, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
     }
 
     /// The file as it is now (a copy sharing its bytes: conversions run without the lock).
-    var current: NIfTIFile {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return file
-    }
+    var current: NIfTIFile { lock.withLock { file } }
 
     func releaseVoxels() {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        file = file.droppingVoxels()
+        lock.withLock { file = file.droppingVoxels() }
     }
 }
 
 private func niftiHandle(_ p: OpaquePointer?, _ op: String) throws -> NIfTIHandle {
     guard let p else { throw DeformUXError.invalidArgument(op, "nifti must not be NULL") }
     return Unmanaged<NIfTIHandle>.fromOpaque(UnsafeRawPointer(p)).takeUnretainedValue()
-}
-
-/// Copies `text` (NUL-terminated) into buf if it fits; always reports the bytes needed.
-private func copyText(_ text: String, _ buf: UnsafeMutablePointer<CChar>?, _ cap: Int64, _ needed: UnsafeMutablePointer<Int64>?) {
-    let bytes = Array(text.utf8)
-    needed?.pointee = Int64(bytes.count + 1)
-    guard let buf, cap >= Int64(bytes.count + 1) else { return }
-    for (i, b) in bytes.enumerated() { buf[i] = CChar(bitPattern: b) }
-    buf[bytes.count] = 0
 }
 
 // MARK: JSON
@@ -148,7 +128,9 @@ public func dfx_nifti_free(_ nifti: OpaquePointer?) {
 public func dfx_nifti_header_json(_ nifti: OpaquePointer?, _ buf: UnsafeMutablePointer<CChar>?, _ cap: Int64,
                                   _ needed: UnsafeMutablePointer<Int64>?) -> Int32 {
     guarded("nifti_header_json") {
-        copyText(niftiHeaderJSON(try niftiHandle(nifti, "nifti_header_json").current), buf, cap, needed)
+        // The text convention of deformux.h (ModelExports.swift's copyOut): truncated and terminated.
+        try copyOut(niftiHeaderJSON(try niftiHandle(nifti, "nifti_header_json").current), buf, cap, needed,
+                    "nifti_header_json")
     }
 }
 

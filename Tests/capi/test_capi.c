@@ -56,6 +56,52 @@ static int32_t cancel_at(void *user, int64_t done, int64_t total) {
     return done >= *(int *)user;
 }
 
+/* ---- text outputs (buf, cap, needed): truncated and terminated, *needed the whole text's size ---- */
+
+typedef dfx_status (*text_fn)(const void *handle, char *buf, int64_t cap, int64_t *needed);
+
+/* The model and NIfTI text functions, and a summary at 16^3, behind one signature. */
+static dfx_status config_text(const void *h, char *b, int64_t c, int64_t *n) { return dfx_model_config_json(h, b, c, n); }
+static dfx_status report_text(const void *h, char *b, int64_t c, int64_t *n) { return dfx_model_last_report(h, b, c, n); }
+static dfx_status summary_text(const void *h, char *b, int64_t c, int64_t *n) {
+    return dfx_model_summary(h, 1, 16, 16, 16, b, c, n);
+}
+static dfx_status nifti_text(const void *h, char *b, int64_t c, int64_t *n) { return dfx_nifti_header_json(h, b, c, n); }
+
+/* For caps 0, 1, 2, 7, needed - 1 and needed: the first cap - 1 bytes of the text and a NUL, nothing
+ * written past cap, *needed the same every time; a negative cap is an error. */
+static void check_text(const char *what, text_fn fill, const void *handle) {
+    int64_t needed = -1;
+    CHECK(fill(handle, NULL, 0, &needed) == DFX_OK && needed >= 1, "%s: size query: %s", what, dfx_last_error());
+    if (needed < 1) return;
+    char *full = malloc((size_t)needed), *buf = malloc((size_t)needed + 16);
+    if (full == NULL || buf == NULL) { free(full); free(buf); return; }
+    CHECK(fill(handle, full, needed, NULL) == DFX_OK, "%s: fill without needed", what);
+    CHECK((int64_t)strlen(full) == needed - 1, "%s: strlen %zu, needed %lld", what, strlen(full), (long long)needed);
+    const int64_t caps[] = {0, 1, 2, 7, needed - 1, needed};
+    for (int k = 0; k < 6; k++) {
+        int64_t cap = caps[k], got = -1;
+        if (cap < 0 || cap > needed) continue;
+        memset(buf, 'X', (size_t)needed + 16);
+        CHECK(fill(handle, buf, cap, &got) == DFX_OK, "%s cap %lld: %s", what, (long long)cap, dfx_last_error());
+        CHECK(got == needed, "%s cap %lld: needed %lld, expected %lld", what, (long long)cap, (long long)got,
+              (long long)needed);
+        if (cap > 0) {
+            CHECK(memcmp(buf, full, (size_t)(cap - 1)) == 0 && buf[cap - 1] == '\0',
+                  "%s cap %lld: not the text's first %lld bytes and a NUL", what, (long long)cap, (long long)cap - 1);
+        }
+        for (int64_t i = cap; i < needed + 16; i++) {
+            if (buf[i] != 'X') {
+                CHECK(0, "%s cap %lld: byte %lld written past cap", what, (long long)cap, (long long)i);
+                break;
+            }
+        }
+    }
+    expect_error(what, fill(handle, buf, -1, &needed), DFX_ERR_INVALID_ARGUMENT, "cap");
+    free(full);
+    free(buf);
+}
+
 /* ---- NIfTI: write, open, read back (every read kind), affines, header, template, errors ---- */
 static void test_nifti(void) {
     const char *dir = getenv("TMPDIR") != NULL ? getenv("TMPDIR") : "/tmp";
@@ -114,6 +160,7 @@ static void test_nifti(void) {
               strstr(json, "\"compressed\": true") && strstr(json, "\"dtype\": \"float32\""), "header json: %s", json);
         free(json);
     }
+    check_text("nifti header json", nifti_text, img);
     uint8_t header[348];
     CHECK(dfx_nifti_raw_header(img, NULL, 0, &needed) == DFX_OK && needed == 348, "raw header size %lld", (long long)needed);
     CHECK(dfx_nifti_raw_header(img, header, 348, &needed) == DFX_OK && header[0] == 0x5C && header[1] == 0x01,
@@ -169,6 +216,10 @@ static void test_nifti(void) {
                  DFX_ERR_INVALID_ARGUMENT, "ndim");
     expect_error("nifti write level", dfx_nifti_write(path, vol, 16, 3, dims, affine, NULL, NULL, 10),
                  DFX_ERR_INVALID_ARGUMENT, "compression_level");
+    const int64_t huge_dims[][3] = {{INT64_MAX, 2, 2}, {((int64_t)1 << 62) + 1, 4, 1}, {-1, -4, 1}, {INT64_MIN, 1, 1}};
+    for (int i = 0; i < 4; i++)
+        expect_error("nifti write huge dims", dfx_nifti_write(path, vol, 16, 3, huge_dims[i], affine, NULL, NULL, -1),
+                     DFX_ERR_INVALID_ARGUMENT, "nifti_write");
     remove(path);
     remove(labels_path);
     remove(bad_path);
@@ -274,6 +325,122 @@ static void test_segment(void) {
     CHECK(dfx_segment(seg, image, 1, size, affine, labels, NULL, NULL, NULL) == DFX_OK, "segment after freeing the session");
     dfx_segmenter_free(seg);
     dfx_segmenter_free(NULL);
+}
+
+/* ---- extreme sizes: every entry point that takes sizes refuses them with an error, never a trap ---- */
+
+/* Sizes (n, c, d, h, w) each operator must refuse before touching memory (the buffers are tiny). */
+static const int64_t bad_sizes[][5] = {
+    {INT64_MAX, 1, 1, 1, 1}, {1, INT64_MAX, 1, 1, 1}, {1, 1, INT64_MAX, 1, 1}, {1, 1, 1, INT64_MAX, 1},
+    {1, 1, 1, 1, INT64_MAX}, {1, 1, INT64_MAX - 1, 1, 1}, /* d + 2 overflowed */ {1, 1, 1, INT64_MAX - 2, 1},
+    {INT64_MIN, 1, 1, 1, 1}, {1, 1, 1, -1, 1}, {1, 1, 1, 1, (int64_t)1 << 31}, {1, 1, 1, 1, 0},
+    {INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX}, {1, (int64_t)1 << 30, 2048, 2048, 2048},
+};
+enum { BAD_SIZES = sizeof bad_sizes / sizeof bad_sizes[0] };
+
+static void test_extreme_operator_sizes(dfx_workspace *ws) {
+    for (int i = 0; i < BAD_SIZES; i++) {
+        const int64_t *s = bad_sizes[i];
+        char what[96];
+        snprintf(what, sizeof what, "sizes %lld %lld %lld %lld %lld", (long long)s[0], (long long)s[1],
+                 (long long)s[2], (long long)s[3], (long long)s[4]);
+        expect_error(what, dfx_deform_conv3d_forward(ws, x, offsets, weight, bias, y, s[0], s[1], s[2], s[3], s[4], NULL, NULL),
+                     DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
+        expect_error(what, dfx_deform_conv3d_backward(ws, x, offsets, weight, gy, gx, goff, gw, gb, s[0], s[1], s[2], s[3],
+                                                      s[4], NULL, NULL), DFX_ERR_INVALID_ARGUMENT, "deform_conv3d_backward");
+        expect_error(what, dfx_ddc_layer_forward(ws, x, weight, bias, ow, ob, DFX_OFFSET_ALIGNED, y, offsets_out, s[0], s[1],
+                                                 s[2], s[3], s[4], NULL, NULL), DFX_ERR_INVALID_ARGUMENT, "ddc_layer");
+        expect_error(what, dfx_ddc_layer_backward(ws, x, weight, ow, ob, DFX_OFFSET_OFFICIAL, gy, gx, gw, gb, gow, gob, s[0],
+                                                  s[1], s[2], s[3], s[4], NULL, NULL), DFX_ERR_INVALID_ARGUMENT,
+                     "ddc_layer_backward");
+        expect_error(what, dfx_deform_conv3d_forward(NULL, x, offsets, weight, bias, y, s[0], s[1], s[2], s[3], s[4], NULL,
+                                                     NULL), DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
+    }
+    expect_error("threads INT32_MAX", dfx_set_num_threads(INT32_MAX), DFX_ERR_INVALID_ARGUMENT, "set_num_threads");
+    expect_error("threads INT32_MIN", dfx_set_num_threads(INT32_MIN), DFX_ERR_INVALID_ARGUMENT, "set_num_threads");
+}
+
+/* Inputs (n, d, h, w) of a forward, backward or summary that must be refused. */
+static const int64_t bad_inputs[][4] = {
+    {INT64_MAX, 16, 16, 16}, {1, INT64_MAX, 16, 16}, {1, 16, INT64_MAX, 16}, {1, 16, 16, INT64_MAX},
+    {1, INT64_MAX - 15, 16, 16}, /* a multiple of 16 */ {1, 16, 16, (int64_t)1 << 62}, {(int64_t)1 << 62, 96, 96, 96},
+    {1, (int64_t)1 << 21, (int64_t)1 << 21, (int64_t)1 << 21}, {INT64_MIN, 16, 16, 16}, {1, 16, -16, 16}, {0, 16, 16, 16},
+};
+enum { BAD_INPUTS = sizeof bad_inputs / sizeof bad_inputs[0] };
+
+static void test_extreme_model_sizes(void) {
+    dfx_model *m = NULL;
+    const char *config = "{\"out_channels\": 2, \"feature_size\": [4, 4, 4, 4], \"depths\": [1, 1, 1, 1], \"hidden_size\": 4}";
+    CHECK(dfx_model_create(config, 1, &m) == DFX_OK && m != NULL, "model create: %s", dfx_last_error());
+    if (m == NULL) return;
+    dfx_session *s = NULL;
+    CHECK(dfx_session_create(m, &s) == DFX_OK, "session create: %s", dfx_last_error());
+    static float in[16 * 16 * 16], out[2 * 16 * 16 * 16];
+    int64_t needed = 0;
+    for (int i = 0; i < BAD_INPUTS; i++) {
+        const int64_t *b = bad_inputs[i];
+        char what[96];
+        snprintf(what, sizeof what, "input %lld %lld %lld %lld", (long long)b[0], (long long)b[1], (long long)b[2],
+                 (long long)b[3]);
+        dfx_status st = dfx_session_forward(s, in, b[0], b[1], b[2], b[3], out, NULL, NULL);
+        CHECK(st == DFX_ERR_INVALID_ARGUMENT || st == DFX_ERR_SHAPE, "%s: forward status %d", what, (int)st);
+        st = dfx_session_backward(s, in, b[0], b[1], b[2], b[3], out, in, NULL, NULL);
+        CHECK(st == DFX_ERR_INVALID_ARGUMENT || st == DFX_ERR_SHAPE, "%s: backward status %d", what, (int)st);
+        st = dfx_model_summary(m, b[0], b[1], b[2], b[3], NULL, 0, &needed);
+        CHECK(st == DFX_ERR_INVALID_ARGUMENT || st == DFX_ERR_SHAPE, "%s: summary status %d", what, (int)st);
+        CHECK(strstr(dfx_last_error(), "summary") != NULL, "%s: summary message \"%s\"", what, dfx_last_error());
+    }
+    /* a summary with a large but countable input is fine */
+    CHECK(dfx_model_summary(m, 1 << 20, 96, 96, 96, NULL, 0, &needed) == DFX_OK, "large summary: %s", dfx_last_error());
+
+    /* parameter copies: the index and the count are checked */
+    float buf[16];
+    expect_error("get tensor INT64_MAX", dfx_model_get_tensor(m, INT64_MAX, buf, 1), DFX_ERR_INVALID_ARGUMENT, "index");
+    expect_error("get tensor INT64_MIN", dfx_model_get_tensor(m, INT64_MIN, buf, 1), DFX_ERR_INVALID_ARGUMENT, "index");
+    expect_error("get grad INT64_MAX", dfx_model_get_grad(m, INT64_MAX, buf, 1), DFX_ERR_INVALID_ARGUMENT, "index");
+    expect_error("get tensor count", dfx_model_get_tensor(m, 0, buf, INT64_MAX), DFX_ERR_SHAPE, "floats");
+    expect_error("get tensor count -1", dfx_model_get_tensor(m, 0, buf, -1), DFX_ERR_SHAPE, "floats");
+
+    /* loads with impossible shapes: refused by name, nothing read from the (tiny) data */
+    const char *name = NULL;
+    int32_t rank = 0;
+    int64_t shape[8];
+    CHECK(dfx_model_tensor_info(m, 0, &name, &rank, shape) == DFX_OK, "tensor info");
+    const char *names[1] = {name};
+    const float *data[1] = {buf};
+    const int64_t huge[][8] = {{INT64_MAX}, {-5}, {(int64_t)1 << 32, (int64_t)1 << 32}, {INT64_MIN, 0}};
+    const int32_t huge_ranks[] = {1, 1, 2, 2};
+    for (int i = 0; i < 4; i++) {
+        char what[64];
+        snprintf(what, sizeof what, "load a tensor of shape %lld...", (long long)huge[i][0]);
+        for (int32_t strict = 0; strict <= 1; strict++) {
+            dfx_status st = dfx_model_load_tensors(m, 1, names, data, &huge_ranks[i], huge[i], strict);
+            CHECK(st == DFX_ERR_INVALID_ARGUMENT || (st == DFX_OK && !strict), "%s (strict %d): status %d: %s", what,
+                  (int)strict, (int)st, dfx_last_error());
+        }
+    }
+    const int32_t rank9 = 9, rank_negative = -1;
+    expect_error("load rank 9", dfx_model_load_tensors(m, 1, names, data, &rank9, huge[0], 1), DFX_ERR_INVALID_ARGUMENT, "rank");
+    expect_error("load rank -1", dfx_model_load_tensors(m, 1, names, data, &rank_negative, huge[0], 1),
+                 DFX_ERR_INVALID_ARGUMENT, "rank");
+    expect_error("load count -1", dfx_model_load_tensors(m, -1, names, data, &rank9, huge[0], 1), DFX_ERR_INVALID_ARGUMENT,
+                 "count");
+    dfx_session_free(s);
+    dfx_model_free(m);
+
+    /* configurations out of bounds, or too large to hold, are refused before anything is allocated */
+    const char *bad_configs[] = {
+        "{\"hidden_size\": 9223372036854775807}", "{\"hidden_size\": 1e300}", "{\"depths\": [1, 1, 1, 100000000000]}",
+        "{\"block\": \"uxnet\", \"kernel_size\": 524287, \"depths\": [9, 1, 1, 1]}", "{\"feature_size\": [-1, 4, 4, 4]}",
+        "{\"feature_size\": [16384, 16384, 16384, 16384], \"depths\": [64, 64, 64, 64], \"hidden_size\": 16384}",
+        "{\"in_channels\": 18446744073709551616}",
+    };
+    for (size_t i = 0; i < sizeof bad_configs / sizeof bad_configs[0]; i++) {
+        dfx_model *bad = NULL;
+        expect_error(bad_configs[i], dfx_model_create(bad_configs[i], 0, &bad), DFX_ERR_INVALID_ARGUMENT, NULL);
+        CHECK(bad == NULL, "%s: a handle was returned", bad_configs[i]);
+        dfx_model_free(bad);
+    }
 }
 
 int main(void) {
@@ -425,6 +592,13 @@ int main(void) {
         char small[8];
         CHECK(dfx_model_config_json(m, small, (int64_t)sizeof small, &needed) == DFX_OK && needed > (int64_t)sizeof small &&
               small[sizeof small - 1] == '\0', "truncated text");
+        check_text("config json", config_text, m);
+        check_text("summary", summary_text, m);
+        /* a report of a few thousand bytes: a non-strict load of nothing lists every parameter missing */
+        CHECK(dfx_model_load_tensors(m, 0, NULL, NULL, NULL, NULL, 0) == DFX_OK, "empty non-strict load: %s",
+              dfx_last_error());
+        check_text("last report", report_text, m);
+        CHECK(dfx_model_last_report(m, NULL, 0, &needed) == DFX_OK && needed > 1000, "report size %lld", (long long)needed);
         expect_error("model load missing", dfx_model_load(m, "/nonexistent/w.safetensors", 1), DFX_ERR_IO,
                      "/nonexistent/w.safetensors");
         CHECK(dfx_last_error_errno() == 2, "missing file errno %d", (int)dfx_last_error_errno());
@@ -447,6 +621,8 @@ int main(void) {
                  DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
     expect_error("forward huge 2", dfx_deform_conv3d_forward(ws, x, offsets, weight, bias, y, INT64_MAX, INT64_MAX, 2, 2, 2,
                                                               NULL, NULL), DFX_ERR_INVALID_ARGUMENT, "deform_conv3d");
+    test_extreme_operator_sizes(ws);
+    test_extreme_model_sizes();
     int64_t ws_bytes = -1;
     CHECK(dfx_workspace_bytes(ws, &ws_bytes) == DFX_OK && ws_bytes > 0, "workspace bytes");
     CHECK(dfx_workspace_release(ws) == DFX_OK, "workspace release");

@@ -959,8 +959,15 @@ static PyObject *py_nifti_write(PyObject *self, PyObject *args) {
         goto done;
     }
     {
+        /* The voxel count, overflow-checked (a product that wrapped around could match data.len). */
         int64_t voxels = 1;
-        for (Py_ssize_t i = 0; i < ndim; i++) voxels *= dims[i] > 0 ? dims[i] : 0;
+        for (Py_ssize_t i = 0; i < ndim; i++) {
+            if (dims[i] <= 0 || __builtin_mul_overflow(voxels, dims[i], &voxels)) {
+                PyErr_Format(PyExc_ValueError, "nifti_write: dims must be positive sizes whose product fits in 64 "
+                             "bits, got %lld on axis %zd", (long long)dims[i], i);
+                goto done;
+            }
+        }
         if (voxels <= 0 || data.len / voxels <= 0 || data.len % voxels != 0) {
             PyErr_Format(PyExc_ValueError, "nifti_write: data holds %zd bytes, not a whole number of voxels for the dims",
                          data.len);

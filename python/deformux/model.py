@@ -17,6 +17,7 @@ conversion; D, H and W must be multiples of 16 (pad the volume first).
 import json
 import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -33,11 +34,15 @@ _CHOICES = {
 }
 
 
-def _int(name, v, minimum=1):
+def _int(name, v, minimum=1, maximum=2**63 - 1):
+    """An int (or NumPy integer) in minimum..maximum; the default maximum is what the C ABI's int64
+    arguments carry (the engine then applies its own bounds, with messages of its own)."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"DeformUXNet: {name} must be an int, got {type(v).__name__}")
     if v < minimum:
         raise ValueError(f"DeformUXNet: {name} must be >= {minimum}, got {v}")
+    if v > maximum:
+        raise ValueError(f"DeformUXNet: {name} must be <= {maximum}, got {v}")
     return int(v)
 
 
@@ -80,13 +85,19 @@ class DeformUXNet:
             "offset_planes": _choice("offset_planes", offset_planes),
             "deformable": _choice("deformable", deformable),
         }
-        self._handle = _C.model_create(json.dumps(config), _int("seed", seed, 0))
+        self._handle = _C.model_create(json.dumps(config), _int("seed", seed, 0, 2**64 - 1))
         self._tensors = _C.model_tensors(self._handle)
-        self._lock = threading.Lock()
+        self._new_locks()
         self._session = None
+        _live_models.add(self)
+        self._index = {name: i for i, (name, _) in enumerate(self._tensors)}
+
+    def _new_locks(self):
+        """The Python-side locks: the default session's creation, and the model's gradients (one
+        backward at a time). Made again in a forked child (see _after_fork_in_child)."""
+        self._lock = threading.Lock()
         self._grad_lock = threading.Lock()
         self._grad_owner = None
-        self._index = {name: i for i, (name, _) in enumerate(self._tensors)}
 
     @classmethod
     def from_file(cls, path, **overrides):
@@ -299,16 +310,45 @@ class Session:
         return _C.session_retained_bytes(self._handle)
 
 
+# Every live model, for the fork handler below.
+_live_models = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    """A thread of the parent may have held a model's Python locks when the process forked (a backward
+    holds the gradient lock for its whole call); that thread does not exist in the child, so the child
+    would wait for it forever. The child gets new, unlocked ones (the engine re-creates its own locks
+    the same way, Sources/DeformUX/Tensor/Locks.swift)."""
+    for m in list(_live_models):
+        m._new_locks()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _damaged(path, message):
+    """The error for a damaged or foreign file, as the engine raises it (an OSError with .filename)."""
+    e = _C.FileFormatError(f"{path}: {message}")
+    e.filename = path
+    return e
+
+
 def _read_config(path):
-    """The configuration in a safetensors file's metadata (key ``deformux.config``)."""
+    """The configuration in a safetensors file's metadata (key ``deformux.config``). A damaged file
+    raises deformux.FileFormatError, as DeformUXNet.load does."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise _damaged(path, "not a safetensors file (shorter than 8 bytes)")
         n = int.from_bytes(head, "little")
         if n > 100 * 1024 * 1024:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+            raise _damaged(path, f"not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise _damaged(path, f"not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "not a safetensors file (its header is not a JSON object)")
     meta = header.get("__metadata__") or {}
     if "deformux.config" not in meta:
         raise ValueError(f"{path}: no deformux.config in the metadata; build DeformUXNet(...) with the "

@@ -24,6 +24,7 @@ or foreign file deformux.FileFormatError (an OSError whose message names the fil
 bad arguments TypeError or ValueError.
 """
 import json
+import numbers
 import os
 
 import numpy as np
@@ -204,9 +205,11 @@ def save(path, array, affine=None, *, header=None, dtype=None, description=None,
     dims = tuple(int(n) for n in array.shape[-3:]) + tuple(int(n) for n in reversed(array.shape[:-3]))
     if compression_level is None:
         compression_level = -1
-    elif isinstance(compression_level, bool) or not isinstance(compression_level, int):
+    elif isinstance(compression_level, bool) or not isinstance(compression_level, numbers.Integral):
         raise TypeError(f"{what}: compression_level must be an int 0..9, got {compression_level!r}")
+    elif not -1 <= compression_level <= 9:
+        raise ValueError(f"{what}: compression_level must be -1 (the default) or 0..9, got {compression_level}")
     if description is not None and not isinstance(description, str):
         raise TypeError(f"{what}: description must be a str, got {type(description).__name__}")
     _C.nifti_write(path, data, DATATYPES[target], dims, np.ascontiguousarray(affine),
-                   header._handle if header is not None else None, description, compression_level)
+                   header._handle if header is not None else None, description, int(compression_level))

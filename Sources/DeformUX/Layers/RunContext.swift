@@ -1,3 +1,5 @@
+import Synchronization
+
 /// The weights a runner computes with (STYLE.md habit 16): every parameter of a model, each either
 /// packed for its kernel (convolution weights, in the layout the kernel reads) or copied as it is,
 /// taken under the model's read lock at one version. A session keeps its snapshot between calls and
@@ -30,6 +32,8 @@ public final class WeightSnapshot: @unchecked Sendable {
     let offsets: [Int]
     let total: Int
     private var storage: TensorStorage?
+    /// Bytes of `storage`, readable from any thread while the owner refreshes or releases it.
+    private let heldBytes = Atomic<Int>(0)
     public private(set) var version: UInt64?
     private var forkGeneration: UInt64 = Fork.generation
 
@@ -46,8 +50,8 @@ public final class WeightSnapshot: @unchecked Sendable {
         self.total = total
     }
 
-    /// Bytes held (0 until the first refresh).
-    public var bytes: Int { storage.map { $0.count * 4 } ?? 0 }
+    /// Bytes held (0 until the first refresh). Safe to read from any thread (a counter, not `storage`).
+    public var bytes: Int { heldBytes.load(ordering: .relaxed) }
 
     /// Brings the snapshot to the store's current version (packing in parallel over parameters).
     func refresh(from store: ParameterStore, operation: String) throws {
@@ -58,7 +62,11 @@ public final class WeightSnapshot: @unchecked Sendable {
         }
         try store.read(operation) { current in
             if version == current, storage != nil { return }
-            if storage == nil { storage = try TensorStorage(count: total, zeroed: false) }
+            if storage == nil {
+                let s = try TensorStorage(count: total, zeroed: false)
+                storage = s
+                heldBytes.store(s.count * 4, ordering: .relaxed)
+            }
             guard let base = storage?.pointer else { return }
             let entries = store.layout.entries
             // Parts own runs of parameters of about equal size.
@@ -100,6 +108,7 @@ public final class WeightSnapshot: @unchecked Sendable {
     /// Frees the snapshot (the next refresh rebuilds it).
     func release() {
         storage = nil
+        heldBytes.store(0, ordering: .relaxed)
         version = nil
     }
 }

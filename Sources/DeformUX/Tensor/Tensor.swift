@@ -5,6 +5,7 @@ import Musl
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import Synchronization
 
 /// Float32 memory, 64-byte aligned (one AVX-512 vector), owned, borrowed or taken from a pool.
 public final class TensorStorage: @unchecked Sendable {
@@ -333,6 +334,8 @@ public struct Tensor: @unchecked Sendable {
 /// concurrent calls.
 public final class Workspace: @unchecked Sendable {
     private var buffers: [String: TensorStorage] = [:]
+    /// Floats held in `buffers`, readable from any thread (`bytes`) while the owner changes them.
+    private let heldFloats = Atomic<Int>(0)
     /// Set by the runner for the duration of a call that can be cancelled.
     public var cancellation: Cancellation?
     /// Where the buffers come from: a runner's activation pool, so that scratch and activations share
@@ -352,20 +355,27 @@ public final class Workspace: @unchecked Sendable {
     /// At least `count` floats under `name`. The contents are whatever the last user left.
     public func buffer(_ name: String, count: Int) throws -> UnsafeMutablePointer<Float> {
         if let b = buffers[name], b.count >= count { return b.pointer }
-        buffers[name] = nil
+        if let old = buffers.removeValue(forKey: name) { heldFloats.subtract(old.count, ordering: .relaxed) }
         let b = try TensorStorage(count: count, zeroed: false, pool: pool)
         buffers[name] = b
+        heldFloats.add(b.count, ordering: .relaxed)
         return b.pointer
     }
 
-    /// Bytes currently held.
-    public var bytes: Int { buffers.values.reduce(0) { $0 + $1.count * 4 } }
+    /// Bytes currently held. Safe to read from any thread, also while the owner runs a call (a
+    /// session's `retainedBytes`): it reads a counter, never the buffers themselves.
+    public var bytes: Int { heldFloats.load(ordering: .relaxed) * 4 }
 
-    public func release() { buffers.removeAll() }
+    public func release() {
+        buffers.removeAll()
+        heldFloats.store(0, ordering: .relaxed)
+    }
 
     /// Frees the buffers whose names start with one of `prefixes` (e.g. a phase's scratch that the
     /// next phase does not use, so that it does not add to the peak).
     public func release(prefixes: [String]) {
-        for name in buffers.keys where prefixes.contains(where: { name.hasPrefix($0) }) { buffers[name] = nil }
+        for name in buffers.keys where prefixes.contains(where: { name.hasPrefix($0) }) {
+            if let old = buffers.removeValue(forKey: name) { heldFloats.subtract(old.count, ordering: .relaxed) }
+        }
     }
 }
