@@ -2,6 +2,7 @@
 
     deformux predict -i t1.nii.gz -o labels.nii.gz [--model M] [--overlap 0.5] [--window 96] [--tta]
     deformux evaluate labels.nii.gz reference.nii.gz [--json] [--labels 1,2,3]
+    deformux train --data DIR --out RUN [--patch-size 96] [--steps N | --epochs N] [--resume]
     deformux demo                      the main job on the bundled MNI152 T1
     deformux summary [--model M] [--size 96]
     deformux bench segment | model | ddc | conv | backward
@@ -116,6 +117,48 @@ def _parser():
     p.add_argument("--labels", default=None, help="labels to report, e.g. 1,2,3 (default: every non-zero label present)")
     p.add_argument("--json", action="store_true", help="print JSON (NaN as null, infinity as \"inf\")")
     p.add_argument("--no-hd", action="store_true", help="Dice only (skip the distances)")
+
+    p = sub.add_parser("train", help="train a model on a Decathlon / nnU-Net folder",
+                       description="Trains DeformUX-Net with the paper's recipe (Dice + CE, AdamW, ReduceLROnPlateau "
+                                   "on the validation Dice, random crops 1:1 foreground/background with rotation, "
+                                   "scaling and intensity-shift augmentation) on a Medical Segmentation Decathlon or "
+                                   "nnU-Net raw folder (dataset.json, imagesTr/, labelsTr/). Writes into RUN: "
+                                   "last.* (a resumable checkpoint, also written on Ctrl-C), best.safetensors and "
+                                   "best.json (the best weights and their model card, usable with 'deformux predict "
+                                   "--model RUN/best.json'), metrics.jsonl.")
+    p.add_argument("--data", required=True, help="the dataset folder (dataset.json, imagesTr/, labelsTr/)")
+    p.add_argument("--out", required=True, metavar="RUN", help="the run folder (created)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN's last checkpoint")
+    p.add_argument("--model", default=None, help="start from these weights or model card (default: a new network)")
+    p.add_argument("--patch-size", default="96", help="training patch: N or X,Y,Z, multiples of 16 (default: %(default)s)")
+    p.add_argument("--steps", type=_positive, default=None, help="optimiser steps (default: one epoch)")
+    p.add_argument("--epochs", type=_positive, default=None, help="passes over the training volumes")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.08, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--accumulation", type=_positive, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--samples-per-volume", type=_positive, default=2, help="crops per volume (default: %(default)s)")
+    p.add_argument("--volumes-per-step", type=_positive, default=1, help="volumes per step (default: %(default)s)")
+    p.add_argument("--drop-path", type=_fraction, default=0.0, help="stochastic depth rate (default: 0)")
+    p.add_argument("--exclude-norm-and-bias-from-weight-decay", action="store_true")
+    p.add_argument("--augmentation", choices=("paper", "mr_robust", "none"), default="paper")
+    p.add_argument("--intensity", choices=("ct", "mr", "none"), default=None,
+                   help="intensity preset (default: from dataset.json's modality)")
+    p.add_argument("--validation", type=int, default=None,
+                   help="validation cases held out (seeded; default: 20%%, at least one)")
+    p.add_argument("--validate-every", type=_positive, default=100, help="steps between validations (default: %(default)s)")
+    p.add_argument("--window", type=_window, default=None, help="validation / inference window (default: the patch)")
+    p.add_argument("--overlap", type=_fraction, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="the model card's name")
+    p.add_argument("--threads", type=int, default=None, help="engine worker threads (default: all CPUs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("network (when no --model is given; channels and classes come from the data)")
+    g.add_argument("--feature-size", default="48,96,192,384", help="encoder widths (default: %(default)s)")
+    g.add_argument("--depths", default="2,2,2,2", help="blocks per stage (default: %(default)s)")
+    g.add_argument("--hidden-size", type=_positive, default=768)
+    g.add_argument("--block", choices=("deformux", "uxnet"), default="deformux")
+    g.add_argument("--mlp", choices=("dense", "grouped", "none"), default=None)
+    g.add_argument("--offset-mode", choices=("aligned", "official"), default="aligned")
 
     p = sub.add_parser("demo", help="the main job on the bundled MNI152 T1",
                        description="Until the trained model ships: the DDC operator resamples the MNI152 T1 "
@@ -249,6 +292,52 @@ def _demo(args):
     return 0
 
 
+def _train(args):
+    import deformux
+    from deformux.card import load_model
+    from deformux.train import load_dataset, _classes_and_modality
+    _set_threads(args.threads)
+    patch = _ints(args.patch_size, 3, "--patch-size")
+    patch = tuple(patch * 3 if len(patch) == 1 else patch)
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError("give --steps or --epochs, not both")
+    cases, meta = load_dataset(args.data)
+    names, _ = _classes_and_modality(meta)
+    if args.model is not None:
+        model, _ = load_model(args.model)
+    else:
+        from deformux.nifti import load
+        first = load(cases[0]["images"][0])
+        channels = len(cases[0]["images"]) * (first.array.shape[0] if first.array.ndim == 4 else 1)
+        classes = len(names) if names else None
+        if classes is None:
+            classes = int(max(load(c["label"], dtype="int32").array.max() for c in cases)) + 1
+        model = deformux.DeformUXNet(
+            in_channels=channels, out_channels=classes, feature_size=_ints(args.feature_size, 4, "--feature-size"),
+            depths=_ints(args.depths, 4, "--depths"), hidden_size=args.hidden_size, block=args.block, mlp=args.mlp,
+            offset_mode=args.offset_mode, seed=args.seed)
+    window = args.window
+    if isinstance(window, int):
+        window = (window,) * 3
+    run = deformux.train(
+        args.data, model, out=args.out, patch_size=patch, steps=args.steps, epochs=args.epochs, lr=args.lr,
+        weight_decay=args.weight_decay, accumulation=args.accumulation, samples_per_volume=args.samples_per_volume,
+        volumes_per_step=args.volumes_per_step, drop_path=args.drop_path,
+        exclude_norm_and_bias_from_weight_decay=args.exclude_norm_and_bias_from_weight_decay,
+        augmentation=args.augmentation, intensity=args.intensity, validation=args.validation,
+        validate_every=args.validate_every, window=None if window == "auto" else window, overlap=args.overlap,
+        seed=args.seed, resume=args.resume, progress=not args.no_progress, name=args.name,
+        command="deformux " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else None)
+    best = run["best"]
+    if best is not None:
+        dice = ", ".join(f"{k} {v:.4f}" for k, v in best["dice"].items())
+        print(f"deformux train: {run['steps']} steps; best validation Dice at step {best['step']}: {dice} "
+              f"(mean {best['mean_dice']:.4f}); model card {os.path.join(run['out'], 'best.json')}")
+    else:
+        print(f"deformux train: {run['steps']} steps; no validation; model card {os.path.join(run['out'], 'last.json')}")
+    return 0
+
+
 def _summary(args):
     import deformux
     from deformux.card import load_model
@@ -312,7 +401,8 @@ def main(argv=None):
         import deformux
         print(f"deformux {deformux.__version__} (engine {deformux.engine_version()})")
         return 0
-    handlers = {"predict": _predict, "evaluate": _evaluate, "demo": _demo, "summary": _summary, "bench": _bench}
+    handlers = {"predict": _predict, "evaluate": _evaluate, "train": _train, "demo": _demo, "summary": _summary,
+                "bench": _bench}
     import deformux
     try:
         return handlers[args.command](args)

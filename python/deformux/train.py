@@ -12,8 +12,9 @@ Every ``validate_every`` steps it segments the whole validation volumes with sli
 code path as :func:`deformux.segment`), reports the mean Dice to ReduceLROnPlateau (factor 0.9, patience
 10), and keeps the best weights. In ``out``:
 
-    last.safetensors, last.trainer.safetensors, last.json     resumable checkpoint (weights, optimiser, loop)
-    best.safetensors, best.json                               best weights and their model card
+    last.safetensors, last.json                               the latest weights and their model card
+    last.trainer.safetensors, last.loop.json                  the rest of the resumable checkpoint (optimiser, loop)
+    best.safetensors, best.json                               the best weights and their model card
     metrics.jsonl                                             one JSON object per log event
 
 Everything random comes from the seed and is saved in the checkpoint, so a resumed run gives the same
@@ -32,7 +33,7 @@ from ._atomic import atomic_write
 from .model import DeformUXNet
 from .training import PatchSampler, Trainer
 
-__all__ = ["train", "load_dataset", "dice_per_class", "INTENSITY_PRESETS"]
+__all__ = ["train", "load_dataset", "dice_per_class", "normalize_intensity", "to_ras", "INTENSITY_PRESETS"]
 
 #: Intensity presets (stored in the model card so that inference repeats them exactly).
 #: "ct": clip to [lo, hi] then (x - P1) / (P99 - P1) over all voxels; "mr": percentiles over non-zero
@@ -58,9 +59,11 @@ def load_dataset(path):
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     cases = []
-    if isinstance(meta.get("training"), list) and meta["training"] and isinstance(meta["training"][0], dict) \
-            and "image" in meta["training"][0]:
+    if isinstance(meta.get("training"), list):
         for item in meta["training"]:  # MSD: one (possibly 4-D) image per case
+            if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not isinstance(item.get("label"), str):
+                raise ValueError(f"{meta_path}: each entry of 'training' must be {{\"image\": path, \"label\": path}}, "
+                                 f"got {item!r}"[:300])
             image = os.path.normpath(os.path.join(path, item["image"]))
             label = os.path.normpath(os.path.join(path, item["label"]))
             cases.append({"name": os.path.basename(image).split(".")[0], "images": [image], "label": label})
@@ -96,11 +99,61 @@ def _classes_and_modality(meta):
     return names, ("ct" if "ct" in kinds.split() or kinds.strip() == "ct" else "mr")
 
 
+def io_orientation(affine):
+    """nibabel's ``io_orientation``: for each voxel axis, the RAS axis it is closest to and whether it runs
+    backwards (the engine's reorientation, Sources/DeformUX/Pipeline/Orientation.swift, computes the same)."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    zooms = np.sqrt((a * a).sum(axis=0))
+    zooms[zooms == 0] = 1
+    rs = a / zooms
+    p, s, qt = np.linalg.svd(rs)
+    keep = s > s.max() * 3 * np.finfo(np.float64).eps
+    r = p[:, keep] @ qt[keep, :]
+    axes, flips = [0, 0, 0], [False] * 3
+    for i in range(3):
+        column = r[:, i]
+        if np.allclose(column, 0):
+            raise ValueError(f"train: the affine's voxel axis {i} has no direction: {np.asarray(affine).tolist()}")
+        out = int(np.argmax(np.abs(column)))
+        axes[i], flips[i] = out, bool(column[out] < 0)
+        r[out, :] = 0
+    return axes, flips
+
+
+def to_ras(volume, affine):
+    """``volume`` (..., X, Y, Z) with its last three axes permuted and flipped to the closest RAS+ order,
+    and the affine of the result: what segment() does first with a card whose orientation is "RAS", so
+    training sees the volumes as inference will."""
+    affine = np.asarray(affine, dtype=np.float64)
+    axes, flips = io_orientation(affine)
+    lead = volume.ndim - 3
+    size = volume.shape[lead:]
+    out = volume
+    m = np.zeros((4, 4))
+    m[3, 3] = 1
+    for i in range(3):
+        if flips[i]:
+            out = np.flip(out, lead + i)
+        m[i, axes[i]] = -1 if flips[i] else 1
+        m[i, 3] = size[i] - 1 if flips[i] else 0
+    order = [0] * 3
+    for i in range(3):
+        order[axes[i]] = i
+    out = np.transpose(out, list(range(lead)) + [lead + o for o in order])
+    return np.ascontiguousarray(out), affine @ m
+
+
 def _read_case(case):
     from . import nifti
     images = [nifti.load(p) for p in case["images"]]
     label = nifti.load(case["label"], dtype="int32")
     arrays = [im.array[None] if im.array.ndim == 3 else im.array for im in images]
+    shapes = {a.shape[1:] for a in arrays} | {label.array.shape}
+    if len(shapes) != 1:
+        raise ValueError(f"train: case {case['name']}: the images and the label are on different grids: {sorted(shapes)}")
+    if not np.allclose(images[0].affine, label.affine, atol=1e-3):
+        raise ValueError(f"train: case {case['name']}: the label's affine differs from the image's "
+                         f"({case['label']} vs {case['images'][0]})")
     image = np.concatenate(arrays, axis=0).astype(np.float32, copy=False)
     return {"name": case["name"], "image": image, "label": label.array, "affine": images[0].affine}
 
@@ -132,16 +185,15 @@ def normalize_intensity(image, preset):
         return image
     out = np.empty_like(image)
     for c in range(image.shape[0]):
-        x = image[c]
-        if kind == "ct" and preset.get("clip"):
+        raw = x = image[c]
+        if preset.get("clip"):
             lo, hi = preset["clip"]
             x = np.clip(x, lo, hi)
-        sel = x[x != 0] if preset.get("nonzero") else x.ravel()
+        sel = x[raw != 0] if preset.get("nonzero") else x.ravel()   # non-zero before clipping, as the engine
         if sel.size == 0:
             sel = x.ravel()
         p1, p99 = np.percentile(sel, preset.get("percentiles", [1.0, 99.0])).astype(np.float32)
-        scale = np.float32(1) / (p99 - p1) if p99 > p1 else np.float32(1)
-        out[c] = (x - p1) * scale
+        out[c] = (x - p1) / (p99 - p1) if p99 > p1 else x - p1
     return out
 
 
@@ -161,20 +213,27 @@ def dice_per_class(pred, label, classes, mask=None):
 # ---- the loop ----
 
 class _Progress:
-    """A one-line progress bar on stderr (only on a terminal), or nothing."""
+    """A one-line progress bar on stderr (only on a terminal), or nothing: step, loss, throughput
+    (seconds per step and patches per second) and the time left."""
 
-    def __init__(self, enabled, total):
+    def __init__(self, enabled, total, start_step, patches_per_step):
         self.enabled = enabled and sys.stderr.isatty()
         self.total = total
+        self.start_step = start_step
+        self.patches = patches_per_step
         self.t0 = time.perf_counter()
 
-    def update(self, step, loss, rate):
+    def update(self, step, loss, seconds):
         if not self.enabled:
             return
         width = 30
         done = int(width * step / max(self.total, 1))
+        elapsed = time.perf_counter() - self.t0
+        per_step = elapsed / max(step - self.start_step, 1)
+        left = int(per_step * (self.total - step))
         sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{self.total} loss {loss:.4f} "
-                         f"{rate:.2f} s/step ")
+                         f"{seconds:.2f} s/step {self.patches / max(seconds, 1e-9):.2f} patches/s "
+                         f"{left // 60}:{left % 60:02d} left ")
         sys.stderr.flush()
 
     def close(self):
@@ -185,7 +244,7 @@ class _Progress:
 def _card(model, config, classes, preset, spacing, window, overlap, extra):
     return {
         "name": extra.get("name", "deformux-model"),
-        "version": 1,
+        "version": "1",
         "config": model.config,
         "weights": config,
         "classes": classes,
@@ -196,7 +255,7 @@ def _card(model, config, classes, preset, spacing, window, overlap, extra):
         "overlap": overlap,
         "blend": "gaussian",
         "training": extra.get("training", {}),
-        "license": extra.get("license", ""),
+        "license": extra.get("license") or None,
     }
 
 
@@ -204,7 +263,7 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
           samples_per_volume=2, lr=1e-4, weight_decay=0.08, accumulation=1, drop_path=0.0,
           exclude_norm_and_bias_from_weight_decay=False, augmentation="paper", intensity=None, classes=None,
           validation=None, validate_every=100, window=None, overlap=0.5, seed=0, resume=False, progress=True,
-          scheduler=True, name=None, license=None, command=None, log=None, predict=None):
+          scheduler=True, name=None, license=None, command=None, log=None, predict=None, reorient=True):
     """Trains ``model`` (a :class:`DeformUXNet`; default: the full DeformUX-Net with one input channel per
     image channel and one output per class) on ``data`` and returns a dict describing the run.
 
@@ -216,8 +275,12 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
     training volumes, ``volumes_per_step`` at a time). intensity: a preset name ("ct", "mr", "none") or
     dict, stored in the model card (default: from the dataset's modality, else "mr").
     resume: True or a run folder: continue from ``out``'s last checkpoint.
-    predict(model, image, affine) -> labels: the validation segmenter (default: deformux's sliding windows
-    with the card's window and overlap).
+    predict(model, image, affine) -> labels: the validation segmenter (default: :class:`deformux.Segmenter`
+    with the run's model card: the card's window, overlap, intensity preset and orientation).
+    reorient: train on the volumes turned to the closest RAS+ axes (as segment() turns them with the
+    card's ``"orientation": "RAS"``); False keeps the voxel order and writes ``"orientation": null``.
+    The volumes are used on their own grid (the card's ``spacing`` is null: segment() keeps the input's
+    grid); resample them beforehand if their spacings differ much.
     """
     log = log or (lambda *a: print(*a, file=sys.stderr))
     out = os.fsdecode(out)
@@ -242,6 +305,11 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
         names, modality = None, "mr"
     train_items = [_normalize_item(it, i) for i, it in enumerate(train_items)]
     val_items = [_normalize_item(it, i) for i, it in enumerate(val_items)]
+    if reorient:  # validation volumes stay as they are: the segmenter turns them itself and back
+        for it in train_items:
+            it["image"], affine = to_ras(it["image"], it["affine"])
+            it["label"], _ = to_ras(it["label"], it["affine"])
+            it["affine"] = affine
     if not train_items:
         raise ValueError("train: no training cases")
     channels = train_items[0]["image"].shape[0]
@@ -266,7 +334,7 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
     for it in train_items:
         sampler.add(normalize_intensity(it["image"], preset), it["label"])
 
-    card_extra = {"name": name or "deformux-model", "license": license or "",
+    card_extra = {"name": name or "deformux-model", "license": license or "", "reorient": bool(reorient),
                   "training": {"command": command, "seed": seed, "steps": total, "patch_size": list(patch),
                                "lr": lr, "weight_decay": weight_decay, "augmentation": augmentation,
                                "volumes": len(train_items)}}
@@ -275,7 +343,9 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
     last = os.path.join(out, "last")
     if resume:
         src = os.path.join(os.fsdecode(resume) if isinstance(resume, (str, bytes, os.PathLike)) else out, "last")
-        with open(src + ".json", encoding="utf-8") as f:
+        if not os.path.isfile(src + ".loop.json"):
+            raise FileNotFoundError(2, f"train: nothing to resume: no checkpoint in {os.path.dirname(src)}", src + ".loop.json")
+        with open(src + ".loop.json", encoding="utf-8") as f:
             state = json.load(f)
         model.load(src + ".safetensors")
         trainer.load_state(src + ".trainer.safetensors")
@@ -288,20 +358,26 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(event) + "\n")
 
-    def checkpoint(prefix, card=None):
+    def checkpoint(prefix, card):
+        """Weights and card (and for `last` the optimiser and loop state), each file atomically; the loop
+        state goes last, so a checkpoint is only resumed from once all of it is on disk."""
         model.save(prefix + ".safetensors")
+        with atomic_write(prefix + ".json") as f:
+            f.write(json.dumps(card, indent=1).encode())
         if prefix == last:
             trainer.save_state(prefix + ".trainer.safetensors")
-            with atomic_write(prefix + ".json") as f:
+            with atomic_write(prefix + ".loop.json") as f:
                 f.write(json.dumps({**state, "data_rng": data_rng.bit_generator.state}).encode())
-        if card is not None:
-            with atomic_write(prefix + ".json") as f:
-                f.write(json.dumps(card, indent=1).encode())
+
+    def last_card():
+        card = _card(model, "last.safetensors", names, preset, None, window, overlap, card_extra)
+        card["training"] = {**card["training"], "step": state["step"]}
+        return card
 
     def validate():
         if not val_items:
             return None
-        seg = predict or _default_predictor(model, preset, window, overlap)
+        seg = predict or validator
         per_class = []
         for it in val_items:
             labels = seg(model, it["image"], it["affine"])
@@ -310,7 +386,10 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
         dice = np.nanmean(np.array(per_class, dtype=np.float64), axis=0)
         return [float(d) for d in dice]
 
-    bar = _Progress(progress, total)
+    validator = None
+    if predict is None and val_items:
+        validator = _default_predictor(_card(model, "best.safetensors", names, preset, None, window, overlap, card_extra))
+    bar = _Progress(progress, total, state["step"], volumes_per_step * samples_per_volume)
     t_last = time.perf_counter()
     try:
         while state["step"] < total:
@@ -319,8 +398,10 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
                 state["position"] = 0
                 state["epoch"] += 1 if state["step"] else 0
             indices = state["order"][state["position"]:state["position"] + volumes_per_step]
-            images, labels, state["sampler_rng"] = sampler.batch(indices, state["sampler_rng"])
+            images, labels, next_rng = sampler.batch(indices, state["sampler_rng"])
             loss = trainer.train_step(images, labels)
+            # Only a completed step moves the loop on (Ctrl-C inside it resumes at the same patches).
+            state["sampler_rng"] = next_rng
             state["position"] += len(indices)
             now = time.perf_counter()
             if trainer.step > state["step"]:
@@ -347,28 +428,27 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
                         card["training"]["validation_dice"] = record["dice"]
                         card["training"]["best_step"] = state["step"]
                         checkpoint(os.path.join(out, "best"), card)
-                checkpoint(last)
+                checkpoint(last, last_card())
                 t_last = time.perf_counter()
     except KeyboardInterrupt:
         bar.close()
         if trainer.accumulation_done():
-            checkpoint(last)
+            checkpoint(last, last_card())
             log(f"train: interrupted; a resumable checkpoint of step {state['step']} is in {last}.*")
         raise
     bar.close()
-    checkpoint(last)
-    if state["best"] is None:
-        card = _card(model, "last.safetensors", names, preset, None, window, overlap, card_extra)
-        with atomic_write(last + ".card.json") as f:
-            f.write(json.dumps(card, indent=1).encode())
+    checkpoint(last, last_card())
     return {"out": out, "steps": state["step"], "best": state["best"], "history": state["history"]}
 
 
-def _default_predictor(model, preset, window, overlap):
-    """Validation by the engine's sliding windows on the whole volume (deformux.segment)."""
-    from . import segment as segment_module
+def _default_predictor(card):
+    """Validation by the engine's segmenter with the run's model card (what segment() will do with the
+    saved model); one segmenter per model, kept for the run (its working memory is reused)."""
+    from .segment import Segmenter
+    cache = {}
 
     def predict(m, image, affine):
-        return segment_module.segment(image, model=m, affine=affine, window=window, overlap=overlap,
-                                      progress=False, intensity=preset)
+        if id(m) not in cache:
+            cache[id(m)] = Segmenter(m, card=card)
+        return cache[id(m)].segment(image, affine=affine, progress=False)
     return predict
