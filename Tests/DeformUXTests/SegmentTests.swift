@@ -201,6 +201,85 @@ final class SegmentTests: XCTestCase {
         XCTAssertEqual((inner as? DeformUXError)?.kind, .busy)
     }
 
+    /// Skipping with a data box: only the image's own voxels decide (padding is never body), a window
+    /// over padding alone is skipped; the streaming run equals the reference to the bit, over boxes that
+    /// cut windows, cover the image, or leave windows outside; without a box the old rule holds.
+    func testSkippingJudgesTheDataBoxOnly() throws {
+        var rng = SplitMix64(seed: 31)
+        let size = SIMD3(20, 12, 9), n = size.x * size.y * size.z
+        // Background -1 with a bright block at x 5..<8; padding-like 0.3 in the planes x >= 16.
+        var input = [Float](repeating: -1, count: 2 * n)
+        for i in 0..<n {
+            let x = i / (size.y * size.z)
+            if x >= 5 && x < 8 { input[i] = Float(rng.uniform(0.5, 1.0) as Double); input[n + i] = Float(rng.uniform(0.5, 1.0) as Double) }
+            if x >= 16 { input[i] = 0.3; input[n + i] = 0.3 }
+        }
+        let boxes: [SlidingWindowOptions.DataBox?] = [nil, .init(origin: SIMD3(0, 0, 0), size: SIMD3(16, 12, 9)),
+                                                      .init(origin: SIMD3(2, 1, 1), size: SIMD3(12, 10, 7)),
+                                                      .init(origin: SIMD3(0, 0, 0), size: size)]
+        var skipped: [Int] = []
+        for box in boxes {
+            let options = SlidingWindowOptions(window: SIMD3(8, 8, 8), overlap: 0.5, blend: .gaussian(), batch: 2,
+                                               skipThreshold: [0, 0], dataBox: box)
+            let predictor = WindowMeanPredictor(inChannels: 2)
+            let got = try runStreaming(predictor, input, size, options)
+            let (want, weights) = try SlidingWindowReference.blend(predictor, input: input, size: size, options: options)
+            assertIdentical(got.logits, want, "logits, box \(String(describing: box))")
+            XCTAssertTrue(got.labels == (try SlidingWindowReference.labels(logits: want, weights: weights, classes: 2)))
+            skipped.append(got.stats.windowsSkipped)
+        }
+        // Windows at x 0, 4, 8, 12: the block decides; without a box the 0.3 planes (x >= 16) keep the
+        // last window; with a box that ends at 16 they do not count.
+        XCTAssertEqual(skipped[0], skipped[3], "a box of the whole image changes nothing")
+        XCTAssertGreaterThan(skipped[1], skipped[0], "the 0.3 'padding' outside the box does not keep windows")
+        assertThrowsDeformUX(.invalidArgument, ["data box"], "bad box") {
+            var o = SlidingWindowOptions(window: SIMD3(8, 8, 8), skipThreshold: [0, 0])
+            o.dataBox = .init(origin: SIMD3(-1, 0, 0), size: SIMD3(1, 1, 1))
+            _ = try runStreaming(WindowMeanPredictor(inChannels: 2), input, size, o)
+        }
+    }
+
+    /// An MR head in air: after the MR preset the background maps below 0, the padding the segmenter adds
+    /// is 0; windows over background and padding only are skipped, their voxels are background.
+    func testSkippingAnMRVolumeWithPadding() throws {
+        let size = SIMD3(40, 20, 14)
+        var v = [Float](repeating: 0, count: size.x * size.y * size.z)
+        var rng = SplitMix64(seed: 32)
+        for x in 3..<12 { for y in 4..<16 { for z in 2..<12 { v[(x * size.y + y) * size.z + z] = Float(rng.uniform(50.0, 150.0) as Double) } } }
+        let volume = try Volume(size: size, values: v)
+        /// One channel in, two classes out: class 1 where the normalised intensity exceeds 0.5.
+        struct Threshold: WindowPredictor {
+            var inChannels: Int { 1 }
+            var outChannels: Int { 2 }
+            var sizeMultiple: Int { 16 }
+            var preferredBatch: Int { 1 }
+            func predict(windows: UnsafePointer<Float>, batch: Int, size: SIMD3<Int>, into: UnsafeMutablePointer<Float>) throws {
+                let m = size.x * size.y * size.z
+                for b in 0..<batch { for i in 0..<m { into[2 * b * m + i] = 0.5; into[(2 * b + 1) * m + i] = windows[b * m + i] } }
+            }
+        }
+        var config = SegmenterConfiguration(window: SIMD3(16, 16, 16), overlap: 0.5, reorient: false, intensity: .mr())
+        let all = try Segmenter(predictor: Threshold(), configuration: config).segment(volume)
+        config.skipThreshold = 0
+        let counting = CountingPredictor(Threshold())
+        let some = try Segmenter(predictor: counting, configuration: config).segment(volume)
+        // Network grid 48 x 32 x 16 (4 voxels of padding before x): windows at x 0, 8, 16, 24, 32 (3 along
+        // y); the block sits at grid x 7..<16, so the windows from x 16 on hold background and padding only.
+        XCTAssertEqual(some.statistics.networkSize, SIMD3(48, 32, 16))
+        XCTAssertEqual(some.statistics.windows.windows, 5 * 3)
+        XCTAssertEqual(some.statistics.windows.windowsSkipped, 3 * 3)
+        XCTAssertEqual(counting.windows, 2 * 3)
+        XCTAssertEqual(all.statistics.windows.windowsSkipped, 0)
+        var differ = 0
+        for x in 0..<size.x { for y in 0..<size.y { for z in 0..<size.z {
+            let i = (x * size.y + y) * size.z + z
+            if x >= 20 { XCTAssertEqual(some.labels.labels[i], 0, "no run window reaches input x \(x)") }
+            if x < 12 && some.labels.labels[i] != all.labels.labels[i] { differ += 1 }
+        } } }
+        XCTAssertEqual(differ, 0, "where the body is, skipping changes nothing")
+        XCTAssertGreaterThan(all.labels.labels.filter { $0 == 1 }.count, 100)
+    }
+
     /// NIfTI in, NIfTI out: labels on the input grid with its affine and header, equal to segmenting the
     /// volume in memory; probabilities as x, y, z, class; the card's model from its file.
     func testSegmentFile() throws {

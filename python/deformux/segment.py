@@ -12,6 +12,7 @@ spacing, the intensity preset, padding, sliding windows with gaussian blending i
 back onto the input grid, so the labels have the input's shape, affine and header. The model card
 (deformux.card) supplies the settings; the keyword arguments override it.
 """
+import json
 import numbers
 import os
 import threading
@@ -244,7 +245,6 @@ class Segmenter:
 
 
 def _statistics(handle):
-    import json
     return json.loads(_C.segmenter_statistics_json(handle))
 
 

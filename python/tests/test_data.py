@@ -88,3 +88,16 @@ def test_overlay_shows_labels_in_the_right_places(tmp_path):
     assert figures.orthogonal_slices(image).shape == rgb.shape
     with pytest.raises(ValueError):
         figures.orthogonal_slices(image, labels[:5])
+
+
+def test_label_tool_rewrites_the_committed_file(tmp_path):
+    """tools/make_mni152_labels.py is deterministic: it rewrites the bundled labels byte for byte."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    out = tmp_path / "labels.nii.gz"
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "make_mni152_labels.py"), "--output", str(out)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout
+    assert out.read_bytes() == (REPO / "data" / "mni152" / "mni152_tissue_labels.nii.gz").read_bytes()

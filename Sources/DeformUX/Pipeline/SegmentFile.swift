@@ -83,24 +83,3 @@ extension Segmenter {
         }
     }
 }
-
-extension SegmentationStatistics {
-    /// The figures as text lines (the command line prints them).
-    public var lines: [String] {
-        func f(_ x: Double) -> String {
-            let r = (x * 1000).rounded() / 1000
-            return "\(r)"
-        }
-        let w = windows
-        let outside = totalSeconds - predictSeconds
-        return [
-            "network grid      \(sizeText(networkSize))",
-            "windows           \(w.windows) (\(w.windowsRun) run, \(w.windowsSkipped) skipped), \(w.predictorCalls) forwards",
-            "total             \(f(totalSeconds)) s",
-            "in the network    \(f(predictSeconds)) s (\(w.windowsRun > 0 ? f(predictSeconds / Double(w.windowsRun)) : "-") s per window run)",
-            "outside windows   \(f(outside)) s (\(totalSeconds > 0 ? f(100 * outside / totalSeconds) : "0")%): preprocess \(f(preprocessSeconds)) s, "
-                + "blend \(f(blendSeconds)) s, postprocess \(f(postprocessSeconds)) s",
-            "accumulator       \(w.accumulatorPlanes) planes, \(w.accumulatorBytes >> 20) MB",
-        ]
-    }
-}

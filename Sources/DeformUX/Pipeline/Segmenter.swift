@@ -32,6 +32,8 @@ public struct SegmenterConfiguration: Equatable, Sendable {
     /// The comparison happens after the preset: with a CT clip whose lower bound is above the threshold,
     /// every value at or below that bound counts as outside (e.g. clip -175...250 with threshold -500:
     /// windows holding only values <= -175 HU are skipped).
+    /// The padding the segmenter adds around the image counts as outside whatever its value (after an MR
+    /// preset, 0 lies above the mapped background), so only the image's own voxels decide.
     public var skipThreshold: Float? = nil
     /// Keep only the largest 26-connected component of each label (after restoring to the input grid).
     public var largestComponent: Bool = false
@@ -141,10 +143,10 @@ public final class Segmenter {
         networkLabels = []
     }
 
-    private func slidingOptions(skip: [Float]?) -> SlidingWindowOptions {
+    private func slidingOptions(skip: [Float]?, data: SlidingWindowOptions.DataBox? = nil) -> SlidingWindowOptions {
         SlidingWindowOptions(window: configuration.window, overlap: configuration.overlap, blend: configuration.blend,
                              batch: configuration.batch ?? max(predictor.preferredBatch, 1), flipTTA: configuration.flipTTA,
-                             padValue: configuration.padValue, skipThreshold: skip)
+                             padValue: configuration.padValue, skipThreshold: skip, dataBox: data)
     }
 
     private func preprocessOptions() -> PreprocessOptions {
@@ -211,7 +213,9 @@ public final class Segmenter {
         // grid, and they are asked for rarely: not kept past this call.
         defer { memory.release(prefixes: ["network probabilities"]) }
         let windowStats = try networkLabels.withUnsafeMutableBufferPointer { l in
-            try windows.run(predictor, input: network, size: netSize, options: slidingOptions(skip: skip),
+            // Skipping looks at the resampled image only, not at the padding around it.
+            let data = SlidingWindowOptions.DataBox(origin: plan.padding.before, size: plan.padding.inputSize)
+            return try windows.run(predictor, input: network, size: netSize, options: slidingOptions(skip: skip, data: data),
                             labels: l.baseAddress!, probabilities: netProbabilities, progress: progress)
         }
         let t2 = monotonicSeconds()

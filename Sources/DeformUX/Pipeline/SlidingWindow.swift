@@ -176,9 +176,24 @@ public struct SlidingWindowOptions: Equatable, Sendable {
     public var padValue: Float
     /// Skip a window when every value of channel c in it is <= skipThreshold[c] (one per input channel).
     public var skipThreshold: [Float]?
+    /// The box of the image that holds data; the rest of the image is padding (the segmenter's, whose
+    /// value after the intensity preset may lie above the threshold although it is no body). When set,
+    /// skipping judges a window by its voxels inside the box only, and a window with none is skipped.
+    public var dataBox: DataBox?
+
+    /// A box of voxels: `origin` and `size` (each >= 1) inside the image.
+    public struct DataBox: Equatable, Sendable {
+        public var origin: SIMD3<Int>
+        public var size: SIMD3<Int>
+        public init(origin: SIMD3<Int>, size: SIMD3<Int>) {
+            self.origin = origin
+            self.size = size
+        }
+    }
 
     public init(window: SIMD3<Int> = SIMD3(96, 96, 96), overlap: Double = 0.5, blend: BlendMode = .gaussian(),
-                batch: Int = 1, flipTTA: Bool = false, padValue: Float = 0, skipThreshold: [Float]? = nil) {
+                batch: Int = 1, flipTTA: Bool = false, padValue: Float = 0, skipThreshold: [Float]? = nil,
+                dataBox: DataBox? = nil) {
         self.window = window
         self.overlap = overlap
         self.blend = blend
@@ -186,6 +201,21 @@ public struct SlidingWindowOptions: Equatable, Sendable {
         self.flipTTA = flipTTA
         self.padValue = padValue
         self.skipThreshold = skipThreshold
+        self.dataBox = dataBox
+    }
+
+    /// The part of a window (image coordinates `origin` ..< `origin + window`) that skipping inspects:
+    /// the window inside the image, and inside the data box when there is one; nil when that is empty.
+    func inspected(origin o: SIMD3<Int>, image size: SIMD3<Int>) -> (lo: SIMD3<Int>, hi: SIMD3<Int>)? {
+        var lo = SIMD3(max(o.x, 0), max(o.y, 0), max(o.z, 0))
+        var hi = SIMD3(min(o.x + window.x, size.x), min(o.y + window.y, size.y), min(o.z + window.z, size.z))
+        if let box = dataBox {
+            for a in 0..<3 {
+                lo[a] = max(lo[a], box.origin[a])
+                hi[a] = min(hi[a], box.origin[a] + box.size[a])
+            }
+        }
+        return (0..<3).allSatisfy({ lo[$0] < hi[$0] }) ? (lo, hi) : nil
     }
 }
 
@@ -376,6 +406,10 @@ public final class SlidingWindowInference {
         guard options.padValue.isFinite else {
             throw DeformUXError.invalidArgument(op, "bad pad value", expected: "a finite value", got: "\(options.padValue)")
         }
+        if let box = options.dataBox, !(0..<3).allSatisfy({ box.origin[$0] >= 0 && box.size[$0] >= 1 }) {
+            throw DeformUXError.invalidArgument(op, "bad data box", expected: "origin >= 0 and size >= 1",
+                                                got: "origin \(box.origin), size \(box.size)")
+        }
         if let t = options.skipThreshold {
             guard t.count == cin, t.allSatisfy({ !$0.isNaN }) else {
                 throw DeformUXError.invalidArgument(op, "skip threshold: one number per input channel",
@@ -409,10 +443,13 @@ public final class SlidingWindowInference {
             parallelFor(parts) { part in
                 for i in Threads.range(part, of: parts, total: plan.count) {
                     let o = plan.origin(i)
-                    let lo = SIMD3(max(o.x, 0), max(o.y, 0), max(o.z, 0))
-                    let hi = SIMD3(min(o.x + w.x, size.x), min(o.y + w.y, size.y), min(o.z + w.z, size.z))
-                    let hangsOver = lo != o || hi != o &+ w
-                    if hangsOver && t.contains(where: { options.padValue > $0 }) {
+                    guard let (lo, hi) = options.inspected(origin: o, image: size) else {
+                        out[i] = true  // nothing but padding
+                        continue
+                    }
+                    // The virtual padding counts (as its value) unless a data box says what is data.
+                    let hangsOver = o.x < 0 || o.y < 0 || o.z < 0 || o.x + w.x > size.x || o.y + w.y > size.y || o.z + w.z > size.z
+                    if options.dataBox == nil && hangsOver && t.contains(where: { options.padValue > $0 }) {
                         continue  // the padding alone is above a threshold
                     }
                     var background = true

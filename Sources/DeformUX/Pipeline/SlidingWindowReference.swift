@@ -86,9 +86,18 @@ public enum SlidingWindowReference {
                         }
                     }
                     if let t = options.skipThreshold {
+                        // Voxels of the window that count: all, or those inside the data box (image
+                        // coordinates: padded index - before).
                         var background = true
                         for c in 0..<cin {
-                            for i in 0..<wn where window[c * wn + i] > t[c] { background = false }
+                            for i in 0..<wn where window[c * wn + i] > t[c] {
+                                if let box = options.dataBox {
+                                    let v = SIMD3(sx + i / (w.y * w.z), sy + (i / w.z) % w.y, sz + i % w.z) &- before
+                                    let inside = (0..<3).allSatisfy { v[$0] >= box.origin[$0] && v[$0] < box.origin[$0] + box.size[$0] }
+                                    if !inside { continue }
+                                }
+                                background = false
+                            }
                         }
                         if background { continue }
                     }
