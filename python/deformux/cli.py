@@ -148,6 +148,8 @@ def _parser():
     p.add_argument("--validate-every", type=_positive, default=100, help="steps between validations (default: %(default)s)")
     p.add_argument("--window", type=_window, default=None, help="validation / inference window (default: the patch)")
     p.add_argument("--overlap", type=_fraction, default=0.5)
+    p.add_argument("--scheduler", choices=("plateau", "poly", "none"), default="plateau",
+                   help="learning rate: the paper's ReduceLROnPlateau, nnU-Net's poly decay, or constant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="the model card's name")
     p.add_argument("--threads", type=int, default=None, help="engine worker threads (default: all CPUs)")
@@ -326,7 +328,7 @@ def _train(args):
         exclude_norm_and_bias_from_weight_decay=args.exclude_norm_and_bias_from_weight_decay,
         augmentation=args.augmentation, intensity=args.intensity, validation=args.validation,
         validate_every=args.validate_every, window=None if window == "auto" else window, overlap=args.overlap,
-        seed=args.seed, resume=args.resume, progress=not args.no_progress, name=args.name,
+        seed=args.seed, resume=args.resume, progress=not args.no_progress, name=args.name, scheduler=args.scheduler,
         command="deformux " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else None)
     best = run["best"]
     if best is not None:

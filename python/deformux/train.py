@@ -174,7 +174,9 @@ def _normalize_item(item, i):
         raise ValueError(f"train: case {name}: image must be (C, X, Y, Z) or (X, Y, Z) float and label (X, Y, Z) "
                          f"integers of the same grid, got {image.shape} and {label.dtype} {label.shape}")
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    return {"name": name, "image": image, "label": label.astype(np.int32), "affine": affine, "mask": mask}
+    normalized = bool(item.get("normalized", False)) if isinstance(item, dict) else False
+    return {"name": name, "image": image, "label": label.astype(np.int32), "affine": affine, "mask": mask,
+            "normalized": normalized}
 
 
 def normalize_intensity(image, preset):
@@ -263,7 +265,7 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
           samples_per_volume=2, lr=1e-4, weight_decay=0.08, accumulation=1, drop_path=0.0,
           exclude_norm_and_bias_from_weight_decay=False, augmentation="paper", intensity=None, classes=None,
           validation=None, validate_every=100, window=None, overlap=0.5, seed=0, resume=False, progress=True,
-          scheduler=True, name=None, license=None, command=None, log=None, predict=None, reorient=True):
+          scheduler="plateau", name=None, license=None, command=None, log=None, predict=None, reorient=True):
     """Trains ``model`` (a :class:`DeformUXNet`; default: the full DeformUX-Net with one input channel per
     image channel and one output per class) on ``data`` and returns a dict describing the run.
 
@@ -273,16 +275,25 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
     to score), an int (hold out that many cases of a folder, seeded), or None (a folder holds out 20%, at
     least one case; in-memory data: no validation). steps or epochs (an epoch = one pass over the
     training volumes, ``volumes_per_step`` at a time). intensity: a preset name ("ct", "mr", "none") or
-    dict, stored in the model card (default: from the dataset's modality, else "mr").
+    dict, stored in the model card (default: from the dataset's modality, else "mr"). classes: the number
+    of classes or their names (index 0 background; default: dataset.json's labels, else from the data).
     resume: True or a run folder: continue from ``out``'s last checkpoint.
     predict(model, image, affine) -> labels: the validation segmenter (default: :class:`deformux.Segmenter`
     with the run's model card: the card's window, overlap, intensity preset and orientation).
+    scheduler: "plateau" (the paper's ReduceLROnPlateau on the validation Dice, factor 0.9, patience 10),
+    "poly" (nnU-Net's lr * (1 - step / steps) ** 0.9, a function of the step, so resuming keeps it) or None
+    (constant). A case may carry ``"normalized": True``: its image is already in the network's intensity
+    space (the preset is not applied to it again), e.g. a crop normalised with its whole volume's
+    percentiles, as segment() normalises whole volumes.
     reorient: train on the volumes turned to the closest RAS+ axes (as segment() turns them with the
     card's ``"orientation": "RAS"``); False keeps the voxel order and writes ``"orientation": null``.
     The volumes are used on their own grid (the card's ``spacing`` is null: segment() keeps the input's
     grid); resample them beforehand if their spacings differ much.
     """
     log = log or (lambda *a: print(*a, file=sys.stderr))
+    scheduler = {True: "plateau", False: None, "none": None}.get(scheduler, scheduler)
+    if scheduler not in ("plateau", "poly", None):
+        raise ValueError(f"train: scheduler must be 'plateau', 'poly' or None, got {scheduler!r}")
     out = os.fsdecode(out)
     os.makedirs(out, exist_ok=True)
     meta = {}
@@ -313,6 +324,8 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
     if not train_items:
         raise ValueError("train: no training cases")
     channels = train_items[0]["image"].shape[0]
+    if isinstance(classes, (list, tuple)):  # class names, index 0 background
+        names, classes = [str(c) for c in classes], len(classes)
     n_classes = classes or (len(names) if names else int(max(it["label"].max() for it in train_items)) + 1)
     names = names or (["background"] + [f"class {c}" for c in range(1, n_classes)])
     preset = INTENSITY_PRESETS[intensity or modality] if not isinstance(intensity, dict) else intensity
@@ -328,15 +341,16 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
 
     trainer = Trainer(model, lr=lr, weight_decay=weight_decay, accumulation=accumulation, drop_path=drop_path,
                       exclude_norm_and_bias_from_weight_decay=exclude_norm_and_bias_from_weight_decay,
-                      seed=seed, scheduler=scheduler)
+                      seed=seed, scheduler=scheduler == "plateau")
     sampler = PatchSampler(patch_size=patch, classes=n_classes, samples_per_volume=samples_per_volume,
                            augmentation=augmentation)
     for it in train_items:
-        sampler.add(normalize_intensity(it["image"], preset), it["label"])
+        sampler.add(it["image"] if it.get("normalized") else normalize_intensity(it["image"], preset), it["label"])
 
     card_extra = {"name": name or "deformux-model", "license": license or "", "reorient": bool(reorient),
                   "training": {"command": command, "seed": seed, "steps": total, "patch_size": list(patch),
-                               "lr": lr, "weight_decay": weight_decay, "augmentation": augmentation,
+                               "lr": lr, "weight_decay": weight_decay, "scheduler": scheduler,
+                               "augmentation": augmentation,
                                "volumes": len(train_items)}}
     state = {"step": 0, "epoch": 0, "position": 0, "order": None, "sampler_rng": int(seed) & (2**64 - 1),
              "data_rng": np.random.default_rng(seed).bit_generator.state, "best": None, "history": []}
@@ -397,6 +411,8 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
                 state["order"] = [int(i) for i in data_rng.permutation(len(train_items))]
                 state["position"] = 0
                 state["epoch"] += 1 if state["step"] else 0
+            if scheduler == "poly":
+                trainer.learning_rate = lr * (1 - state["step"] / total) ** 0.9
             indices = state["order"][state["position"]:state["position"] + volumes_per_step]
             images, labels, next_rng = sampler.batch(indices, state["sampler_rng"])
             loss = trainer.train_step(images, labels)
