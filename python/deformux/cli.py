@@ -5,7 +5,7 @@
     deformux train --data DIR --out RUN [--patch-size 96] [--steps N | --epochs N] [--resume]
     deformux demo                      the main job on the bundled MNI152 T1
     deformux summary [--model M] [--size 96]
-    deformux bench segment | model | ddc | conv | backward
+    deformux bench segment | model | ddc | conv | backward | train
     deformux version
 
 Long work shows a progress bar on stderr when it is a terminal (--no-progress turns it off). Errors
@@ -188,7 +188,7 @@ def _parser():
     _add_network_options(p)
 
     p = sub.add_parser("bench", help="benchmarks (they print their figures; run on a quiet machine)",
-                       description="Benchmarks. 'segment' and 'model' run here; 'ddc', 'conv' and 'backward' run "
+                       description="Benchmarks. 'segment' and 'model' run here; 'ddc', 'conv', 'backward' and 'train' run "
                                    "the Swift command line's benchmarks (found as DEFORMUX_SWIFT_CLI, or "
                                    ".build/release/deformux in the repository).")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -214,7 +214,7 @@ def _parser():
     b.add_argument("--repeats", type=_positive, default=1)
     b.add_argument("--threads", type=int, default=None)
     _add_network_options(b)
-    for name in ("ddc", "conv", "backward"):
+    for name in ("ddc", "conv", "backward", "train"):
         b = bsub.add_parser(name, help=f"the Swift command line's 'bench {name}'", add_help=False)
         b.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -367,7 +367,7 @@ def _swift_cli():
 
 def _bench(args):
     from deformux import bench
-    if args.bench in ("ddc", "conv", "backward"):
+    if args.bench in ("ddc", "conv", "backward", "train"):
         exe = _swift_cli()
         if exe is None:
             raise RuntimeError(f"'bench {args.bench}' is a Swift benchmark: in the repository run "

@@ -104,7 +104,7 @@ def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match=".safetensors"):
         load_model(tmp_path / "model.pth")
     (tmp_path / "junk.safetensors").write_bytes(b"\x01")
-    with pytest.raises(ValueError, match="not a safetensors file"):
+    with pytest.raises(deformux.FileFormatError, match="not a safetensors file"):
         load_model(tmp_path / "junk.safetensors")
     junk_card = dict(json.loads(card_path.read_text()), weights="junk.safetensors")
     (tmp_path / "junk.json").write_text(json.dumps(junk_card))
