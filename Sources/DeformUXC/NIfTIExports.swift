@@ -45,26 +45,7 @@ private func json(_ x: Double) -> String {
 private func json(_ xs: [Double]) -> String { "[" + xs.map(json).joined(separator: ", ") + "]" }
 private func json(_ xs: [Int]) -> String { "[" + xs.map(String.init).joined(separator: ", ") + "]" }
 
-private func json(_ s: String) -> String {
-    var out = "\""
-    for u in s.unicodeScalars {
-        switch u {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case "\n": out += "\\n"
-        case "\r": out += "\\r"
-        case "\t": out += "\\t"
-        default:
-            if u.value < 0x20 {
-                let hex = String(u.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            } else {
-                out.unicodeScalars.append(u)
-            }
-        }
-    }
-    return out + "\""
-}
+private func json(_ s: String) -> String { JSONText.string(s) }
 
 /// Every header field of `file`, as one JSON object (documented in deformux.h).
 func niftiHeaderJSON(_ file: NIfTIFile) -> String {

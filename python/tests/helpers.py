@@ -1,5 +1,6 @@
 """Test helpers: seeded inputs, a comparison that reports the max error and where it is, and the
 GIL check (how fast the main thread runs Python while a worker thread is in engine calls)."""
+import json
 import threading
 import time
 
@@ -10,6 +11,21 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 def rng(seed):
     return np.random.default_rng(seed)
+
+
+def read_safetensors(path):
+    """name -> float32 array, and the metadata (a reader independent of the engine's)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    meta = header.pop("__metadata__", {})
+    out = {}
+    for name, e in header.items():
+        assert e["dtype"] == "F32", name
+        b, end = e["data_offsets"]
+        out[name] = np.frombuffer(data[b:end], np.float32).reshape(e["shape"])
+    return out, meta
 
 
 def f32(a):

@@ -13,25 +13,10 @@ import numpy as np
 import pytest
 
 from deformux import DeformUXNet
-from helpers import assert_close
+from helpers import assert_close, read_safetensors
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "Tests", "Fixtures", "network")
 RTOL = 1e-4
-
-
-def read_safetensors(path):
-    """name -> float32 array (a reader independent of the engine's)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = f.read()
-    header.pop("__metadata__", None)
-    out = {}
-    for name, e in header.items():
-        assert e["dtype"] == "F32", name
-        b, end = e["data_offsets"]
-        out[name] = np.frombuffer(data[b:end], np.float32).reshape(e["shape"])
-    return out
 
 
 def _gradient_variants():
@@ -58,8 +43,8 @@ def bound(name, variant, want):
 @pytest.mark.parametrize("variant", _gradient_variants())
 def test_backward_matches_pytorch(variant):
     m = DeformUXNet.from_file(os.path.join(FIXTURES, f"{variant}.safetensors"))
-    io = read_safetensors(os.path.join(FIXTURES, f"{variant}.io.safetensors"))
-    want = read_safetensors(os.path.join(FIXTURES, f"{variant}.grad.safetensors"))
+    io, _ = read_safetensors(os.path.join(FIXTURES, f"{variant}.io.safetensors"))
+    want, _ = read_safetensors(os.path.join(FIXTURES, f"{variant}.grad.safetensors"))
     x, g = np.ascontiguousarray(io["input"]), np.ascontiguousarray(io["grad_output"])
     grads, grad_x = m.backward(x, g, return_input_grad=True)
     assert set(grads) == set(want), f"{variant}: parameter names differ"

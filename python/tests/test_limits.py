@@ -158,7 +158,7 @@ def file_cases(tmp):
     return [
         ("DeformUXNet.load missing", lambda p: m.load(p), missing / "w.safetensors", FileNotFoundError),
         ("DeformUXNet.load damaged", lambda p: m.load(p), tmp / "short.safetensors", deformux.FileFormatError),
-        ("DeformUXNet.load directory", lambda p: m.load(p), directory, OSError),
+        ("DeformUXNet.load directory", lambda p: m.load(p), directory, IsADirectoryError),
         ("DeformUXNet.save into a file", lambda p: m.save(p), blocked / "w.safetensors", NotADirectoryError),
         ("DeformUXNet.save over a directory", lambda p: m.save(p), directory, IsADirectoryError),
         ("DeformUXNet.from_file missing", lambda p: DeformUXNet.from_file(p), missing / "w.safetensors", FileNotFoundError),

@@ -13,25 +13,10 @@ import pytest
 
 import deformux
 from deformux import DeformUXNet, convert
-from helpers import main_thread_rate_during
+from helpers import main_thread_rate_during, read_safetensors
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "Tests", "Fixtures", "network")
 SMALL = dict(out_channels=3, feature_size=(8, 12, 16, 24), hidden_size=32)
-
-
-def read_safetensors(path):
-    """name -> float32 array, and the metadata (a reader independent of the engine's)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = f.read()
-    meta = header.pop("__metadata__", {})
-    out = {}
-    for name, e in header.items():
-        assert e["dtype"] == "F32", name
-        b, end = e["data_offsets"]
-        out[name] = np.frombuffer(data[b:end], np.float32).reshape(e["shape"])
-    return out, meta
 
 
 @pytest.mark.parametrize("block, mlp, cout, count", [

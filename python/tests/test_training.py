@@ -12,29 +12,14 @@ import pytest
 import deformux
 from deformux import DeformUXNet, PatchSampler, Trainer
 from deformux.losses import dice_ce
-from helpers import REPO, assert_close
+from helpers import REPO, assert_close, read_safetensors
 
 TRAINING = REPO / "Tests" / "Fixtures" / "training"
 
 
-def _read(path):
-    """name -> float32 array, and the metadata (a reader independent of the engine's)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = f.read()
-    meta = header.pop("__metadata__", {})
-    out = {}
-    for name, e in header.items():
-        assert e["dtype"] == "F32", name
-        b, end = e["data_offsets"]
-        out[name] = np.frombuffer(data[b:end], np.float32).reshape(e["shape"])
-    return out, meta
-
-
 @pytest.fixture(scope="module")
 def step_fixture():
-    tensors, meta = _read(TRAINING / "train_step.safetensors")
+    tensors, meta = read_safetensors(TRAINING / "train_step.safetensors")
     config = json.loads(meta["deformux.config"])
     optimizer = json.loads(meta["optimizer"])
     return tensors, config, float(meta["loss"]), optimizer

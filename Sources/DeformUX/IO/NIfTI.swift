@@ -45,21 +45,8 @@ public struct NIfTIFile: @unchecked Sendable {
     /// Reads and checks the file at `path` (.nii or .nii.gz, told apart by the gzip magic bytes).
     public init(path: String) throws {
         let what = "nifti read"
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            let e = errno
-            throw DeformUXError.io(what, "cannot open: \(String(cString: strerror(e)))", path: path, errno: e)
-        }
+        let (fd, size) = try Files.openRegular(path, what: what)
         defer { close(fd) }
-        var st = stat()
-        guard fstat(fd, &st) == 0 else {
-            let e = errno
-            throw DeformUXError.io(what, "cannot stat: \(String(cString: strerror(e)))", path: path, errno: e)
-        }
-        guard (st.st_mode & S_IFMT) == S_IFREG else {
-            throw DeformUXError.io(what, "not a regular file", path: path, errno: (st.st_mode & S_IFMT) == S_IFDIR ? EISDIR : 0)
-        }
-        let size = Int(st.st_size)
         var magic: [UInt8] = [0, 0]
         let got = try NIfTIFile.readFully(fd, into: &magic, at: 0, count: 2, path: path)
         if got == 2 && magic[0] == gzipMagic.0 && magic[1] == gzipMagic.1 {
@@ -622,7 +609,7 @@ public enum NIfTI {
 
         let s = h.spatialShape
         let layout = VolumeLayout(nx: s[0], ny: s[1], nz: s[2], volumes: h.volumeCount)
-        try atomicWrite(path, what: what) { fd in
+        try Files.atomicWrite(path, what: what) { fd in
             let gzip = compressed ? try GzipWriter(fd: fd, level: Int32(compressionLevel), what: what, path: path) : nil
             func emit(_ bytes: UnsafeRawBufferPointer) throws {
                 if let gzip { try gzip.write(bytes) } else { try writeAll(fd, bytes, what: what, path: path) }
@@ -699,44 +686,5 @@ public enum NIfTI {
             n = p
         }
         return n
-    }
-
-    /// Runs `body` on a new temporary file in `path`'s directory, then fsyncs it and renames it over
-    /// `path`; on any error the temporary file is removed and `path` is untouched.
-    static func atomicWrite(_ path: String, what: String, _ body: (Int32) throws -> Void) throws {
-        let directory: String
-        if let slash = path.lastIndex(of: "/") {
-            directory = slash == path.startIndex ? "/" : String(path[..<slash])
-        } else {
-            directory = "."
-        }
-        let base = path.split(separator: "/").last.map(String.init) ?? path
-        let temp = "\(directory)/.\(base).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else {
-            let e = errno
-            throw DeformUXError.io(what, "cannot create a temporary file in \(directory): \(String(cString: strerror(e)))", path: path, errno: e)
-        }
-        var closed = false
-        var renamed = false
-        defer {
-            if !closed { close(fd) }
-            if !renamed { unlink(temp) }
-        }
-        try body(fd)
-        guard fsync(fd) == 0 else {
-            let e = errno
-            throw DeformUXError.io(what, "fsync failed: \(String(cString: strerror(e)))", path: path, errno: e)
-        }
-        closed = true
-        guard close(fd) == 0 else {
-            let e = errno
-            throw DeformUXError.io(what, "close failed: \(String(cString: strerror(e)))", path: path, errno: e)
-        }
-        guard rename(temp, path) == 0 else {
-            let e = errno
-            throw DeformUXError.io(what, "cannot rename the temporary file to \(path): \(String(cString: strerror(e)))", path: path, errno: e)
-        }
-        renamed = true
     }
 }

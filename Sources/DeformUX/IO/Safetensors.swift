@@ -269,24 +269,10 @@ final class SafetensorsSource: @unchecked Sendable {
 
     /// Opens `path` for reading; it must be a regular file.
     init(openingFile path: String, what: String) throws {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            let code = errno
-            throw DeformUXError.io(what, "cannot open: \(Safetensors.errnoText(code))", path: path, errno: code)
-        }
-        var st = stat()
-        guard fstat(fd, &st) == 0 else {
-            let code = errno
-            close(fd)
-            throw DeformUXError.io(what, "cannot stat: \(Safetensors.errnoText(code))", path: path, errno: code)
-        }
-        guard (st.st_mode & S_IFMT) == S_IFREG else {
-            close(fd)
-            throw DeformUXError.io(what, "not a regular file", path: path)
-        }
+        let (fd, size) = try Files.openRegular(path, what: what)
         self.fd = fd
         self.bytes = []
-        self.size = Int(st.st_size)
+        self.size = size
         self.path = path
     }
 
@@ -319,7 +305,7 @@ final class SafetensorsSource: @unchecked Sendable {
             if r < 0 {
                 let code = errno
                 if code == EINTR { continue }
-                throw DeformUXError.io(what, "read failed after \(done) of \(count) bytes at offset \(offset): \(Safetensors.errnoText(code))", path: path, errno: code)
+                throw DeformUXError.io(what, "read failed after \(done) of \(count) bytes at offset \(offset): \(Files.errnoText(code))", path: path, errno: code)
             }
             if r == 0 {
                 throw DeformUXError.io(what, "the file ended after \(offset + done) of the \(size) bytes it had when opened (changed while reading?)", path: path)
@@ -373,48 +359,25 @@ public enum Safetensors {
         }
         let header = headerBytes(sorted.map { ($0.name, $0.shape) }, counts: counts, metadata: metadata)
 
-        let directory: String
-        if let slash = path.lastIndex(of: "/") {
-            directory = slash == path.startIndex ? "/" : String(path[..<slash])
-        } else {
-            directory = "."
-        }
-        let base = path.split(separator: "/").last.map(String.init) ?? path
-        let temp = "\(directory)/.\(base).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else {
-            throw DeformUXError.io(what, "cannot create a temporary file in \(directory): \(errnoText())", path: path, errno: Glibc.errno)
-        }
-        var closed = false
-        var renamed = false
-        defer {
-            if !closed { close(fd) }
-            if !renamed { unlink(temp) }
-        }
-        var length = UInt64(header.count).littleEndian
-        try withUnsafeBytes(of: &length) { try writeAll(fd, $0, what) }
-        try header.withUnsafeBytes { try writeAll(fd, $0, what) }
-        for (item, count) in zip(sorted, counts) {
-            #if _endian(little)
-            try writeAll(fd, UnsafeRawBufferPointer(start: item.values, count: count * 4), what)
-            #else
-            var chunk = [UInt32](repeating: 0, count: min(count, 1 << 16))
-            var done = 0
-            while done < count {
-                let n = min(chunk.count, count - done)
-                for i in 0..<n { chunk[i] = item.values[done + i].bitPattern.littleEndian }
-                try chunk.withUnsafeBytes { try writeAll(fd, UnsafeRawBufferPointer(rebasing: $0[0..<(n * 4)]), what) }
-                done += n
+        try Files.atomicWrite(path, what: what) { fd in
+            var length = UInt64(header.count).littleEndian
+            try withUnsafeBytes(of: &length) { try writeAll(fd, $0, what) }
+            try header.withUnsafeBytes { try writeAll(fd, $0, what) }
+            for (item, count) in zip(sorted, counts) {
+                #if _endian(little)
+                try writeAll(fd, UnsafeRawBufferPointer(start: item.values, count: count * 4), what)
+                #else
+                var chunk = [UInt32](repeating: 0, count: min(count, 1 << 16))
+                var done = 0
+                while done < count {
+                    let n = min(chunk.count, count - done)
+                    for i in 0..<n { chunk[i] = item.values[done + i].bitPattern.littleEndian }
+                    try chunk.withUnsafeBytes { try writeAll(fd, UnsafeRawBufferPointer(rebasing: $0[0..<(n * 4)]), what) }
+                    done += n
+                }
+                #endif
             }
-            #endif
         }
-        guard fsync(fd) == 0 else { throw DeformUXError.io(what, "fsync failed: \(errnoText())", path: path, errno: Glibc.errno) }
-        closed = true
-        guard close(fd) == 0 else { throw DeformUXError.io(what, "close failed: \(errnoText())", path: path, errno: Glibc.errno) }
-        guard rename(temp, path) == 0 else {
-            throw DeformUXError.io(what, "cannot rename the temporary file to \(path): \(errnoText())", path: path, errno: Glibc.errno)
-        }
-        renamed = true
     }
 
     /// The JSON header (keys in the order given, `__metadata__` first), space-padded so that 8 + its
@@ -422,41 +385,19 @@ public enum Safetensors {
     static func headerBytes(_ tensors: [(String, [Int])], counts: [Int], metadata: [String: String]) -> [UInt8] {
         var parts: [String] = []
         if !metadata.isEmpty {
-            let kv = metadata.keys.sorted().map { "\(jsonString($0)):\(jsonString(metadata[$0] ?? ""))" }
+            let kv = metadata.keys.sorted().map { "\(JSONText.string($0)):\(JSONText.string(metadata[$0] ?? ""))" }
             parts.append("\"__metadata__\":{\(kv.joined(separator: ","))}")
         }
         var offset = 0
         for ((name, shape), count) in zip(tensors, counts) {
             let end = offset + count * 4
             let dims = shape.map(String.init).joined(separator: ",")
-            parts.append("\(jsonString(name)):{\"dtype\":\"F32\",\"shape\":[\(dims)],\"data_offsets\":[\(offset),\(end)]}")
+            parts.append("\(JSONText.string(name)):{\"dtype\":\"F32\",\"shape\":[\(dims)],\"data_offsets\":[\(offset),\(end)]}")
             offset = end
         }
         var bytes = Array("{\(parts.joined(separator: ","))}".utf8)
         while bytes.count % 8 != 0 { bytes.append(0x20) }
         return bytes
-    }
-
-    /// A JSON string literal.
-    static func jsonString(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 {
-                    let hex = String(u.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                } else {
-                    out.unicodeScalars.append(u)
-                }
-            }
-        }
-        return out + "\""
     }
 
     // MARK: reading
@@ -713,16 +654,13 @@ public enum Safetensors {
         while left > 0 {
             let w = posixWrite(fd, p, left)
             if w < 0 {
-                if errno == EINTR { continue }
-                throw DeformUXError.io(what, "write failed: \(errnoText())", errno: Glibc.errno)
+                let e = errno
+                if e == EINTR { continue }
+                throw DeformUXError.io(what, "write failed: \(Files.errnoText(e))", errno: e)
             }
             p += w
             left -= w
         }
-    }
-
-    static func errnoText(_ code: Int32 = errno) -> String {
-        String(cString: strerror(code))
     }
 }
 

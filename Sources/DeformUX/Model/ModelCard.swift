@@ -380,7 +380,7 @@ extension ModelCard {
     /// Writes the card (indented JSON), atomically.
     public func write(to path: String) throws {
         let bytes = Array((jsonValue.prettyJSON() + "\n").utf8)
-        try NIfTI.atomicWrite(path, what: "model card \(path)") { fd in
+        try Files.atomicWrite(path, what: "model card \(path)") { fd in
             try bytes.withUnsafeBytes { try writeAll(fd, $0, what: "model card \(path)", path: path) }
         }
     }
@@ -450,21 +450,8 @@ extension ModelCard {
 
 /// Reads a whole (small) file: at most `limit` bytes, checked against the file's size first.
 func readSmallFile(_ path: String, limit: Int, what: String) throws -> [UInt8] {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else {
-        let e = errno
-        throw DeformUXError.io(what, "cannot open: \(String(cString: strerror(e)))", path: path, errno: e)
-    }
+    let (fd, size) = try Files.openRegular(path, what: what)
     defer { close(fd) }
-    var st = stat()
-    guard fstat(fd, &st) == 0 else {
-        let e = errno
-        throw DeformUXError.io(what, "cannot stat: \(String(cString: strerror(e)))", path: path, errno: e)
-    }
-    guard (st.st_mode & S_IFMT) == S_IFREG else {
-        throw DeformUXError.io(what, "not a regular file", path: path, errno: EISDIR)
-    }
-    let size = Int(st.st_size)
     guard size >= 0, size <= limit else {
         throw DeformUXError.io(what, "the file is too large", path: path, expected: "at most \(limit) bytes", got: "\(size) bytes")
     }
@@ -536,14 +523,14 @@ public indirect enum JSONValue: Equatable, Sendable, Decodable {
         let separator = indent == nil ? ", " : ","
         func members(_ entries: [(String, JSONValue)]) -> String {
             if entries.isEmpty { return "{}" }
-            return "{" + entries.map { newline + JSONValue.quote($0.0) + ": " + $0.1.text(indent: indent, level: level + 1) }
+            return "{" + entries.map { newline + JSONText.string($0.0) + ": " + $0.1.text(indent: indent, level: level + 1) }
                 .joined(separator: separator) + close + "}"
         }
         switch self {
         case .null: return "null"
         case let .bool(b): return b ? "true" : "false"
         case let .number(x): return JSONValue.number(x)
-        case let .string(s): return JSONValue.quote(s)
+        case let .string(s): return JSONText.string(s)
         case let .array(a):
             // Arrays of scalars stay on one line.
             let flat = a.allSatisfy { if case .array = $0 { return false }; if case .object = $0 { return false }
@@ -562,24 +549,4 @@ public indirect enum JSONValue: Equatable, Sendable, Decodable {
         return "\(x)"
     }
 
-    static func quote(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 {
-                    let hex = String(u.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                } else {
-                    out.unicodeScalars.append(u)
-                }
-            }
-        }
-        return out + "\""
-    }
 }
