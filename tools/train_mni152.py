@@ -14,10 +14,11 @@ The recipe (every number is recorded in the model card):
   (deformux.data.noisy_t1 with seeds 1000 + i: other fields and noise than the evaluation's seeds 0..2),
   each normalised as segment() normalises a whole volume (the MR preset: (x - P1) / (P99 - P1) over
   non-zero voxels) and then cut, so that training sees the intensities inference will;
-- patches 48^3, 2 per volume (centres on foreground / background 1:1), batch 2; augmentation: rotation
-  up to 15 degrees and scaling 0.1 (each with probability 0.3), intensity shift 0.1 (0.5), a Legendre bias
-  field up to 40% (0.5) and Gaussian noise up to 8% of the range (0.5);
-- Dice + CE, AdamW (lr 2e-3, weight decay 0.08 on every parameter), nnU-Net's poly decay of the rate;
+- patches 48^3, 2 per volume (centres on foreground / background 1:1), batch 2; augmentation by
+  intensity only: shift 0.1, a Legendre bias field up to 40% and Gaussian noise up to 8% of the range
+  (each with probability 0.3). No rotation or scaling: the labels are one voxel grid's tissue maps, and
+  resampling blurs the boundaries the Dice targets measure;
+- Dice + CE, AdamW (lr 1e-3, weight decay 0.08 on every parameter), nnU-Net's poly decay of the rate;
 - validation every 500 steps by sliding windows (48^3, overlap 0.5, gaussian blending) over the whole
   T1, Dice on the validation slices (68 <= z < 124); the best weights are kept.
 
@@ -45,14 +46,14 @@ MODELS = REPO / "python" / "deformux" / "models"
 NAME = "brain-tissue"
 CONFIG = dict(in_channels=1, out_channels=4, feature_size=(16, 32, 64, 128), hidden_size=256)
 PATCH = 48
-NOISY_COPIES = 2
+NOISY_COPIES = 1
 EVAL_SEEDS = (0, 1, 2)
 AUGMENTATION = {
-    "rotationProbability": 0.3, "rotationDegrees": [15, 15, 15],
-    "scaleProbability": 0.3, "scaleRange": [0.1, 0.1, 0.1],
-    "shiftProbability": 0.5, "shiftRange": 0.1,
-    "noiseProbability": 0.5, "noiseMaxFraction": 0.08,
-    "biasFieldProbability": 0.5, "biasFieldMaxAmplitude": 0.4, "biasFieldDegree": 3,
+    "rotationProbability": 0.0, "rotationDegrees": [15, 15, 15],
+    "scaleProbability": 0.0, "scaleRange": [0.1, 0.1, 0.1],
+    "shiftProbability": 0.3, "shiftRange": 0.1,
+    "noiseProbability": 0.3, "noiseMaxFraction": 0.08,
+    "biasFieldProbability": 0.3, "biasFieldMaxAmplitude": 0.4, "biasFieldDegree": 3,
     "intensityRange": 1, "padding": "zeros",
 }
 PRESET = INTENSITY_PRESETS["mr"]
@@ -202,7 +203,7 @@ def main(argv=None):
     p = sub.add_parser("train")
     p.add_argument("--out", default="runs/brain-tissue")
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--validate-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=None)

@@ -163,17 +163,18 @@ def _parser():
     g.add_argument("--offset-mode", choices=("aligned", "official"), default="aligned")
 
     p = sub.add_parser("demo", help="the main job on the bundled MNI152 T1",
-                       description="Until the trained model ships: the DDC operator resamples the MNI152 T1 "
-                                   "(a rotation about the x axis plus 3x3x3 smoothing) and writes a NIfTI. With a "
-                                   "model (--segment, or once the default model is bundled): segments the T1, "
-                                   "writes the labels and a PNG of three slices with the labels overlaid, and "
-                                   "prints per-class Dice against the bundled reference labels.")
+                       description="Segments the bundled MNI152 T1 (or --input) with the bundled brain-tissue "
+                                   "model (or --model), writes the labels (NIfTI, the input's grid) and a PNG of three "
+                                   "slices with the labels overlaid, and prints per-class Dice against the bundled "
+                                   "reference labels. --ddc runs the operator demo instead: the DDC resamples the T1 "
+                                   "(a rotation about the x axis plus 3x3x3 smoothing) and writes a NIfTI.")
     p.add_argument("--input", default=None, help="a 3D NIfTI volume (default: the bundled MNI152 T1)")
     p.add_argument("--output", default=None,
-                   help="where to write the result (default: out/demo_ddc.nii.gz, or out/demo_labels.nii.gz)")
+                   help="where to write the result (default: out/demo_labels.nii.gz; --ddc: out/demo_ddc.nii.gz)")
     p.add_argument("--angle", type=float, default=10.0, help="DDC demo: rotation in degrees (default: %(default)s)")
     p.add_argument("--slab", type=int, default=16, help="DDC demo: output slices per engine call (default: %(default)s)")
-    p.add_argument("--segment", action="store_true", help="run the segmentation demo (needs --model until the default model ships)")
+    p.add_argument("--ddc", action="store_true", help="run the DDC operator demo instead of the segmentation")
+    p.add_argument("--segment", action="store_true", help="run the segmentation demo (the default when a model is bundled)")
     p.add_argument("--model", default=None, help="segmentation demo: a model card or weights")
     p.add_argument("--png", default=None, help="segmentation demo: the overlay picture (default: beside the output)")
     p.add_argument("--threads", type=int, default=None, help="engine worker threads (default: all CPUs)")
@@ -286,7 +287,7 @@ def _evaluate(args):
 def _demo(args):
     from deformux import demo as demo_job
     _set_threads(args.threads)
-    if args.segment or args.model is not None or demo_job.default_model_available():
+    if not args.ddc and (args.segment or args.model is not None or demo_job.default_model_available()):
         demo_job.run_segmentation(args.input, args.output or "out/demo_labels.nii.gz", model=args.model, png=args.png,
                                   progress=not args.no_progress)
     else:

@@ -27,8 +27,8 @@ from .progress import progress_callback
 
 __all__ = ["segment", "Segmenter", "DEFAULT_MODEL", "default_model_path"]
 
-#: The bundled default model: deformux/models/<DEFAULT_MODEL>.json and its weights (from the training
-#: issue; not shipped yet).
+#: The bundled default model: deformux/models/<DEFAULT_MODEL>.json and its weights (brain tissue in T1 MRI,
+#: trained by tools/train_mni152.py).
 DEFAULT_MODEL = "brain-tissue"
 
 
@@ -43,8 +43,8 @@ def _resolve_model(model, what):
         path = default_model_path()
         if not path.is_file():
             raise FileNotFoundError(
-                2, f"{what}: no bundled default model yet (looked for {path}); the trained model ships with a later "
-                   f"release. Pass model= a model card (.json), weights (.safetensors) or a deformux.DeformUXNet",
+                2, f"{what}: the bundled default model is missing (looked for {path}); reinstall deformux, or pass "
+                   f"model= a model card (.json), weights (.safetensors) or a deformux.DeformUXNet",
                 str(path))
         return load_model(path)
     if isinstance(model, DeformUXNet):

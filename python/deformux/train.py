@@ -363,6 +363,9 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
             state = json.load(f)
         model.load(src + ".safetensors")
         trainer.load_state(src + ".trainer.safetensors")
+        if trainer.step != state["step"]:  # a checkpoint cut short between its files
+            raise ValueError(f"train: the checkpoint in {os.path.dirname(src)} is inconsistent: the optimiser is at "
+                             f"step {trainer.step}, the loop at step {state['step']}")
         log(f"train: resumed from {src} at step {state['step']}")
     data_rng = np.random.default_rng()
     data_rng.bit_generator.state = state["data_rng"]

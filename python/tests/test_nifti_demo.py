@@ -54,8 +54,8 @@ def run_cli(*args, cwd):
 
 
 def test_demo_cli_end_to_end(tmp_path):
-    """The main job on the bundled T1, with the default output path under the current directory."""
-    result = run_cli("demo", cwd=tmp_path)
+    """The DDC operator demo on the bundled T1, with the default output path under the current directory."""
+    result = run_cli("demo", "--ddc", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out_path = tmp_path / "out" / "demo_ddc.nii.gz"
     assert out_path.is_file()
@@ -80,18 +80,18 @@ def test_demo_cli_end_to_end(tmp_path):
 def test_demo_cli_options_and_errors(tmp_path):
     small = tmp_path / "small.nii.gz"
     nifti.save(small, f32(rng(4).random((6, 7, 8))), np.eye(4))
-    result = run_cli("demo", "--input", str(small), "--output", "o/x.nii", "--angle", "5", "--threads", "1",
+    result = run_cli("demo", "--ddc", "--input", str(small), "--output", "o/x.nii", "--angle", "5", "--threads", "1",
                      "--slab", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "6 x 7 x 8" in result.stdout and nifti.load(tmp_path / "o" / "x.nii").array.shape == (6, 7, 8)
 
-    missing = run_cli("demo", "--input", str(tmp_path / "nope.nii.gz"), cwd=tmp_path)
+    missing = run_cli("demo", "--ddc", "--input", str(tmp_path / "nope.nii.gz"), cwd=tmp_path)
     assert missing.returncode == 1 and "error" in missing.stderr and "nope.nii.gz" in missing.stderr
     not_nifti = tmp_path / "text.nii"
     not_nifti.write_text("hello" * 100)
-    bad = run_cli("demo", "--input", str(not_nifti), cwd=tmp_path)
+    bad = run_cli("demo", "--ddc", "--input", str(not_nifti), cwd=tmp_path)
     assert bad.returncode == 1 and "sizeof_hdr" in bad.stderr
-    threads = run_cli("demo", "--input", str(small), "--threads", "0", cwd=tmp_path)
+    threads = run_cli("demo", "--ddc", "--input", str(small), "--threads", "0", cwd=tmp_path)
     assert threads.returncode == 1 and "set_num_threads" in threads.stderr
 
 

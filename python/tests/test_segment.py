@@ -3,6 +3,7 @@ nibabel images, reoriented inputs, progress, cancellation, Ctrl-C and errors. Ti
 (tests/segment_helpers.py), small volumes."""
 import _thread
 import json
+import sys
 import threading
 import time
 
@@ -11,7 +12,6 @@ import pytest
 
 import deformux
 from deformux import nifti
-from deformux.segment import default_model_path
 from segment_helpers import blob, save_tiny_model, tiny_net
 
 
@@ -232,13 +232,15 @@ def test_errors(card, tmp_path):
         deformux.segment(tmp_path / "damaged.nii", card)
 
 
-def test_default_model_is_missing_with_a_clear_error():
-    if default_model_path().is_file():
-        pytest.skip("the default model is bundled")
+def test_default_model_is_missing_with_a_clear_error(monkeypatch, tmp_path):
+    """An install without its bundled model says where it looked and how to pass one."""
+    module = sys.modules["deformux.segment"]
+    missing = tmp_path / "models" / "brain-tissue.json"
+    monkeypatch.setattr(module, "default_model_path", lambda: missing)
     with pytest.raises(FileNotFoundError) as e:
         deformux.segment(blob((16, 16, 16)), spacing=1)
     message = str(e.value)
-    assert str(default_model_path()) in message and "model=" in message and "no bundled default model" in message
+    assert str(missing) in message and "model=" in message and "default model is missing" in message
 
 
 def test_statistics_describe_the_run(card):
