@@ -139,6 +139,7 @@ def _parser():
     p.add_argument("--samples-per-volume", type=_positive, default=2, help="crops per volume (default: %(default)s)")
     p.add_argument("--volumes-per-step", type=_positive, default=1, help="volumes per step (default: %(default)s)")
     p.add_argument("--drop-path", type=_fraction, default=0.0, help="stochastic depth rate (default: 0)")
+    p.add_argument("--pos-neg", default="1,1", help="weights of foreground / background crop centres (default: 1,1)")
     p.add_argument("--exclude-norm-and-bias-from-weight-decay", action="store_true")
     p.add_argument("--augmentation", choices=("paper", "mr_robust", "none"), default="paper")
     p.add_argument("--intensity", choices=("ct", "mr", "none"), default=None,
@@ -295,6 +296,16 @@ def _demo(args):
     return 0
 
 
+def _pos_neg(text):
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or min(values) < 0 or sum(values) <= 0:
+        raise ValueError(f"--pos-neg must be two non-negative numbers, not both 0, e.g. 1,1; got {text!r}")
+    return tuple(values)
+
+
 def _train(args):
     import deformux
     from deformux.card import load_model
@@ -325,7 +336,7 @@ def _train(args):
     run = deformux.train(
         args.data, model, out=args.out, patch_size=patch, steps=args.steps, epochs=args.epochs, lr=args.lr,
         weight_decay=args.weight_decay, accumulation=args.accumulation, samples_per_volume=args.samples_per_volume,
-        volumes_per_step=args.volumes_per_step, drop_path=args.drop_path,
+        volumes_per_step=args.volumes_per_step, drop_path=args.drop_path, pos_neg=_pos_neg(args.pos_neg),
         exclude_norm_and_bias_from_weight_decay=args.exclude_norm_and_bias_from_weight_decay,
         augmentation=args.augmentation, intensity=args.intensity, validation=args.validation,
         validate_every=args.validate_every, window=None if window == "auto" else window, overlap=args.overlap,

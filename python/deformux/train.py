@@ -265,7 +265,8 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
           samples_per_volume=2, lr=1e-4, weight_decay=0.08, accumulation=1, drop_path=0.0,
           exclude_norm_and_bias_from_weight_decay=False, augmentation="paper", intensity=None, classes=None,
           validation=None, validate_every=100, window=None, overlap=0.5, seed=0, resume=False, progress=True,
-          scheduler="plateau", name=None, license=None, command=None, log=None, predict=None, reorient=True):
+          scheduler="plateau", name=None, license=None, command=None, log=None, predict=None, reorient=True,
+          pos_neg=(1.0, 1.0)):
     """Trains ``model`` (a :class:`DeformUXNet`; default: the full DeformUX-Net with one input channel per
     image channel and one output per class) on ``data`` and returns a dict describing the run.
 
@@ -285,6 +286,8 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
     (constant). A case may carry ``"normalized": True``: its image is already in the network's intensity
     space (the preset is not applied to it again), e.g. a crop normalised with its whole volume's
     percentiles, as segment() normalises whole volumes.
+    pos_neg: the weights of crops centred on foreground and on background (MONAI's pos and neg; the paper
+    1:1).
     reorient: train on the volumes turned to the closest RAS+ axes (as segment() turns them with the
     card's ``"orientation": "RAS"``); False keeps the voxel order and writes ``"orientation": null``.
     The volumes are used on their own grid (the card's ``spacing`` is null: segment() keeps the input's
@@ -343,14 +346,14 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
                       exclude_norm_and_bias_from_weight_decay=exclude_norm_and_bias_from_weight_decay,
                       seed=seed, scheduler=scheduler == "plateau")
     sampler = PatchSampler(patch_size=patch, classes=n_classes, samples_per_volume=samples_per_volume,
-                           augmentation=augmentation)
+                           augmentation=augmentation, positive=pos_neg[0], negative=pos_neg[1])
     for it in train_items:
         sampler.add(it["image"] if it.get("normalized") else normalize_intensity(it["image"], preset), it["label"])
 
     card_extra = {"name": name or "deformux-model", "license": license or "", "reorient": bool(reorient),
                   "training": {"command": command, "seed": seed, "steps": total, "patch_size": list(patch),
                                "lr": lr, "weight_decay": weight_decay, "scheduler": scheduler,
-                               "augmentation": augmentation,
+                               "augmentation": augmentation, "pos_neg": list(pos_neg),
                                "volumes": len(train_items)}}
     state = {"step": 0, "epoch": 0, "position": 0, "order": None, "sampler_rng": int(seed) & (2**64 - 1),
              "data_rng": np.random.default_rng(seed).bit_generator.state, "best": None, "history": []}
