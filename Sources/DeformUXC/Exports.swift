@@ -63,7 +63,7 @@ private func lastError() -> LastError? {
 /// Runs `body`, turning every error into a status (the error's kind) and the thread's last error.
 func guarded(_ body: () throws -> Void) -> Int32 {
     do {
-        try body()
+        try EngineActivity.inside(body)
         return DFX_OK
     } catch let e as DeformUXError {
         setLastError(e)
@@ -120,7 +120,7 @@ final class WorkspaceHandle {
 /// progress callback as its cancellation.
 private func withWorkspace(_ p: OpaquePointer?, _ op: String, _ progress: ProgressCallback?,
                            _ user: UnsafeMutableRawPointer?, _ body: (Workspace) throws -> Void) throws {
-    let cancellation = progress.map { f in Cancellation(poll: { f(user, 0, 1) == 0 }) }
+    let cancellation = progress.map { f in Cancellation(poll: { report(f, user, 0, 1) }) }
     func run(_ ws: Workspace) throws {
         ws.cancellation = cancellation
         defer { ws.cancellation = nil }

@@ -277,6 +277,12 @@ public typealias ProgressCallback = @convention(c) (UnsafeMutableRawPointer?, In
 
 /// The C callback as a session's progress (between steps) and cancellation (polled during steps with
 /// the last step count reported).
+/// Calls the caller's callback with (done, total); true to go on. The calling thread does not count as
+/// engine activity meanwhile (the callback may wait for the GIL that a forking thread holds).
+func report(_ cb: ProgressCallback, _ user: UnsafeMutableRawPointer?, _ done: Int64, _ total: Int64) -> Bool {
+    EngineActivity.outside { cb(user, done, total) == 0 }
+}
+
 func callbacks(_ cb: ProgressCallback?, _ user: UnsafeMutableRawPointer?, total: Int)
     -> (DeformUXNet.Progress?, Cancellation?) {
     guard let cb else { return (nil, nil) }
@@ -284,9 +290,9 @@ func callbacks(_ cb: ProgressCallback?, _ user: UnsafeMutableRawPointer?, total:
     let last = Last()
     let progress: DeformUXNet.Progress = { done, total in
         last.done = done
-        return cb(user, Int64(done), Int64(total)) == 0
+        return report(cb, user, Int64(done), Int64(total))
     }
-    return (progress, Cancellation(poll: { cb(user, Int64(last.done), Int64(total)) == 0 }))
+    return (progress, Cancellation(poll: { report(cb, user, Int64(last.done), Int64(total)) }))
 }
 
 @_cdecl("dfx_session_create")

@@ -194,8 +194,8 @@ public func dfx_segment(_ segmenter: OpaquePointer?, _ image: UnsafePointer<Floa
             SegmentMonitor(progress: { done, total in
                 last.done = Int64(done)
                 last.total = Int64(total)
-                return cb(user, Int64(done), Int64(total)) == 0
-            }, cancellation: Cancellation(poll: { last.total == 0 || cb(user, last.done, last.total) == 0 }))
+                return report(cb, user, Int64(done), Int64(total))
+            }, cancellation: Cancellation(poll: { last.total == 0 || report(cb, user, last.done, last.total) }))
         } ?? SegmentMonitor()
 
         try h.lock.withLock(op) {

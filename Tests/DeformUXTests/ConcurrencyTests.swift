@@ -49,6 +49,73 @@ final class ConcurrencyTests: XCTestCase {
         XCTAssertEqual(try session.forward(x).toArray(), wantNew, "the next forward uses the new weights")
     }
 
+    // MARK: fork() waits until no thread runs engine code
+
+    /// The fork handler's first step (`ActivityGate.quiesce`) returns only once no other thread is inside
+    /// the engine, keeps new ones out until `resume`, and does not wait for threads that are outside
+    /// (in a callback) or waiting for a long lock. Before the gate, a pool worker still starting up (or a
+    /// thread instantiating a generic type's metadata for the first time) when the parent forked left the
+    /// Swift runtime's one-time work marked in progress in the child, which then hung (CI, fork tests).
+    func testForkWaitsUntilNoThreadRunsEngineCode() throws {
+        let gate = EngineActivity.gate
+        let left = Atomic<Bool>(false), reentered = Atomic<Bool>(false)
+        let inside = DispatchSemaphore(value: 0)
+        Thread {
+            EngineActivity.inside {
+                inside.signal()
+                usleep(300_000)
+                left.store(true, ordering: .sequentiallyConsistent)
+            }
+        }.start()
+        inside.wait()
+        gate.quiesce()
+        XCTAssertTrue(left.load(ordering: .sequentiallyConsistent), "quiesce returned while a thread was inside the engine")
+        // While the door is closed a new call waits; it runs once the door opens again.
+        let waiter = DispatchSemaphore(value: 0)
+        Thread {
+            EngineActivity.inside { reentered.store(true, ordering: .sequentiallyConsistent) }
+            waiter.signal()
+        }.start()
+        usleep(200_000)
+        XCTAssertFalse(reentered.load(ordering: .sequentiallyConsistent), "a call entered the engine during a fork")
+        gate.resume()
+        XCTAssertEqual(waiter.wait(timeout: .now() + 10), .success)
+        XCTAssertTrue(reentered.load(ordering: .sequentiallyConsistent))
+
+        // A thread in a callback (outside) or waiting for a long lock does not hold a fork up.
+        let lock = OwnedLock("test object")
+        let holding = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        Thread {
+            EngineActivity.inside {
+                try? lock.withLock("hold") {
+                    EngineActivity.outside {  // as a progress callback waiting for the GIL would
+                        holding.signal()
+                        release.wait()
+                    }
+                }
+            }
+        }.start()
+        holding.wait()
+        let blocked = DispatchSemaphore(value: 0)
+        Thread { EngineActivity.inside { try? lock.withLock("wait") {} }; blocked.signal() }.start()
+        usleep(100_000)
+        XCTAssertTrue(finishes(within: 10) { gate.quiesce() }, "a fork waited for a callback or a lock waiter")
+        gate.resume()
+        release.signal()
+        XCTAssertEqual(blocked.wait(timeout: .now() + 10), .success)
+
+        // A pool worker counts until it sleeps: after a parallel call returns, quiesce waits for the
+        // workers that are still finishing.
+        let threads = Threads.count
+        defer { try? Threads.setCount(threads) }
+        try Threads.setCount(2)
+        let ran = Atomic<Int>(0)
+        EngineActivity.inside { parallelFor(8) { _ in usleep(2_000); ran.add(1, ordering: .relaxed) } }
+        gate.quiesce()
+        XCTAssertEqual(ran.load(ordering: .relaxed), 8)
+        gate.resume()
+    }
+
     func testReentrantCallsFromACallbackAreBusyErrors() throws {
         let net = try DeformUXNet(config: ConcurrencyTests.tiny, seed: 1)
         let x = try input(3, [1, 1, 16, 16, 16])

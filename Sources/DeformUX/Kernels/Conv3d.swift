@@ -1239,20 +1239,21 @@ public enum Conv3d {
                                     _ cin: Int, _ w: UnsafePointer<Float>, _ acc: UnsafeMutablePointer<Float>,
                                     _ accumulate: Bool) {
             typealias V = SIMD16<Float>
-            // 24 accumulators in a local array of vectors: the compiler keeps them in registers when
-            // unrolled; this path only serves awkward widths, so clarity wins over the last percent.
-            var a = [V](repeating: V(), count: 24)
-            if accumulate { for k in 0..<24 { a[k] = cload(acc + 16 * k) } }
-            var wp = w
-            for t in 0..<taps {
-                let base = bases[t]
-                for ci in 0..<cin {
-                    let wv = cload(wp)
-                    for k in 0..<24 { a[k] = a[k].addingProduct(V(repeating: base[o[k] &+ ci]), wv) }
-                    wp += 16
+            // 24 accumulators in a stack buffer of vectors (no heap array: this runs once per tile); this
+            // path only serves awkward widths, so clarity wins over the last percent.
+            withUnsafeTemporaryAllocation(of: V.self, capacity: 24) { a in
+                for k in 0..<24 { a[k] = accumulate ? cload(acc + 16 * k) : V() }
+                var wp = w
+                for t in 0..<taps {
+                    let base = bases[t]
+                    for ci in 0..<cin {
+                        let wv = cload(wp)
+                        for k in 0..<24 { a[k] = a[k].addingProduct(V(repeating: base[o[k] &+ ci]), wv) }
+                        wp += 16
+                    }
                 }
+                for k in 0..<24 { cstore(a[k], acc + 16 * k) }
             }
-            for k in 0..<24 { cstore(a[k], acc + 16 * k) }
         }
 
         /// The register tile: 8 consecutive padded positions x 48 output channels, accumulated over

@@ -23,6 +23,130 @@ public enum Fork {
     public static var generation: UInt64 { registry.generation }
 }
 
+/// The threads running engine code, counted so that `fork()` can wait until none is: a thread copied
+/// halfway through the Swift runtime's lazy work (the first use of a generic type's metadata, a global's
+/// one-time initialiser) leaves that work marked as in progress in the child, whose first use of it
+/// then waits forever (seen in CI: a pool worker still starting up when the parent forked).
+///
+/// Counted: calls through the C ABI (`EngineActivity.inside`, from `guarded`) and the pool's workers
+/// from their creation until they sleep. Not counted: a thread inside a caller's callback (which may
+/// wait for the GIL that the forking thread holds) or waiting for a long lock (whose holder may be in
+/// such a callback): `EngineActivity.outside`. The fork handler waits until no thread is counted and
+/// new ones wait at the door until the fork is over, so every thread is in Python, asleep, or in a lock
+/// wait when the process is copied.
+public enum EngineActivity {
+    static let gate = ActivityGate()
+    /// This thread's nesting of `inside` (0: not counted).
+    private static let depth = ThreadLocalCount()
+
+    /// Runs `body` counted as engine work (nests; waits first while another thread forks).
+    @inline(__always)
+    public static func inside<T>(_ body: () throws -> T) rethrows -> T {
+        let d = depth.value
+        if d == 0 { gate.enter() }
+        depth.value = d + 1
+        defer {
+            depth.value = d
+            if d == 0 { gate.leave() }
+        }
+        return try body()
+    }
+
+    /// Runs `body` not counted (a caller's callback, a wait for a long lock); back inside afterwards.
+    @inline(__always)
+    public static func outside<T>(_ body: () throws -> T) rethrows -> T {
+        let d = depth.value
+        if d == 0 { return try body() }
+        depth.value = 0
+        gate.leave()
+        defer {
+            gate.enter()
+            depth.value = d
+        }
+        return try body()
+    }
+
+    /// Whether the calling thread is counted.
+    static var isInside: Bool { depth.value > 0 }
+}
+
+/// The count behind `EngineActivity`, with its own mutex (never held while taking another lock).
+final class ActivityGate: @unchecked Sendable {
+    private var mutex = pthread_mutex_t()
+    private var changed = pthread_cond_t()
+    private var running = 0
+    private var forking = false
+
+    init() {
+        pthread_mutex_init(&mutex, nil)
+        pthread_cond_init(&changed, nil)
+    }
+
+    func enter() {
+        pthread_mutex_lock(&mutex)
+        while forking { pthread_cond_wait(&changed, &mutex) }
+        running += 1
+        pthread_mutex_unlock(&mutex)
+    }
+
+    /// `enter` unless a fork is under way (for a pool worker, which holds the pool's lock and must not
+    /// wait: it skips the job instead).
+    func tryEnter() -> Bool {
+        pthread_mutex_lock(&mutex); defer { pthread_mutex_unlock(&mutex) }
+        if forking { return false }
+        running += 1
+        return true
+    }
+
+    /// Counts a thread about to be created by a counted thread (so no fork can start before it runs).
+    func adopt() {
+        pthread_mutex_lock(&mutex); defer { pthread_mutex_unlock(&mutex) }
+        running += 1
+    }
+
+    func leave() {
+        pthread_mutex_lock(&mutex); defer { pthread_mutex_unlock(&mutex) }
+        running -= 1
+        if forking { pthread_cond_broadcast(&changed) }
+    }
+
+    /// Before fork: closes the door and waits until no other thread is counted.
+    func quiesce() {
+        let own = EngineActivity.isInside ? 1 : 0
+        pthread_mutex_lock(&mutex)
+        while forking { pthread_cond_wait(&changed, &mutex) }  // another thread's fork
+        forking = true
+        while running > own { pthread_cond_wait(&changed, &mutex) }
+        pthread_mutex_unlock(&mutex)
+    }
+
+    /// After fork, in the parent: opens the door.
+    func resume() {
+        pthread_mutex_lock(&mutex)
+        forking = false
+        pthread_cond_broadcast(&changed)
+        pthread_mutex_unlock(&mutex)
+    }
+
+    /// After fork, in the child: only the forking thread exists.
+    func reinitialiseAfterFork() {
+        pthread_mutex_init(&mutex, nil)
+        pthread_cond_init(&changed, nil)
+        running = EngineActivity.isInside ? 1 : 0
+        forking = false
+    }
+}
+
+/// A per-thread count (pthread TLS, no Foundation).
+final class ThreadLocalCount: @unchecked Sendable {
+    private var key = pthread_key_t()
+    init() { pthread_key_create(&key, nil) }
+    var value: Int {
+        get { Int(bitPattern: pthread_getspecific(key)) }
+        set { pthread_setspecific(key, UnsafeRawPointer(bitPattern: newValue)) }
+    }
+}
+
 /// Registry of live locks, consulted by the fork handlers.
 final class LockRegistry: @unchecked Sendable {
     private var mutex = pthread_mutex_t()
@@ -55,6 +179,7 @@ final class LockRegistry: @unchecked Sendable {
     // inside one of them when the process is copied.
     private var held: [Unmanaged<ShortLock>] = []
     func prepare() {
+        EngineActivity.gate.quiesce()  // first: a counted thread may still need the registry or a short lock
         pthread_mutex_lock(&mutex)
         held = short.sorted { $0.key < $1.key }.map(\.value)
         for l in held { l.takeUnretainedValue().rawLock() }
@@ -64,6 +189,7 @@ final class LockRegistry: @unchecked Sendable {
         for l in held.reversed() { l.takeUnretainedValue().rawUnlock() }
         held = []
         pthread_mutex_unlock(&mutex)
+        EngineActivity.gate.resume()
     }
 
     func child() {
@@ -72,6 +198,7 @@ final class LockRegistry: @unchecked Sendable {
         for l in long.values { l.reinitialiseAfterFork() }
         generation &+= 1
         Threads.pool.reinitialiseAfterFork()
+        EngineActivity.gate.reinitialiseAfterFork()
         pthread_mutex_unlock(&mutex)
     }
 }
@@ -145,7 +272,9 @@ public final class OwnedLock: LongLock, @unchecked Sendable {
         if let o = owner, pthread_equal(o, currentThread()) != 0 {
             throw DeformUXError.busy(operation, "the \(what) is already in use by this thread (called from its own progress callback?)")
         }
-        pthread_mutex_lock(&mutex)
+        if pthread_mutex_trylock(&mutex) != 0 {
+            EngineActivity.outside { _ = pthread_mutex_lock(&mutex) }
+        }
         owner = currentThread()
         defer {
             owner = nil
@@ -186,14 +315,18 @@ public final class ReadWriteLock: LongLock, @unchecked Sendable {
 
     public func read<T>(_ operation: String, _ body: () throws -> T) throws -> T {
         try checkNotWriter(operation)
-        pthread_rwlock_rdlock(&rw)
+        if pthread_rwlock_tryrdlock(&rw) != 0 {
+            EngineActivity.outside { _ = pthread_rwlock_rdlock(&rw) }
+        }
         defer { pthread_rwlock_unlock(&rw) }
         return try body()
     }
 
     public func write<T>(_ operation: String, _ body: () throws -> T) throws -> T {
         try checkNotWriter(operation)
-        pthread_rwlock_wrlock(&rw)
+        if pthread_rwlock_trywrlock(&rw) != 0 {
+            EngineActivity.outside { _ = pthread_rwlock_wrlock(&rw) }
+        }
         writer = currentThread()
         defer {
             writer = nil

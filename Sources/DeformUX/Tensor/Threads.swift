@@ -165,13 +165,27 @@ final class ThreadPool: @unchecked Sendable {
         }
     }
 
+    /// A worker counts as engine activity (see `EngineActivity`) from its creation until it sleeps, and
+    /// again from a wake-up with work until it sleeps again; woken while a fork is under way, it sleeps
+    /// through the job, which the others finish.
     private func workerLoop(index: Int, startGeneration: Int) {
         var seen = startGeneration
+        var counted = true  // adopted by spawnWorker
         lock()
         while true {
-            while generation == seen { mutex.wait(wake) }
+            if generation == seen {
+                if counted {
+                    EngineActivity.gate.leave()
+                    counted = false
+                }
+                while generation == seen { mutex.wait(wake) }
+            }
             seen = generation
             if index >= activeHelpers { continue }
+            if !counted {
+                guard EngineActivity.gate.tryEnter() else { continue }
+                counted = true
+            }
             unlock()
             drain()
             lock()
@@ -184,6 +198,7 @@ final class ThreadPool: @unchecked Sendable {
         // The worker starts from the generation current now, so it also takes the job about to start.
         let box = Unmanaged.passRetained(WorkerStart(pool: self, index: index, generation: generation)).toOpaque()
         var thread = pthread_t()
+        EngineActivity.gate.adopt()
         let rc = pthread_create(&thread, nil, { arg in
             guard let arg else { return nil }
             let start = Unmanaged<WorkerStart>.fromOpaque(arg).takeRetainedValue()
@@ -191,6 +206,7 @@ final class ThreadPool: @unchecked Sendable {
             return nil
         }, box)
         guard rc == 0 else {
+            EngineActivity.gate.leave()
             Unmanaged<WorkerStart>.fromOpaque(box).release()
             return false
         }
