@@ -164,7 +164,11 @@ def cmd_evaluate(args):
     result = evaluate(args.model, baseline=not args.no_baseline, window=window, overlap=args.overlap)
     if args.json:
         print(json.dumps(result, indent=1))
-        return
+    else:
+        print_result(result)
+
+
+def print_result(result):
     print(f"{'volume':<16}{'CSF':>8}{'GM':>8}{'WM':>8}{'mean':>8}   thresholds CSF / GM / WM   seconds")
     for name, r in result["rows"].items():
         d = list(r["dice"].values())
@@ -207,7 +211,7 @@ def cmd_package(args):
     tmp_card.write_text(json.dumps(card, indent=1) + "\n")
     os.replace(tmp_card, card_path)
     print(f"wrote {weights} and {card_path}")
-    cmd_evaluate(argparse.Namespace(model=card_path, json=False, no_baseline=False, window=None, overlap=None))
+    print_result(result)
 
 
 def main(argv=None):
