@@ -106,11 +106,12 @@ final class ThreadPool: @unchecked Sendable {
         unfinished = 0
     }
 
-    private static let insidePart = ThreadLocalFlag()
+    /// Non-zero on a thread running a part (its nested parallel calls run serially).
+    private static let insidePart = ThreadLocalCount()
 
     func run(parts: Int, _ body: (Int) -> Void) {
         // Nested calls, and callers that find the pool taken, run serially: same parts, same results.
-        if ThreadPool.insidePart.isSet || pthread_mutex_trylock(busy) != 0 {
+        if ThreadPool.insidePart.value != 0 || pthread_mutex_trylock(busy) != 0 {
             for p in 0..<parts { body(p) }
             return
         }
@@ -145,8 +146,8 @@ final class ThreadPool: @unchecked Sendable {
 
     /// Takes parts until none are left. Called with the mutex not held.
     private func drain() {
-        ThreadPool.insidePart.set(true)
-        defer { ThreadPool.insidePart.set(false) }
+        ThreadPool.insidePart.value = 1
+        defer { ThreadPool.insidePart.value = 0 }
         while true {
             lock()
             guard nextPart < totalParts, job != nil else { unlock(); return }
@@ -221,14 +222,4 @@ private final class WorkerStart {
     let index: Int
     let generation: Int
     init(pool: ThreadPool, index: Int, generation: Int) { self.pool = pool; self.index = index; self.generation = generation }
-}
-
-/// A per-thread boolean (pthread TLS, no Foundation).
-final class ThreadLocalFlag: @unchecked Sendable {
-    private var key = pthread_key_t()
-    init() { pthread_key_create(&key, nil) }
-    var isSet: Bool { pthread_getspecific(key) != nil }
-    func set(_ on: Bool) {
-        pthread_setspecific(key, on ? UnsafeRawPointer(bitPattern: 1) : nil)
-    }
 }
