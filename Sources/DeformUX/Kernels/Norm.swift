@@ -243,24 +243,31 @@ public enum InstanceNorm {
         }
     }
 
+    /// 16 channels of the normalised input xhat = b + a x and the gradient through the LeakyReLU after it.
+    @inline(__always)
+    static func leaky(_ x: UnsafePointer<Float>, _ g: UnsafePointer<Float>, _ a: UnsafePointer<Float>,
+                      _ b: UnsafePointer<Float>, _ slope: SIMD16<Float>) -> (xhat: SIMD16<Float>, g: SIMD16<Float>) {
+        let xhat = cload(b).addingProduct(cload(a), cload(x))
+        var gi = cload(g)
+        gi.replace(with: gi * slope, where: xhat .<= SIMD16<Float>())
+        return (xhat, gi)
+    }
+
     /// One voxel's contribution to the per-channel sums of g and g xhat (see `backward`).
     @inline(__always)
     static func sums(x: UnsafePointer<Float>, g: UnsafePointer<Float>, a: UnsafePointer<Float>, b: UnsafePointer<Float>,
                      slope: Float, c: Int, sumG: UnsafeMutablePointer<Float>, sumGX: UnsafeMutablePointer<Float>) {
         typealias V = SIMD16<Float>
         var i = 0
-        let vs = V(repeating: slope), zero = V()
+        let vs = V(repeating: slope)
         while i + 16 <= c {
-            let xhat = cload(b + i).addingProduct(cload(a + i), cload(x + i))
-            var gi = cload(g + i)
-            gi.replace(with: gi * vs, where: xhat .<= zero)
+            let (xhat, gi) = leaky(x + i, g + i, a + i, b + i, vs)
             cstore(cload(sumG + i) + gi, sumG + i)
             cstore(cload(sumGX + i).addingProduct(gi, xhat), sumGX + i)
             i += 16
         }
         while i < c {
-            let xhat = b[i] + a[i] * x[i]
-            let gi = xhat <= 0 ? g[i] * slope : g[i]
+            let xhat = b[i] + a[i] * x[i], gi = xhat <= 0 ? g[i] * slope : g[i]
             sumG[i] += gi
             sumGX[i] += gi * xhat
             i += 1
@@ -274,19 +281,16 @@ public enum InstanceNorm {
                          mg: UnsafePointer<Float>, mgx: UnsafePointer<Float>, slope: Float, c: Int, accumulate: Bool) {
         typealias V = SIMD16<Float>
         var i = 0
-        let vs = V(repeating: slope), zero = V()
+        let vs = V(repeating: slope)
         while i + 16 <= c {
-            let xhat = cload(b + i).addingProduct(cload(a + i), cload(x + i))
-            var gi = cload(g + i)
-            gi.replace(with: gi * vs, where: xhat .<= zero)
+            let (xhat, gi) = leaky(x + i, g + i, a + i, b + i, vs)
             var d = cload(r + i) * (gi - cload(mg + i) - xhat * cload(mgx + i))
             if accumulate { d += cload(gx + i) }
             cstore(d, gx + i)
             i += 16
         }
         while i < c {
-            let xhat = b[i] + a[i] * x[i]
-            let gi = xhat <= 0 ? g[i] * slope : g[i]
+            let xhat = b[i] + a[i] * x[i], gi = xhat <= 0 ? g[i] * slope : g[i]
             let d = r[i] * (gi - mg[i] - xhat * mgx[i])
             gx[i] = accumulate ? gx[i] + d : d
             i += 1
