@@ -159,13 +159,21 @@ public final class Segmenter {
     /// Segments `volume`: labels on its grid with its affine, probabilities when asked.
     public func segment(_ volume: Volume, probabilities: Bool = false,
                         progress: WindowProgress? = nil) throws -> Segmentation {
+        try segmentation(of: volume, probabilities: probabilities) { labels, probs in
+            try segment(volume, labelsInto: labels, probabilitiesInto: probs, progress: progress)
+        }
+    }
+
+    /// A `Segmentation` of `volume`: allocates the labels (and the probabilities when asked) and has `run`
+    /// fill them.
+    func segmentation(of volume: Volume, probabilities: Bool,
+                      _ run: (UnsafeMutablePointer<UInt8>, UnsafeMutablePointer<Float>?) throws
+                          -> (statistics: SegmentationStatistics, preprocessing: Preprocessing)) throws -> Segmentation {
         let n = try voxelCount(volume.size, operation: "segment")
         var labels = [UInt8](repeating: 0, count: n)
         let probs = probabilities ? try Volume(uninitialized: volume.size, channels: predictor.outChannels,
                                                affine: volume.affine) : nil
-        let (stats, record) = try labels.withUnsafeMutableBufferPointer { l in
-            try segment(volume, labelsInto: l.baseAddress!, probabilitiesInto: probs?.pointer, progress: progress)
-        }
+        let (stats, record) = try labels.withUnsafeMutableBufferPointer { l in try run(l.baseAddress!, probs?.pointer) }
         return Segmentation(labels: try LabelMap(size: volume.size, labels: labels, affine: volume.affine),
                             probabilities: probs, statistics: stats, preprocessing: record)
     }

@@ -168,14 +168,8 @@ extension Segmenter {
 
     /// `segment(_:probabilities:progress:)` observed by `monitor`.
     public func segment(_ volume: Volume, probabilities: Bool = false, monitor: SegmentMonitor) throws -> Segmentation {
-        let n = try voxelCount(volume.size, operation: "segment")
-        var labels = [UInt8](repeating: 0, count: n)
-        let probs = probabilities ? try Volume(uninitialized: volume.size, channels: predictor.outChannels,
-                                               affine: volume.affine) : nil
-        let (stats, record) = try labels.withUnsafeMutableBufferPointer { l in
-            try segment(volume, labelsInto: l.baseAddress!, probabilitiesInto: probs?.pointer, monitor: monitor)
+        try segmentation(of: volume, probabilities: probabilities) { labels, probs in
+            try segment(volume, labelsInto: labels, probabilitiesInto: probs, monitor: monitor)
         }
-        return Segmentation(labels: try LabelMap(size: volume.size, labels: labels, affine: volume.affine),
-                            probabilities: probs, statistics: stats, preprocessing: record)
     }
 }
