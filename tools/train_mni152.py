@@ -3,10 +3,11 @@
 brain tissue (CSF, grey matter, white matter) on the MNI152 template (data/mni152, the task of the data
 notes: deformux.data), with this engine on the CPU.
 
-    python3 tools/train_mni152.py train [--out runs/brain-tissue] [--steps 2500] [--resume]
+    python3 tools/train_mni152.py all [--out runs/brain-tissue]      # the three stages of STAGES (~2.8 h)
+    python3 tools/train_mni152.py train --out RUN [--init W] [--patch X,Y,Z] [--mosaics N] ... [--resume]
     python3 tools/train_mni152.py evaluate [--model python/deformux/models/brain-tissue.json] [--json]
                                            [--window X,Y,Z] [--overlap 0.5]
-    python3 tools/train_mni152.py package --run runs/brain-tissue      # -> python/deformux/models/
+    python3 tools/train_mni152.py package --run runs/brain-tissue/stage3 [--checkpoint best|last] [--window X,Y,Z]
 
 The recipe (every number is recorded in the model card):
 - network: DeformUX-Net, feature_size (16, 32, 64, 128), hidden_size 256 (6.2 M parameters; the paper's
@@ -15,20 +16,25 @@ The recipe (every number is recorded in the model card):
   (deformux.data.noisy_t1 with seeds 1000 + i: other fields and noise than the evaluation's seeds 0..2),
   each normalised as segment() normalises a whole volume (the MR preset: (x - P1) / (P99 - P1) over
   non-zero voxels) and then cut, so that training sees the intensities inference will;
-- patches 64 x 64 x 48 (the training slabs are 60 and 57 slices thick), 2 per volume, centres on
-  foreground / background 2:1, batch 2; augmentation: rotation up to 15 degrees and scaling 0.1 (each
-  with probability 0.3), intensity shift 0.15 and a Legendre bias field up to 40% (0.6 each), Gaussian
-  noise up to 8% of the range (0.4);
-- Dice + CE, AdamW (lr 1e-3, weight decay 0.08 on every parameter), nnU-Net's poly decay of the rate,
-  2500 steps;
-- validation every 500 steps by sliding windows (64 x 64 x 48, overlap 0.5, gaussian blending) over the
-  whole T1, Dice on the validation slices (68 <= z < 124); the best weights are kept.
+- three stages (STAGES), each a `train` run from the previous one's last weights, all with Dice + CE,
+  AdamW (weight decay 0.08 on every parameter), nnU-Net's poly decay of the rate, crops centred on
+  foreground / background 2:1, and augmentation: rotation up to 15 degrees and scaling 0.1 (each with
+  probability 0.3), intensity shift 0.15 and a Legendre bias field up to 40% (0.6 each), Gaussian noise
+  up to 8% of the range (0.4):
+  1. patches 64 x 64 x 48, 2 per volume (batch 2), lr 1e-3, 2500 steps;
+  2. whole cross-sections, 192 x 224 x 48, batch 1, lr 3e-4, a 600-step schedule stopped at step 200;
+  3. patches 128 x 128 x 48, batch 1, lr 3e-4, a 1400-step schedule stopped at step 800, half of the
+     cases mosaics (mosaics()): blocks of the training slabs tiled at random, rich in grey and white matter;
+- packaging: the last weights, inference on the whole padded head as one window (208 x 240 x 192), and
+  the output biases calibrated on the training slices (calibrate());
+- validation by sliding windows (the stage's patch as window, overlap 0.5, gaussian blending) over the
+  whole T1, Dice on the validation slices (68 <= z < 124).
 
 Why these choices (measured while building it, README "The bundled model"): the decoder's InstanceNorms
 take their statistics over the window, and the validation slices (the middle of the brain: ventricles,
-deep grey matter, large white-matter regions) look unlike anything in the training slabs, so windows
-and patches that hold more of a cross-section generalise better than 48^3 ones (a model trained at 48^3
-scored 0.38 / 0.61 / 0.67 with 48^3 windows and 0.68 / 0.83 / 0.82 with 96 x 96 x 48 windows).
+deep grey matter, white matter about 19% of a window) look unlike anything in the training slabs (white
+matter 2-4%), so a network trained on the slabs alone shifts every class one step darker there (white
+matter called grey, grey called CSF). Larger patches and mosaics rich in white matter narrow that gap.
 
 `evaluate` reports, for a model card, the per-class Dice on the validation slices of the clean T1 and of
 the noisy variant (seeds 0, 1, 2 and their mean) through deformux.segment on the whole volume, beside the
@@ -94,6 +100,61 @@ def cases(mni, noisy_copies):
     return out
 
 
+def mosaics(pairs, count, shape, block=(24, 28, 24), seed=0, pools=(0.3, 0.3)):
+    """`count` synthetic cases of `shape` tiled from blocks of the training cases (image (C, X, Y, Z), label):
+    a fraction pools[0] of the blocks are at least 25% white matter, pools[1] at least 40% grey or white
+    matter, the rest drawn anywhere (mostly background); each block flipped at random along each axis.
+
+    Why: the training slabs are mostly background, cortex and cerebellum (white matter is 2-4% of a
+    slab-sized window), while the validation slices are the middle of the brain (white matter about 19%).
+    The decoder's InstanceNorms normalise over the window, so a network trained only on the slabs
+    meets window statistics at inference it never saw and shifts every class one step darker. Mosaics
+    give windows whose make-up is like the middle of a brain, and break the anatomy so that the network
+    learns the tissue from its intensity and local contrast rather than from where it is."""
+    rng = np.random.default_rng(seed)
+    bx, by, bz = block
+    wm, rich, anywhere = [], [], []
+    for k, (_, lab) in enumerate(pairs):
+        X, Y, Z = lab.shape
+        for x in range(0, X - bx + 1, 4):
+            for y in range(0, Y - by + 1, 4):
+                for z in range(0, Z - bz + 1, 4):
+                    l = lab[x:x + bx, y:y + by, z:z + bz]
+                    anywhere.append((k, x, y, z))
+                    if np.mean(l >= 2) > 0.4:
+                        rich.append((k, x, y, z))
+                    if np.mean(l == 3) > 0.25:
+                        wm.append((k, x, y, z))
+    out = []
+    for _ in range(count):
+        image = np.empty((pairs[0][0].shape[0],) + tuple(shape), np.float32)
+        label = np.empty(tuple(shape), np.int32)
+        for i in range(0, shape[0], bx):
+            for j in range(0, shape[1], by):
+                for m in range(0, shape[2], bz):
+                    u = rng.random()
+                    pool = wm if u < pools[0] else rich if u < pools[0] + pools[1] else anywhere
+                    k, x, y, z = pool[rng.integers(len(pool))]
+                    im = pairs[k][0][:, x:x + bx, y:y + by, z:z + bz]
+                    lb = pairs[k][1][x:x + bx, y:y + by, z:z + bz]
+                    for ax in range(3):
+                        if rng.random() < 0.5:
+                            im, lb = np.flip(im, ax + 1), np.flip(lb, ax)
+                    w = [min(b, n - o) for b, n, o in zip(block, shape, (i, j, m))]
+                    image[:, i:i + w[0], j:j + w[1], m:m + w[2]] = im[:, :w[0], :w[1], :w[2]]
+                    label[i:i + w[0], j:j + w[1], m:m + w[2]] = lb[:w[0], :w[1], :w[2]]
+        out.append((image, label))
+    return out
+
+
+def training_mask(shape):
+    mask = np.zeros(shape, bool)
+    (a0, a1), (b0, _) = TRAINING_Z
+    mask[:, :, a0:a1] = True
+    mask[:, :, b0:] = True
+    return mask
+
+
 def validation_mask(shape):
     mask = np.zeros(shape, bool)
     mask[:, :, VALIDATION_Z[0]:VALIDATION_Z[1]] = True
@@ -105,25 +166,60 @@ def cmd_train(args):
     if args.threads:
         deformux.set_num_threads(args.threads)
     model = deformux.DeformUXNet(**CONFIG, seed=args.seed)
+    if args.init:  # a second stage starts from an earlier run's weights
+        model.load(args.init)
+    patch = tuple(int(v) for v in args.patch.split(","))
+    window = tuple(int(v) for v in args.window.split(",")) if args.window else patch
     val = [{"name": "mni152", "image": mni.t1[None], "label": mni.labels, "affine": mni.affine,
             "mask": validation_mask(mni.t1.shape)}]
-    command = "python3 tools/train_mni152.py " + " ".join(sys.argv[1:])
+    command = "python3 tools/train_mni152.py " + " ".join(args.argv)
     t0 = time.time()
+    data = cases(mni, NOISY_COPIES)
+    if args.mosaics:
+        tiles = mosaics([(c["image"], c["label"]) for c in data], args.mosaics, patch, seed=args.seed)
+        data = data * args.real_repeat + [{"image": im, "label": lb, "affine": mni.affine, "normalized": True,
+                                           "name": f"mosaic{i}"} for i, (im, lb) in enumerate(tiles)]
     run = deformux.train(
-        cases(mni, NOISY_COPIES), model, out=args.out, patch_size=PATCH, steps=args.steps, lr=args.lr, pos_neg=POS_NEG,
+        data, model, out=args.out, patch_size=patch, steps=args.steps, lr=args.lr, pos_neg=POS_NEG,
+        samples_per_volume=args.samples_per_volume,
         weight_decay=0.08, scheduler="poly", augmentation=AUGMENTATION, intensity=PRESET, classes=list(mni.classes),
-        validation=val, validate_every=args.validate_every, window=WINDOW, overlap=0.5, seed=args.seed,
-        resume=args.resume, progress=not args.no_progress, name=NAME, license=LICENSE, command=command)
+        validation=val, validate_every=args.validate_every, window=window, overlap=0.5, seed=args.seed,
+        resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress, name=NAME, license=LICENSE, command=command)
     print(f"trained {run['steps']} steps in {time.time() - t0:.0f} s; best: {run['best']}")
+
+
+#: The bundled model's recipe: three runs of `train`, each starting from the previous one's last weights
+#: (`all` runs them into OUT/stage1, OUT/stage2, OUT/stage3).
+STAGES = (
+    # 1: small patches, high rate, 2500 steps (about 75 min here)
+    [],
+    # 2: whole cross-sections (192 x 224 x 48), one per step; a 600-step schedule stopped at step 200 (its
+    #    validation had levelled off; about 25 min)
+    ["--patch", "192,224,48", "--samples-per-volume", "1", "--lr", "3e-4", "--steps", "600", "--stop-after", "200",
+     "--validate-every", "100"],
+    # 3: 128 x 128 x 48 patches, half of them from 16 mosaics (see mosaics()); a 1400-step schedule stopped
+    #    at step 800 (the calibrated whole-head Dice of steps 800 and 1000 had begun to fall; about 40 min)
+    ["--patch", "128,128,48", "--samples-per-volume", "1", "--lr", "3e-4", "--steps", "1400", "--stop-after", "800",
+     "--validate-every", "200", "--mosaics", "16", "--real-repeat", "4"],
+)
+
+
+def cmd_all(args):
+    previous = None
+    for i, stage in enumerate(STAGES, 1):
+        out = os.path.join(args.out, f"stage{i}")
+        argv = ["train", "--out", out, *stage] + (["--init", os.path.join(previous, "last.safetensors")] if previous else [])
+        if args.no_progress:
+            argv.append("--no-progress")
+        print("python3 tools/train_mni152.py " + " ".join(argv), flush=True)
+        main(argv)
+        previous = out
 
 
 def thresholds_baseline(image, mni):
     """Two intensity thresholds chosen on the training slices (grid over quantiles, best mean Dice), then
     applied inside the brain mask; Dice on the validation slices."""
-    train = np.zeros(image.shape, bool)
-    (a0, a1), (b0, _) = TRAINING_Z
-    train[:, :, a0:a1] = True
-    train[:, :, b0:] = True
+    train = training_mask(image.shape)
     brain = mni.labels > 0
     v, l = image[brain & train], mni.labels[brain & train]
     qs = np.quantile(v, np.linspace(0.02, 0.98, 97))
@@ -177,6 +273,47 @@ def print_result(result):
     print(f"noisy variant, mean Dice over seeds {EVAL_SEEDS}: {result['noisy_mean']:.4f}")
 
 
+def calibrate(card_path, mni):
+    """Offsets for the output layer's biases, fitted on the TRAINING slices only: the logits of the clean
+    T1 and of the noisy training copies (segment() with the card's window, so with the statistics the
+    decoder's InstanceNorms will see), then a coordinate search (steps 1, 1/2, 1/4, 1/8) on one offset per
+    class (background fixed at 0) for the best mean Dice of the three tissues on the training slices.
+
+    Why: with whole-head windows the network sees window statistics unlike its training patches' (the
+    middle of the brain is in them) and calls too little white matter, in the training slices too; a
+    per-class offset of the logits undoes that shift without looking at the validation slices. Exact for
+    one window per volume (the whole head): the blended probabilities are then one softmax of the logits.
+    Returns (offsets, Dice on the training slices before, after)."""
+    from deformux.segment import Segmenter
+    seg = Segmenter(card_path)
+    mask = training_mask(mni.t1.shape)
+    volumes = [mni.t1] + [noisy_t1(mni.t1, 1000 + i) for i in range(NOISY_COPIES)]
+    logp, truth = [], []
+    for v in volumes:
+        _, prob = seg.segment(v, affine=mni.affine, return_probabilities=True, progress=False)
+        logp.append(np.log(np.clip(prob[:, mask], 1e-12, None)))
+        truth.append(mni.labels[mask])
+    logp, truth = np.concatenate(logp, axis=1), np.concatenate(truth)
+
+    def score(b):
+        return float(np.mean(dice_per_class((logp + b[:, None]).argmax(0), truth, 4)))
+
+    offsets = np.zeros(4, np.float32)
+    before = best = score(offsets)
+    for step in (1.0, 0.5, 0.25, 0.125):
+        improved = True
+        while improved:
+            improved = False
+            for k in (1, 2, 3):
+                for d in (-step, step):
+                    trial = offsets.copy()
+                    trial[k] += d
+                    value = score(trial)
+                    if value > best + 1e-6:
+                        offsets, best, improved = trial, value, True
+    return offsets, before, best
+
+
 def cmd_package(args):
     """Copies a run's best weights into the package as the default model, with its card completed by the
     evaluation (clean and noisy Dice through segment())."""
@@ -189,6 +326,14 @@ def cmd_package(args):
     os.replace(tmp, weights)
     card["name"] = NAME
     card["weights"] = weights.name
+    # The recipe is STAGES (`all`); the run's own card holds only its last stage's command.
+    package = f"python3 tools/train_mni152.py package --run runs/brain-tissue/stage{len(STAGES)} --checkpoint {args.checkpoint}"
+    package += f" --window {args.window}" if args.window else ""
+    card["training"]["command"] = f"python3 tools/train_mni152.py all --out runs/brain-tissue && {package}"
+    card["training"]["stages"] = [" ".join(["python3 tools/train_mni152.py train --out", f"runs/brain-tissue/stage{i}", *stage]
+                                           + ([f"--init runs/brain-tissue/stage{i - 1}/last.safetensors"] if i > 1 else []))
+                                  for i, stage in enumerate(STAGES, 1)]
+    card["training"]["checkpoint"] = args.checkpoint
     if args.window:  # inference windows other than the training run's (chosen on the validation slices)
         card["window"] = [int(v) for v in args.window.split(",")]
     card["description"] = ("Brain tissue (CSF, grey matter, white matter) in T1-weighted MRI: a reduced-width "
@@ -199,6 +344,23 @@ def cmd_package(args):
     tmp_card = card_path.with_suffix(".tmp")
     tmp_card.write_text(json.dumps(card, indent=1) + "\n")
     os.replace(tmp_card, card_path)
+    if not args.no_calibration:
+        mni = mni152()
+        model = deformux.DeformUXNet(**card["config"])
+        model.load(weights)
+        offsets, before, after = calibrate(card_path, mni)
+        state = model.state_dict()
+        state["out.conv.conv.bias"] = state["out.conv.conv.bias"] + offsets
+        model.load_state_dict(state)
+        model.save(weights)  # atomic
+        card["training"]["calibration"] = {
+            "what": "per-class offsets added to the output layer's biases (out.conv.conv.bias), fitted on the "
+                    "training slices only (clean T1 and the noisy training copies, the card's window) for the best "
+                    "mean tissue Dice there; see calibrate() in tools/train_mni152.py",
+            "offsets": [float(v) for v in offsets],
+            "training_slices_mean_dice": {"before": before, "after": after},
+        }
+        print(f"calibrated the output biases by {offsets.tolist()}: mean Dice on the training slices {before:.4f} -> {after:.4f}")
     result = evaluate(card_path, baseline=True)
     card["training"]["evaluation"] = {
         "command": "python3 tools/train_mni152.py evaluate",
@@ -224,7 +386,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--validate-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--patch", default=",".join(map(str, PATCH)), help="patch size X,Y,Z")
+    p.add_argument("--window", default=None, help="validation window X,Y,Z (default: the patch)")
+    p.add_argument("--samples-per-volume", type=int, default=2)
+    p.add_argument("--init", default=None, help="start from these weights (.safetensors)")
+    p.add_argument("--mosaics", type=int, default=0, help="add this many mosaic cases (see mosaics())")
+    p.add_argument("--real-repeat", type=int, default=1, help="list the real cases this many times")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--stop-after", type=int, default=None, help="end after this step (the schedule spans --steps)")
+    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("all", help="the bundled model's three stages (STAGES), each from the last one's weights")
+    p.add_argument("--out", default="runs/brain-tissue")
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("evaluate")
     p.add_argument("--model", default=str(MODELS / f"{NAME}.json"))
@@ -236,8 +408,10 @@ def main(argv=None):
     p.add_argument("--run", default="runs/brain-tissue")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
     p.add_argument("--window", default=None, help="the card's inference window, X,Y,Z (default: the run's)")
+    p.add_argument("--no-calibration", action="store_true", help="keep the output biases as trained (see calibrate())")
     args = parser.parse_args(argv)
-    {"train": cmd_train, "evaluate": cmd_evaluate, "package": cmd_package}[args.command](args)
+    args.argv = sys.argv[1:] if argv is None else argv
+    {"train": cmd_train, "all": cmd_all, "evaluate": cmd_evaluate, "package": cmd_package}[args.command](args)
 
 
 if __name__ == "__main__":

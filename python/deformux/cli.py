@@ -133,6 +133,9 @@ def _parser():
     p.add_argument("--patch-size", default="96", help="training patch: N or X,Y,Z, multiples of 16 (default: %(default)s)")
     p.add_argument("--steps", type=_positive, default=None, help="optimiser steps (default: one epoch)")
     p.add_argument("--epochs", type=_positive, default=None, help="passes over the training volumes")
+    p.add_argument("--stop-after", type=_positive, default=None,
+                   help="end after this step with a resumable checkpoint (the schedule still spans --steps; "
+                        "--resume goes on)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.08, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--accumulation", type=_positive, default=1, help="micro-batches per optimiser step")
@@ -341,7 +344,7 @@ def _train(args):
         augmentation=args.augmentation, intensity=args.intensity, validation=args.validation,
         validate_every=args.validate_every, window=None if window == "auto" else window, overlap=args.overlap,
         seed=args.seed, resume=args.resume, progress=not args.no_progress, name=args.name, scheduler=args.scheduler,
-        command="deformux " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else None)
+        stop_after=args.stop_after, command="deformux " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else None)
     best = run["best"]
     if best is not None:
         dice = ", ".join(f"{k} {v:.4f}" for k, v in best["dice"].items())

@@ -266,7 +266,7 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
           exclude_norm_and_bias_from_weight_decay=False, augmentation="paper", intensity=None, classes=None,
           validation=None, validate_every=100, window=None, overlap=0.5, seed=0, resume=False, progress=True,
           scheduler="plateau", name=None, license=None, command=None, log=None, predict=None, reorient=True,
-          pos_neg=(1.0, 1.0)):
+          pos_neg=(1.0, 1.0), stop_after=None):
     """Trains ``model`` (a :class:`DeformUXNet`; default: the full DeformUX-Net with one input channel per
     image channel and one output per class) on ``data`` and returns a dict describing the run.
 
@@ -279,6 +279,8 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
     dict, stored in the model card (default: from the dataset's modality, else "mr"). classes: the number
     of classes or their names (index 0 background; default: dataset.json's labels, else from the data).
     resume: True or a run folder: continue from ``out``'s last checkpoint.
+    stop_after: end the call after this step with a resumable checkpoint, as if interrupted there (the
+    schedule still spans ``steps``); ``resume=True`` later goes on to ``steps``.
     predict(model, image, affine) -> labels: the validation segmenter (default: :class:`deformux.Segmenter`
     with the run's model card: the card's window, overlap, intensity preset and orientation).
     scheduler: "plateau" (the paper's ReduceLROnPlateau on the validation Dice, factor 0.9, patience 10),
@@ -411,8 +413,9 @@ def train(data, model=None, *, out, patch_size=(96, 96, 96), steps=None, epochs=
         validator = _default_predictor(_card(model, "best.safetensors", names, preset, None, window, overlap, card_extra))
     bar = _Progress(progress, total, state["step"], volumes_per_step * samples_per_volume)
     t_last = time.perf_counter()
+    end = total if stop_after is None else min(total, int(stop_after))
     try:
-        while state["step"] < total:
+        while state["step"] < end:
             if state["order"] is None or state["position"] >= len(state["order"]):
                 state["order"] = [int(i) for i in data_rng.permutation(len(train_items))]
                 state["position"] = 0

@@ -29,6 +29,12 @@ def test_card_describes_the_model(card):
     assert card.config["in_channels"] == 1 and card.config["out_channels"] == 4
     t = card.training
     assert "tools/train_mni152.py" in t["command"] and isinstance(t["seed"], int)
+    # The recipe's stages: each a train run, the later ones from the previous one's weights.
+    assert t["stages"] and all("train_mni152.py train" in c for c in t["stages"])
+    assert all(f"--init runs/brain-tissue/stage{i}/last.safetensors" in c for i, c in enumerate(t["stages"][1:], 1))
+    # The output biases were calibrated on the training slices: one offset per class, background fixed.
+    offsets = t["calibration"]["offsets"]
+    assert len(offsets) == 4 and offsets[0] == 0.0
     evaluation = t["evaluation"]
     assert "train_mni152.py evaluate" in evaluation["command"]
     for name in TISSUES:

@@ -108,10 +108,16 @@ def test_resume_gives_the_same_weights(dataset, tmp_path):
     deformux.train(dataset, _model(), out=tmp_path / "straight", steps=6, **kw)
     deformux.train(dataset, _model(), out=tmp_path / "split", steps=4, **kw)
     run = deformux.train(dataset, _model(seed=99), out=tmp_path / "split", steps=6, resume=True, **kw)
+    # stop_after: a run cut at step 3 of a 6-step schedule, resumed, is the uninterrupted run too.
+    cut = deformux.train(dataset, _model(), out=tmp_path / "cut", steps=6, stop_after=3, **kw)
+    assert cut["steps"] == 3
+    deformux.train(dataset, _model(seed=99), out=tmp_path / "cut", steps=6, resume=True, **kw)
     assert run["steps"] == 6
-    a, b = _weights(tmp_path / "straight" / "last.safetensors"), _weights(tmp_path / "split" / "last.safetensors")
-    for name in a:
-        assert np.array_equal(a[name], b[name]), f"{name}: resumed run differs from the uninterrupted one"
+    a = _weights(tmp_path / "straight" / "last.safetensors")
+    for run_dir in ("split", "cut"):
+        b = _weights(tmp_path / run_dir / "last.safetensors")
+        for name in a:
+            assert np.array_equal(a[name], b[name]), f"{name}: resumed run ({run_dir}) differs from the uninterrupted one"
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         deformux.train(dataset, _model(), out=tmp_path / "empty", steps=2, resume=True, **kw)
 

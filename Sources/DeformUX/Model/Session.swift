@@ -183,8 +183,11 @@ public final class Session {
 
     private func end() {
         workspace.cancellation = nil
+        // Scratch goes back to the pool between calls: held by the workspace it would count as live from
+        // the next call's first step and raise its peak by the size of the largest scratch (the encoder's
+        // backward, at its end); in the pool it is reused by the same requests, or by others of its size.
+        workspace.release()
         // Memory kept for sizes this call did not use goes back to the system.
         pool.endPass()
-        // The encoder's scratch is not kept between calls (its largest buffers are per-call sized).
     }
 }
