@@ -3,7 +3,7 @@
 brain tissue (CSF, grey matter, white matter) on the MNI152 template (data/mni152, the task of the data
 notes: deformux.data), with this engine on the CPU.
 
-    python3 tools/train_mni152.py all [--out runs/brain-tissue]      # the three stages of STAGES (~2.8 h)
+    python3 tools/train_mni152.py all [--out runs/brain-tissue]      # the three stages of STAGES (~2.4 h)
     python3 tools/train_mni152.py train --out RUN [--init W] [--patch X,Y,Z] [--mosaics N] ... [--resume]
     python3 tools/train_mni152.py evaluate [--model python/deformux/models/brain-tissue.json] [--json]
                                            [--window X,Y,Z] [--overlap 0.5]
@@ -60,7 +60,6 @@ MODELS = REPO / "python" / "deformux" / "models"
 NAME = "brain-tissue"
 CONFIG = dict(in_channels=1, out_channels=4, feature_size=(16, 32, 64, 128), hidden_size=256)
 PATCH = (64, 64, 48)
-WINDOW = (64, 64, 48)
 POS_NEG = (2.0, 1.0)
 NOISY_COPIES = 1
 EVAL_SEEDS = (0, 1, 2)
@@ -315,8 +314,9 @@ def calibrate(card_path, mni):
 
 
 def cmd_package(args):
-    """Copies a run's best weights into the package as the default model, with its card completed by the
-    evaluation (clean and noisy Dice through segment())."""
+    """Copies a run's checkpoint (best or last) into the package as the default model, calibrates its output
+    biases on the training slices (calibrate(); --no-calibration skips it) and completes its card with the
+    recipe's stages and the evaluation (clean and noisy Dice through segment())."""
     run = Path(args.run)
     card = json.loads((run / f"{args.checkpoint}.json").read_text())
     MODELS.mkdir(parents=True, exist_ok=True)
