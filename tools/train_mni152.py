@@ -88,10 +88,14 @@ def training_slabs(volume, labels):
     return [(volume[..., a0:a1], labels[..., a0:a1]), (volume[..., b0:], labels[..., b0:])]
 
 
+def training_volumes(mni, noisy_copies):
+    """The T1 and its noisy training copies (seeds 1000 + i), whole; training uses their training slices."""
+    return [mni.t1] + [noisy_t1(mni.t1, 1000 + i) for i in range(noisy_copies)]
+
+
 def cases(mni, noisy_copies):
     out = []
-    volumes = [mni.t1] + [noisy_t1(mni.t1, 1000 + i) for i in range(noisy_copies)]
-    for v in volumes:
+    for v in training_volumes(mni, noisy_copies):
         normalised = normalize_intensity(v[None].astype(np.float32), PRESET)
         for image, label in training_slabs(normalised, mni.labels):
             out.append({"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label),
@@ -144,6 +148,10 @@ def mosaics(pairs, count, shape, block=(24, 28, 24), seed=0, pools=(0.3, 0.3)):
                     label[i:i + w[0], j:j + w[1], m:m + w[2]] = lb[:w[0], :w[1], :w[2]]
         out.append((image, label))
     return out
+
+
+#: The project's accuracy targets on the validation slices (issue 9), recorded in the card beside the result.
+TARGETS = {"clean": {"CSF": 0.92, "grey matter": 0.97, "white matter": 0.98}, "noisy_mean": 0.90}
 
 
 def training_mask(shape):
@@ -286,9 +294,8 @@ def calibrate(card_path, mni):
     from deformux.segment import Segmenter
     seg = Segmenter(card_path)
     mask = training_mask(mni.t1.shape)
-    volumes = [mni.t1] + [noisy_t1(mni.t1, 1000 + i) for i in range(NOISY_COPIES)]
     logp, truth = [], []
-    for v in volumes:
+    for v in training_volumes(mni, NOISY_COPIES):
         _, prob = seg.segment(v, affine=mni.affine, return_probabilities=True, progress=False)
         logp.append(np.log(np.clip(prob[:, mask], 1e-12, None)))
         truth.append(mni.labels[mask])
@@ -313,6 +320,13 @@ def calibrate(card_path, mni):
     return offsets, before, best
 
 
+def write_json(path, obj):
+    """Writes obj as JSON to path atomically (a temporary file beside it, then a rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def cmd_package(args):
     """Copies a run's checkpoint (best or last) into the package as the default model, calibrates its output
     biases on the training slices (calibrate(); --no-calibration skips it) and completes its card with the
@@ -333,17 +347,21 @@ def cmd_package(args):
     card["training"]["stages"] = [" ".join(["python3 tools/train_mni152.py train --out", f"runs/brain-tissue/stage{i}", *stage]
                                            + ([f"--init runs/brain-tissue/stage{i - 1}/last.safetensors"] if i > 1 else []))
                                   for i, stage in enumerate(STAGES, 1)]
-    card["training"]["checkpoint"] = args.checkpoint
+    t = card["training"]
+    t["checkpoint"] = f"{args.checkpoint}: step {t.get('step')} of the last stage's {t.get('steps')}-step schedule"
+    # The run's own validation used its patch as window, not the card's: not the model's figures.
+    t.pop("validation_dice", None)
+    t.pop("best_step", None)
     if args.window:  # inference windows other than the training run's (chosen on the validation slices)
         card["window"] = [int(v) for v in args.window.split(",")]
+        t["window_choice"] = ("the whole padded head as one window: the decoder's InstanceNorms then see "
+                              "whole-head statistics on every volume, and calibrate() is exact for one window")
     card["description"] = ("Brain tissue (CSF, grey matter, white matter) in T1-weighted MRI: a reduced-width "
                            "DeformUX-Net trained by deformux on the CPU on the MNI152 template "
                            "(tools/train_mni152.py). A demonstration model: one template, so it has not seen "
                            "the anatomy or contrast of other scanners.")
     card_path = MODELS / f"{NAME}.json"
-    tmp_card = card_path.with_suffix(".tmp")
-    tmp_card.write_text(json.dumps(card, indent=1) + "\n")
-    os.replace(tmp_card, card_path)
+    write_json(card_path, card)
     if not args.no_calibration:
         mni = mni152()
         model = deformux.DeformUXNet(**card["config"])
@@ -370,8 +388,10 @@ def cmd_package(args):
         "noisy_mean": result["noisy_mean"],
         "thresholds_baseline": {k: v["thresholds"] for k, v in result["rows"].items()},
     }
-    tmp_card.write_text(json.dumps(card, indent=1) + "\n")
-    os.replace(tmp_card, card_path)
+    clean = result["rows"]["clean"]["dice"]
+    card["training"]["targets"] = dict(TARGETS, met=bool(all(clean[k] >= v for k, v in TARGETS["clean"].items())
+                                                          and result["noisy_mean"] >= TARGETS["noisy_mean"]))
+    write_json(card_path, card)
     print(f"wrote {weights} and {card_path}")
     print_result(result)
 
