@@ -5,7 +5,9 @@ import ArgumentParser
 import DeformUX
 
 /// `deformux bench conv`: the convolution kernels at the sizes of a 96^3 DeformUX-Net forward,
-/// channels-last, median of several runs after a warm-up. GFLOP/s = 2 * multiply-adds / time.
+/// channels-last, median of several runs after a warm-up. GFLOP/s = 2 * multiply-adds / time, counting
+/// a direct convolution's multiply-adds also where the Winograd path does fewer (hence above the
+/// machine's peak there).
 struct BenchConv: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "conv",

@@ -70,7 +70,7 @@ struct BenchModel: ParsableCommand {
         print("deformux bench model: \(config.block.rawValue) mlp \(config.mlp.rawValue) offsets \(config.offsetMode.rawValue), \(size)^3, batch 1, \(Threads.count) threads")
         print("  parameters        \(net.parameterCount)")
         print("  multiply-adds     \(decimal(Double(summary.totalMACs) / 1e9, 1)) G")
-        print("  forward           \(decimal(seconds, 3, width: 8)) s   (\(decimal(gflop / seconds, 1)) GFLOP/s)")
+        print("  forward           \(decimal(seconds, 3, width: 8)) s   (\(decimal(gflop / seconds, 1)) GFLOP/s as direct convolution)")
         print("  peak RSS          \(decimal(peakRSSMegabytes(), 1, width: 8)) MB   (\(decimal(builtRSS, 1)) MB with the model built, before the first forward)")
     }
 }
@@ -113,7 +113,7 @@ struct BenchBackward: ParsableCommand {
         print("deformux bench backward: \(config.block.rawValue) mlp \(config.mlp.rawValue) offsets \(config.offsetMode.rawValue), \(size)^3, batch 1, \(Threads.count) threads")
         print("  parameters        \(net.parameterCount)")
         print("  multiply-adds     \(decimal(3 * Double(summary.totalMACs) / 1e9, 1)) G (forward and backward, counted as 3 x forward)")
-        print("  forward+backward  \(decimal(seconds, 3, width: 8)) s   (\(decimal(gflop / seconds, 1)) GFLOP/s)")
+        print("  forward+backward  \(decimal(seconds, 3, width: 8)) s   (\(decimal(gflop / seconds, 1)) GFLOP/s as direct convolution)")
         print("  peak RSS          \(decimal(peakRSSMegabytes(), 1, width: 8)) MB   (\(decimal(builtRSS, 1)) MB with the model built)")
     }
 }
@@ -151,7 +151,7 @@ struct BenchTrain: ParsableCommand {
             print("deformux bench train: \(config.block.rawValue) mlp \(config.mlp.rawValue) offsets \(config.offsetMode.rawValue), \(size)^3, batch 1, \(Threads.count) threads")
             print("  parameters        \(net.parameterCount)")
             print("  multiply-adds     \(decimal(3 * Double(summary.totalMACs) / 1e9, 1)) G (forward and backward, counted as 3 x forward)")
-            print("  training step     \(decimal(seconds, 3, width: 8)) s   (\(decimal(gflop / seconds, 1)) GFLOP/s; loss \(decimal(loss, 4)))")
+            print("  training step     \(decimal(seconds, 3, width: 8)) s   (\(decimal(gflop / seconds, 1)) GFLOP/s as direct convolution; loss \(decimal(loss, 4)))")
             print("  peak RSS          \(decimal(peakRSSMegabytes(), 1, width: 8)) MB   (\(decimal(builtRSS, 1)) MB with the model built)")
         }
     }

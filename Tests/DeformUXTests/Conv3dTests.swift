@@ -41,6 +41,83 @@ final class Conv3dTests: XCTestCase {
         ConvCase(name: "3x3x3 two sources 100+90 (3-tap chunks) cout5 3x2x3", n: 1, cin: 190, cin2: 90, cout: 5, d: 3, h: 2, w: 3, k: 3, stride: 1, pad: 1, bias: true),
     ]
 
+    // Shapes the Winograd path serves (even H, W >= 8, Cin a multiple of 16 up to 192, Cout > 16):
+    // odd D (the last plane pair half outside), a short last chunk of tiles, a partial second output
+    // block, two sources, the 8-tile chunks of Cin > 64, batch 2.
+    static let winogradCases: [ConvCase] = [
+        ConvCase(name: "winograd N2 5x8x10 cin16 cout48", n: 2, cin: 16, cin2: 0, cout: 48, d: 5, h: 8, w: 10, k: 3, stride: 1, pad: 1, bias: true),
+        ConvCase(name: "winograd two sources 32+16 cout50 4x8x8", n: 1, cin: 48, cin2: 16, cout: 50, d: 4, h: 8, w: 8, k: 3, stride: 1, pad: 1, bias: false),
+        ConvCase(name: "winograd cin80 cout96 3x10x8", n: 1, cin: 80, cin2: 0, cout: 96, d: 3, h: 10, w: 8, k: 3, stride: 1, pad: 1, bias: true),
+        ConvCase(name: "winograd N2 two sources 96+96 cout20 2x8x12", n: 2, cin: 192, cin2: 96, cout: 20, d: 2, h: 8, w: 12, k: 3, stride: 1, pad: 1, bias: true),
+    ]
+
+    func testWinogradMatchesReference() throws {
+        for (i, c) in Self.winogradCases.enumerated() {
+            let shape = try Conv3d.Shape(n: c.n, cin: c.cin, cout: c.cout, d: c.d, h: c.h, w: c.w,
+                                         kernel: 3, stride: 1, padding: 1, cin2: c.cin2)
+            XCTAssertTrue(Conv3d.Winograd.applies(shape), c.name)
+            try checkConv(c, seed: UInt64(150 + i), expectPath: .direct3x3x3)
+        }
+        // And the shapes it leaves to the direct kernel.
+        for (cin, cout, h, w) in [(16, 48, 8, 9), (16, 48, 6, 8), (17, 48, 8, 8), (16, 16, 8, 8), (208, 48, 8, 8)] {
+            let shape = try Conv3d.Shape(n: 1, cin: cin, cout: cout, d: 4, h: h, w: w, kernel: 3, stride: 1, padding: 1)
+            XCTAssertFalse(Conv3d.Winograd.applies(shape), "\(shape)")
+        }
+    }
+
+    /// The two algorithms of the direct path, forced, on shapes both serve: the same results within
+    /// 2e-5 (relative to max(1, |y|)) (a) with the fused input transform, accumulating into two outputs
+    /// (a 48-wide block straddles them, as in a two-source input gradient), (b) with bias and output
+    /// statistics.
+    func testWinogradMatchesDirectKernel() throws {
+        var rng = SplitMix64(seed: 77)
+        let s = try Conv3d.Shape(n: 2, cin: 32, cout: 70, d: 3, h: 8, w: 10, kernel: 3, stride: 1, padding: 1)
+        let voxels = s.n * s.d * s.h * s.w
+        let xt = try Tensor(shape: [voxels * s.cin], values: rng.floats(voxels * s.cin))
+        let weight = rng.floats(s.weightCount)
+        let packed = try Conv3d.pack(weight: try Tensor(shape: [s.cout, s.cin, 3, 3, 3], values: weight), shape: s)
+        let st = try Tensor(shape: [s.n * s.cin], values: rng.floats(s.n * s.cin))
+        let ht = try Tensor(shape: [s.n * s.cin], values: rng.floats(s.n * s.cin))
+        let transform = Conv3d.InputTransform(scale: st.pointer, shift: ht.pointer, leakySlope: 0.01)
+        let start1 = rng.floats(voxels * 40), start2 = rng.floats(voxels * 30)
+        // (b): the first 40 output channels alone, with bias and statistics.
+        let s40 = try Conv3d.Shape(n: 2, cin: 32, cout: 40, d: 3, h: 8, w: 10, kernel: 3, stride: 1, padding: 1)
+        let packed40 = try Conv3d.pack(weight: try Tensor(shape: [40, 32, 3, 3, 3], values: Array(weight[0..<(40 * 32 * 27)])),
+                                       shape: s40)
+        let bt = try Tensor(shape: [40], values: rng.floats(40))
+
+        func run(_ algorithm: Conv3d.Direct.Algorithm) throws -> (y: [Float], z: [Float], stats: [Double]) {
+            var y1 = start1, y2 = start2, z = [Float](repeating: 0, count: voxels * 40)
+            var stats = [Double](repeating: 0, count: Threads.count * s.n * 2 * 40)
+            try y1.withUnsafeMutableBufferPointer { p1 in
+                try y2.withUnsafeMutableBufferPointer { p2 in
+                    let out = Conv3d.Direct.Output(y1: p1.baseAddress!, c1: 40, y2: p2.baseAddress!, c2: 30, accumulate: true)
+                    try Conv3d.Direct.forward(x1: xt.pointer, x2: nil, packed: packed.pointer, bias: nil, out: out, s: s,
+                                              workspace: Workspace(), transform: transform, stats: nil,
+                                              parts: Threads.count, algorithm: algorithm)
+                }
+            }
+            try z.withUnsafeMutableBufferPointer { zp in
+                try stats.withUnsafeMutableBufferPointer { sp in
+                    let out = Conv3d.Direct.Output(y1: zp.baseAddress!, c1: 40, y2: nil, c2: 0, accumulate: false)
+                    try Conv3d.Direct.forward(x1: xt.pointer, x2: nil, packed: packed40.pointer, bias: bt.pointer, out: out,
+                                              s: s40, workspace: Workspace(), transform: nil,
+                                              stats: Conv3d.Statistics(partials: sp.baseAddress!, n: s.n, cout: 40),
+                                              parts: Threads.count, algorithm: algorithm)
+                }
+            }
+            return (y1 + y2, z, stats)
+        }
+        let direct = try run(.direct), winograd = try run(.winograd)
+        func worst<T: BinaryFloatingPoint>(_ a: [T], _ b: [T]) -> T {
+            zip(a, b).map { abs($0 - $1) / max(1, abs($0)) }.max() ?? 0
+        }
+        XCTAssertLessThan(worst(direct.y, winograd.y), 2e-5, "transform + two outputs, accumulating")
+        XCTAssertLessThan(worst(direct.z, winograd.z), 2e-5, "bias")
+        XCTAssertLessThan(worst(direct.stats, winograd.stats), 2e-5, "statistics")
+        XCTAssertTrue(winograd.stats.contains { $0 != 0 }, "statistics were written")
+    }
+
     // Every other (k, stride, padding): the sgemm paths.
     static let gemmCases: [ConvCase] = [
         ConvCase(name: "1x1x1 N2 7x5x3 cin17 cout16", n: 2, cin: 17, cin2: 0, cout: 16, d: 7, h: 5, w: 3, k: 1, stride: 1, pad: 0, bias: true),
@@ -251,6 +328,8 @@ final class Conv3dTests: XCTestCase {
             ConvCase(name: "bwd 3x3x3 two sources 5+3 cout17 9x4x6", n: 1, cin: 8, cin2: 3, cout: 17, d: 9, h: 4, w: 6, k: 3, stride: 1, pad: 1, bias: false),
             ConvCase(name: "bwd 3x3x3 two sources 40+30 cout70 (straddling blocks) 2x3x4", n: 1, cin: 70, cin2: 30, cout: 70, d: 2, h: 3, w: 4, k: 3, stride: 1, pad: 1, bias: true),
             ConvCase(name: "bwd 3x3x3 two sources 100+100 cout16 2x10x8 (weight gradient in position chunks)", n: 1, cin: 200, cin2: 100, cout: 16, d: 2, h: 10, w: 8, k: 3, stride: 1, pad: 1, bias: false),
+            // The input gradient by Winograd (its conv: Cin 32 -> Cout 70, blocks straddling the sources).
+            ConvCase(name: "bwd winograd two sources 40+30 cout32 3x8x10", n: 1, cin: 70, cin2: 30, cout: 32, d: 3, h: 8, w: 10, k: 3, stride: 1, pad: 1, bias: true),
             ConvCase(name: "bwd 3x3x3 1x1x1 cin1 cout1", n: 1, cin: 1, cin2: 0, cout: 1, d: 1, h: 1, w: 1, k: 3, stride: 1, pad: 1, bias: true),
             ConvCase(name: "bwd narrow 3x3x3 N2 two sources 8+8 cout16 2x3x16", n: 2, cin: 16, cin2: 8, cout: 16, d: 2, h: 3, w: 16, k: 3, stride: 1, pad: 1, bias: true),
             ConvCase(name: "bwd 1x1x1 N2 two sources 5+3 cout17 7x5x3", n: 2, cin: 8, cin2: 3, cout: 17, d: 7, h: 5, w: 3, k: 1, stride: 1, pad: 0, bias: true),

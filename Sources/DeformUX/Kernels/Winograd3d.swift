@@ -1,0 +1,283 @@
+/// The 3x3x3 stride-1 padding-1 convolution by Winograd's minimal filtering F(2x2x2, 3x3x3): the same
+/// operator as `Conv3d.Direct` (which it serves: the forward and the input gradient of the big
+/// high-resolution convs), with 64 instead of 216 multiply-adds per (2x2x2 output tile, input
+/// channel, output channel).
+///
+/// In one dimension, with the correlation y[i] = sum_k g[k] d[i + k] (i = 0, 1; d of 4 inputs):
+///
+///     V = B^T d:  v0 = d0 - d2,  v1 = d1 + d2,  v2 = d2 - d1,  v3 = d1 - d3
+///     U = G g:    u0 = g0,       u1 = (g0 + g1 + g2) / 2,  u2 = (g0 - g1 + g2) / 2,  u3 = g2
+///     y = A^T m:  y0 = m0 + m1 + m2,  y1 = m1 - m2 - m3,   with m = U * V elementwise
+///
+/// applied along d, h and w. A tile of 2x2x2 outputs reads a 4x4x4 patch of the padded input; in the
+/// transformed domain the conv becomes 64 independent products M[xi] (tiles x Cout) = V[xi] (tiles x
+/// Cin) . U[xi] (Cin x Cout), which the direct kernel's register tile (`tile8x48`, one "tap") computes.
+///
+/// Work: threads own runs of output plane pairs; a pair needs 4 padded input planes (a ring, filled
+/// by `Direct.fillPlane`, so two sources and the fused input transform work as in the direct path).
+/// A pair's tiles go in chunks whose transformed inputs stay in L2; per chunk and 48-wide block of
+/// output channels, the 64 products, then the output transform writes y through `Direct.write`
+/// (bias, accumulate, the two-output split). Every output element is computed by one part in a
+/// fixed order, so results do not depend on the thread count. Rounding differs from the direct sum
+/// (the transforms add and halve): errors stay at a few float32 ulps of the sums (tested against the
+/// direct kernel and the reference).
+extension Conv3d {
+    enum Winograd {
+        /// Whether the Winograd path serves a direct 3x3x3 conv of shape `s`: even H and W (tiles
+        /// cover the plane exactly), planes of at least 8x8, 48-wide output blocks, input channels a
+        /// multiple of 16 and at most 192 (a block's transformed weight, 64 x Cin x 48 floats, stays
+        /// within L2/L3 reach; the wide low-resolution convs keep the direct kernel).
+        static func applies(_ s: Shape) -> Bool {
+            s.path == .direct3x3x3 && s.packing.blockWidth == Conv3d.coutBlock
+                && s.h % 2 == 0 && s.w % 2 == 0 && s.h >= 8 && s.w >= 8 && s.d >= 2
+                && s.cin % 16 == 0 && s.cin <= 192
+        }
+
+        /// Tiles per chunk: the chunk's transformed input (64 x tiles x Cin floats) stays in L2.
+        static func chunkTiles(cin: Int) -> Int { cin <= 64 ? 16 : 8 }
+
+        /// Floats of the transformed weight: [block][xi 64][cin][48].
+        static func weightCount(_ s: Shape) -> Int { Conv3d.coutBlocks(s.cout) * 64 * s.cin * Conv3d.coutBlock }
+
+        /// U = G g G^T for every (block, input channel) from the direct kernel's packed weight
+        /// ([block][tap 27][cin][48]) into [block][xi][cin][48], xi = (a * 4 + b) * 4 + c for the
+        /// transformed (d, h, w) index.
+        static func transformWeights(packed: UnsafePointer<Float>, into u: UnsafeMutablePointer<Float>, cin: Int,
+                                     blocks: Int) {
+            typealias V = SIMD16<Float>
+            let half = V(repeating: 0.5)
+            withUnsafeTemporaryAllocation(of: V.self, capacity: 27 + 36 + 48 + 64) { buf in
+                guard let g = buf.baseAddress else { return }
+                let t1 = g + 27, t2 = t1 + 36, t3 = t2 + 48
+                for cb in 0..<blocks {
+                    for ci in 0..<cin {
+                        for k in 0..<3 {
+                            for tap in 0..<27 { g[tap] = cload(packed + ((cb * 27 + tap) * cin + ci) * 48 + k * 16) }
+                            // Along w: [kd][kh][kw 3] -> [kd][kh][c 4].
+                            for r in 0..<9 {
+                                let a = g[r * 3], b = g[r * 3 + 1], c = g[r * 3 + 2]
+                                t1[r * 4] = a; t1[r * 4 + 1] = (a + b + c) * half
+                                t1[r * 4 + 2] = (a - b + c) * half; t1[r * 4 + 3] = c
+                            }
+                            // Along h: [kd][kh 3][c] -> [kd][b 4][c].
+                            for kd in 0..<3 {
+                                for c in 0..<4 {
+                                    let a = t1[(kd * 3) * 4 + c], b = t1[(kd * 3 + 1) * 4 + c], e = t1[(kd * 3 + 2) * 4 + c]
+                                    t2[(kd * 4) * 4 + c] = a; t2[(kd * 4 + 1) * 4 + c] = (a + b + e) * half
+                                    t2[(kd * 4 + 2) * 4 + c] = (a - b + e) * half; t2[(kd * 4 + 3) * 4 + c] = e
+                                }
+                            }
+                            // Along d: [kd 3][b][c] -> [a 4][b][c].
+                            for bc in 0..<16 {
+                                let a = t2[bc], b = t2[16 + bc], e = t2[32 + bc]
+                                t3[bc] = a; t3[16 + bc] = (a + b + e) * half
+                                t3[32 + bc] = (a - b + e) * half; t3[48 + bc] = e
+                            }
+                            for xi in 0..<64 { cstore(t3[xi], u + ((cb * 64 + xi) * cin + ci) * 48 + k * 16) }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// `Direct.forward` by Winograd (same arguments; `applies(s)` must hold).
+        static func forward(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, packed: UnsafePointer<Float>,
+                            bias: UnsafePointer<Float>?, out: Direct.Output, s: Shape,
+                            workspace: Workspace, transform: InputTransform?, stats: Statistics?,
+                            parts maxParts: Int) throws {
+            let g = Direct.Geometry(s)
+            let cin = s.cin, blocks = Conv3d.coutBlocks(s.cout)
+            let tilesW = s.w / 2, tiles = (s.h / 2) * tilesW
+            let pairsPerSample = (s.d + 1) / 2
+            let pairs = s.n * pairsPerSample
+            let parts = max(1, min(maxParts, pairs))
+            let tc = chunkTiles(cin: cin)
+            let vFloats = 64 * tc * cin, mFloats = 64 * tc * Conv3d.coutBlock
+            let perPart = 4 * g.planeFloats + vFloats + mFloats
+            let u = try workspace.buffer("conv3d.winogradWeights", count: weightCount(s))
+            transformWeights(packed: packed, into: u, cin: cin, blocks: blocks)
+            let scratch = try workspace.buffer("conv3d.winograd", count: parts * perPart)
+            let voxelsPerSample = s.d * s.h * s.w
+            parallelFor(parts) { part in
+                let ring = scratch + part * perPart
+                let v = ring + 4 * g.planeFloats
+                let m = v + vFloats
+                // Rows of a short last chunk are computed and never read: keep them finite.
+                v.initialize(repeating: 0, count: vFloats)
+                withUnsafeTemporaryAllocation(of: UnsafePointer<Float>.self, capacity: 1) { baseBuf in
+                  withUnsafeTemporaryAllocation(of: Int.self, capacity: 4) { loadedBuf in
+                    guard let base = baseBuf.baseAddress, let loaded = loadedBuf.baseAddress else { return }
+                    loaded.initialize(repeating: -1, count: 4)
+                    for pair in Threads.range(part, of: parts, total: pairs) {
+                        if workspace.stopRequested() { return }
+                        let n = pair / pairsPerSample, d0 = (pair % pairsPerSample) * 2
+                        let p = ensurePlanes(ring: ring, loaded: loaded, n: n, d0: d0, x1: x1, x2: x2, s: s, g: g,
+                                             transform: transform)
+                        var t0 = 0
+                        while t0 < tiles {
+                            let count = min(tc, tiles - t0)
+                            inputTransform(planes: p, t0: t0, count: count, tilesW: tilesW, g: g, v: v, tc: tc)
+                            for cb in 0..<blocks {
+                                let ub = u + cb * 64 * cin * Conv3d.coutBlock
+                                for xi in 0..<64 {
+                                    base[0] = UnsafePointer(v + xi * tc * cin)
+                                    var j = 0
+                                    while j < count {
+                                        Direct.tile8x48(UnsafePointer(base), 1, j * cin, cin,
+                                                        ub + xi * cin * Conv3d.coutBlock,
+                                                        m + (xi * tc + j) * Conv3d.coutBlock, false)
+                                        j += Conv3d.tileVoxels
+                                    }
+                                }
+                                outputTransform(m: UnsafePointer(m), tc: tc, t0: t0, count: count, tilesW: tilesW,
+                                                cb: cb, n: n, d0: d0, s: s, out: out, bias: bias)
+                            }
+                            t0 += count
+                        }
+                        if let stats {
+                            // The pair's planes, now written (and still in L3).
+                            let planes = min(2, s.d - d0)
+                            stats.add(part: part, y: out.y1, v0: n * voxelsPerSample + d0 * s.h * s.w,
+                                      count: planes * s.h * s.w, voxelsPerSample: voxelsPerSample)
+                        }
+                    }
+                  }
+                }
+            }
+        }
+
+        /// Makes sure the 4-plane ring holds input planes d0 - 1 ..< d0 + 3 of sample n (zeros outside
+        /// 0 ..< D), filling only the missing ones; returns them in order. Plane dIn lives in slot
+        /// (dIn + 1) % 4, so the next pair (d0 + 2) keeps the two planes it shares with this one;
+        /// `loaded[slot]` records which plane a slot holds.
+        static func ensurePlanes(ring: UnsafeMutablePointer<Float>, loaded: UnsafeMutablePointer<Int>, n: Int, d0: Int,
+                                 x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, s: Shape, g: Direct.Geometry,
+                                 transform: InputTransform?) -> (UnsafePointer<Float>, UnsafePointer<Float>,
+                                                                 UnsafePointer<Float>, UnsafePointer<Float>) {
+            for k in 0..<4 {
+                let dIn = d0 - 1 + k
+                let slot = (dIn + 1) % 4
+                let key = n * (s.d + 3) + dIn + 1
+                if loaded[slot] != key {
+                    Direct.fillPlane(ring + slot * g.planeFloats, x1: x1, x2: x2, n: n, dIn: dIn, s: s, g: g,
+                                     transform: transform)
+                    loaded[slot] = key
+                }
+            }
+            func plane(_ k: Int) -> UnsafePointer<Float> { UnsafePointer(ring + ((d0 + k) % 4) * g.planeFloats) }
+            return (plane(0), plane(1), plane(2), plane(3))
+        }
+
+        /// V[xi][j][cin] = (B^T d B) of tiles t0 ..< t0 + count of the pair (j = t - t0), 16 channels
+        /// at a time: d is the 4x4x4 patch at padded (2 th, 2 tw) of the 4 planes.
+        @inline(__always)
+        static func inputTransform(planes p: (UnsafePointer<Float>, UnsafePointer<Float>, UnsafePointer<Float>,
+                                              UnsafePointer<Float>),
+                                   t0: Int, count: Int, tilesW: Int, g: Direct.Geometry,
+                                   v: UnsafeMutablePointer<Float>, tc: Int) {
+            typealias V = SIMD16<Float>
+            let cin = g.cin, rowStride = g.wp * cin, xiStride = tc * cin
+            withUnsafeTemporaryAllocation(of: V.self, capacity: 64) { buf in
+                guard let t = buf.baseAddress else { return }
+                for j in 0..<count {
+                    let tile = t0 + j
+                    let off = (2 * (tile / tilesW) * g.wp + 2 * (tile % tilesW)) * cin
+                    let dst = v + j * cin
+                    var c = 0
+                    while c < cin {
+                        // Along w and h, plane by plane: t[a][b][c'].
+                        for a in 0..<4 {
+                            let plane = a == 0 ? p.0 : (a == 1 ? p.1 : (a == 2 ? p.2 : p.3))
+                            let q = plane + off + c
+                            let r0 = rowW(q, cin), r1 = rowW(q + rowStride, cin)
+                            let r2 = rowW(q + 2 * rowStride, cin), r3 = rowW(q + 3 * rowStride, cin)
+                            let ta = t + a * 16
+                            columnH(r0.0, r1.0, r2.0, r3.0, ta)
+                            columnH(r0.1, r1.1, r2.1, r3.1, ta + 1)
+                            columnH(r0.2, r1.2, r2.2, r3.2, ta + 2)
+                            columnH(r0.3, r1.3, r2.3, r3.3, ta + 3)
+                        }
+                        // Along d, storing V.
+                        for bc in 0..<16 {
+                            let d0 = t[bc], d1 = t[16 + bc], d2 = t[32 + bc], d3 = t[48 + bc]
+                            cstore(d0 - d2, dst + bc * xiStride + c)
+                            cstore(d1 + d2, dst + (16 + bc) * xiStride + c)
+                            cstore(d2 - d1, dst + (32 + bc) * xiStride + c)
+                            cstore(d1 - d3, dst + (48 + bc) * xiStride + c)
+                        }
+                        c += 16
+                    }
+                }
+            }
+        }
+
+        /// B^T along w of one row of 4 voxels (16 channels each, `cin` floats apart).
+        @inline(__always)
+        static func rowW(_ q: UnsafePointer<Float>, _ cin: Int) -> (SIMD16<Float>, SIMD16<Float>, SIMD16<Float>, SIMD16<Float>) {
+            let d0 = cload(q), d1 = cload(q + cin), d2 = cload(q + 2 * cin), d3 = cload(q + 3 * cin)
+            return (d0 - d2, d1 + d2, d2 - d1, d1 - d3)
+        }
+
+        /// B^T along h of one column (rows 0 ..< 4 of one transformed w index): t[b * 4] for b in 0 ..< 4.
+        @inline(__always)
+        static func columnH(_ d0: SIMD16<Float>, _ d1: SIMD16<Float>, _ d2: SIMD16<Float>, _ d3: SIMD16<Float>,
+                            _ t: UnsafeMutablePointer<SIMD16<Float>>) {
+            t[0] = d0 - d2; t[4] = d1 + d2; t[8] = d2 - d1; t[12] = d1 - d3
+        }
+
+        /// y for tiles t0 ..< t0 + count, output channels of block cb: A^T M A of each tile's 64
+        /// products (M[xi][j][48]), written voxel by voxel through `Direct.write` (a second plane past
+        /// D is dropped).
+        @inline(__always)
+        static func outputTransform(m: UnsafePointer<Float>, tc: Int, t0: Int, count: Int, tilesW: Int, cb: Int,
+                                    n: Int, d0: Int, s: Shape, out: Direct.Output, bias: UnsafePointer<Float>?) {
+            typealias V = SIMD16<Float>
+            let bw = Conv3d.coutBlock
+            let lo = cb * bw, valid = min(bw, s.cout - lo)
+            let xiStride = tc * bw
+            let planes = min(2, s.d - d0)
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 8 * 48 + 32 * 16) { buf in
+                guard let ob = buf.baseAddress else { return }
+                let t = UnsafeMutableRawPointer(ob + 8 * 48).bindMemory(to: V.self, capacity: 32)
+                for j in 0..<count {
+                    let src = m + j * bw
+                    for k in 0..<3 {
+                        // Along w: [a][b][c 4] -> t[a][b][2] (32), then along h and d into 8 outputs.
+                        for ab in 0..<16 {
+                            let q = src + ab * 4 * xiStride + k * 16
+                            let m0 = cload(q), m1 = cload(q + xiStride), m2 = cload(q + 2 * xiStride), m3 = cload(q + 3 * xiStride)
+                            t[ab * 2] = m0 + m1 + m2
+                            t[ab * 2 + 1] = m1 - m2 - m3
+                        }
+                        // Along h: t[a][b 4][x] -> [a][y 2][x] (in place in the first 16 of each a).
+                        for a in 0..<4 {
+                            for x in 0..<2 {
+                                let b0 = t[(a * 4) * 2 + x], b1 = t[(a * 4 + 1) * 2 + x]
+                                let b2 = t[(a * 4 + 2) * 2 + x], b3 = t[(a * 4 + 3) * 2 + x]
+                                t[(a * 4) * 2 + x] = b0 + b1 + b2
+                                t[(a * 4 + 1) * 2 + x] = b1 - b2 - b3
+                            }
+                        }
+                        // Along d: [a 4][y][x] -> [z 2][y][x], into ob[(z * 4 + y * 2 + x) * 48 + k * 16].
+                        for yx in 0..<4 {
+                            let a0 = t[yx], a1 = t[8 + yx], a2 = t[16 + yx], a3 = t[24 + yx]
+                            cstore(a0 + a1 + a2, ob + yx * 48 + k * 16)
+                            cstore(a1 - a2 - a3, ob + (4 + yx) * 48 + k * 16)
+                        }
+                    }
+                    let tile = t0 + j
+                    let h0 = 2 * (tile / tilesW), w0 = 2 * (tile % tilesW)
+                    for z in 0..<planes {
+                        for y in 0..<2 {
+                            let vox = ((n * s.d + d0 + z) * s.h + h0 + y) * s.w + w0
+                            Direct.write(UnsafePointer(ob + (z * 4 + y * 2) * 48), voxel: vox, lo: lo, valid: valid,
+                                         out: out, bias: bias)
+                            Direct.write(UnsafePointer(ob + (z * 4 + y * 2 + 1) * 48), voxel: vox + 1, lo: lo,
+                                         valid: valid, out: out, bias: bias)
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
