@@ -118,6 +118,39 @@ final class Conv3dTests: XCTestCase {
         XCTAssertTrue(winograd.stats.contains { $0 != 0 }, "statistics were written")
     }
 
+    /// The weight gradient by both algorithms, forced, with the fused input transform (the planes hold
+    /// x'): equal within 2e-5 relative to max(1, |dW|), and `appliesToWeightGradient` as documented.
+    func testWinogradWeightGradientMatchesDirectKernel() throws {
+        var rng = SplitMix64(seed: 78)
+        let s = try Conv3d.Shape(n: 2, cin: 32, cout: 48, d: 5, h: 8, w: 12, kernel: 3, stride: 1, padding: 1, cin2: 16)
+        XCTAssertTrue(Conv3d.Winograd.appliesToWeightGradient(s, parts: 2))
+        let wide = try Conv3d.Shape(n: 1, cin: 192, cout: 400, d: 4, h: 8, w: 8, kernel: 3, stride: 1, padding: 1)
+        XCTAssertFalse(Conv3d.Winograd.appliesToWeightGradient(wide, parts: 2), "private sums over the limit")
+        let odd = try Conv3d.Shape(n: 1, cin: 32, cout: 40, d: 4, h: 8, w: 8, kernel: 3, stride: 1, padding: 1)
+        XCTAssertFalse(Conv3d.Winograd.appliesToWeightGradient(odd, parts: 2), "Cout not a multiple of 16")
+        let voxels = s.n * s.d * s.h * s.w
+        let x1 = try Tensor(shape: [voxels * 16], values: rng.floats(voxels * 16))
+        let x2 = try Tensor(shape: [voxels * 16], values: rng.floats(voxels * 16))
+        let gy = try Tensor(shape: [s.outputCount], values: rng.floats(s.outputCount))
+        let st = try Tensor(shape: [s.n * s.cin], values: rng.floats(s.n * s.cin))
+        let ht = try Tensor(shape: [s.n * s.cin], values: rng.floats(s.n * s.cin))
+        let transform = Conv3d.InputTransform(scale: st.pointer, shift: ht.pointer, leakySlope: 0.01)
+        let start = rng.floats(s.weightCount)
+        var results: [[Float]] = []
+        for algorithm in [Conv3d.Direct.Algorithm.direct, .winograd] {
+            var gw = start
+            try gw.withUnsafeMutableBufferPointer { p in
+                try Conv3d.Direct.weightGradient(x1: x1.pointer, x2: x2.pointer, gradY: gy.pointer, gradWeight: p.baseAddress!,
+                                                 s: s, workspace: Workspace(), transform: transform, parts: Threads.count,
+                                                 algorithm: algorithm)
+            }
+            results.append(gw)
+        }
+        let worst = zip(results[0], results[1]).map { abs($0 - $1) / max(1, abs($0)) }.max() ?? 0
+        XCTAssertLessThan(worst, 2e-5)
+        XCTAssertNotEqual(results[1], start, "the gradient was added")
+    }
+
     // Every other (k, stride, padding): the sgemm paths.
     static let gemmCases: [ConvCase] = [
         ConvCase(name: "1x1x1 N2 7x5x3 cin17 cout16", n: 2, cin: 17, cin2: 0, cout: 16, d: 7, h: 5, w: 3, k: 1, stride: 1, pad: 0, bias: true),
@@ -330,6 +363,8 @@ final class Conv3dTests: XCTestCase {
             ConvCase(name: "bwd 3x3x3 two sources 100+100 cout16 2x10x8 (weight gradient in position chunks)", n: 1, cin: 200, cin2: 100, cout: 16, d: 2, h: 10, w: 8, k: 3, stride: 1, pad: 1, bias: false),
             // The input gradient by Winograd (its conv: Cin 32 -> Cout 70, blocks straddling the sources).
             ConvCase(name: "bwd winograd two sources 40+30 cout32 3x8x10", n: 1, cin: 70, cin2: 30, cout: 32, d: 3, h: 8, w: 10, k: 3, stride: 1, pad: 1, bias: true),
+            // Weight and input gradients by Winograd, batch 2, odd D.
+            ConvCase(name: "bwd winograd N2 two sources 32+16 cout64 3x8x10", n: 2, cin: 48, cin2: 16, cout: 64, d: 3, h: 8, w: 10, k: 3, stride: 1, pad: 1, bias: false),
             ConvCase(name: "bwd 3x3x3 1x1x1 cin1 cout1", n: 1, cin: 1, cin2: 0, cout: 1, d: 1, h: 1, w: 1, k: 3, stride: 1, pad: 1, bias: true),
             ConvCase(name: "bwd narrow 3x3x3 N2 two sources 8+8 cout16 2x3x16", n: 2, cin: 16, cin2: 8, cout: 16, d: 2, h: 3, w: 16, k: 3, stride: 1, pad: 1, bias: true),
             ConvCase(name: "bwd 1x1x1 N2 two sources 5+3 cout17 7x5x3", n: 2, cin: 8, cin2: 3, cout: 17, d: 7, h: 5, w: 3, k: 1, stride: 1, pad: 0, bias: true),

@@ -22,7 +22,8 @@ import COpenBLAS
 ///   (8 offsets instead of one stride); nothing is computed for padding positions. Where the shape
 ///   allows (`Winograd.applies`: the big high-resolution convs), the same path runs by Winograd's
 ///   F(2x2x2, 3x3x3) instead (Winograd3d.swift: 64 instead of 216 multiply-adds per 2x2x2 tile,
-///   2.1-2.6x faster at 96^3 and 48^3 on this machine), with every option of the direct kernel.
+///   2.1-2.6x faster at 96^3 and 48^3 on this machine), with every option of the direct kernel; the
+///   weight gradient too where `Winograd.appliesToWeightGradient`.
 /// - `pointwise` (k 1, stride 1, pad 0): y (V x Cout) = x (V x Cin) . W (Cin x Cout), sgemm per voxel range.
 /// - `im2col` (anything else: the 7x7x7 stride-2 stem, the 2x2x2 stride-2 downsampling): a bounded
 ///   block of output voxels at a time gathers its k^3 Cin-vectors into a column panel, then sgemm.
@@ -856,7 +857,17 @@ public enum Conv3d {
         /// otherwise (the wide, low-resolution convs) parts own runs of taps and share the sums.
         static func weightGradient(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, gradY: UnsafePointer<Float>,
                                    gradWeight: UnsafeMutablePointer<Float>, s: Shape, workspace: Workspace,
-                                   transform: InputTransform?, parts maxParts: Int) throws {
+                                   transform: InputTransform?, parts maxParts: Int,
+                                   algorithm: Algorithm = .automatic) throws {
+            if algorithm == .winograd
+                || (algorithm == .automatic && Winograd.appliesToWeightGradient(s, parts: maxParts)) {
+                guard Winograd.appliesToWeightGradient(s, parts: maxParts) else {
+                    throw DeformUXError.invalidArgument("conv3d backward", "the Winograd path does not serve \(s)")
+                }
+                try Winograd.weightGradient(x1: x1, x2: x2, gradY: gradY, gradWeight: gradWeight, s: s,
+                                            workspace: workspace, transform: transform, parts: maxParts)
+                return
+            }
             let g = Geometry(s)
             let planes = s.n * s.d
             let tapFloats = s.cout * s.cin

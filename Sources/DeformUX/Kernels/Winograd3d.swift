@@ -1,7 +1,7 @@
 /// The 3x3x3 stride-1 padding-1 convolution by Winograd's minimal filtering F(2x2x2, 3x3x3): the same
-/// operator as `Conv3d.Direct` (which it serves: the forward and the input gradient of the big
-/// high-resolution convs), with 64 instead of 216 multiply-adds per (2x2x2 output tile, input
-/// channel, output channel).
+/// operator as `Conv3d.Direct` (which it serves: the forward, the input gradient and the weight
+/// gradient of the big high-resolution convs), with 64 instead of 216 multiply-adds per (2x2x2 output
+/// tile, input channel, output channel).
 ///
 /// In one dimension, with the correlation y[i] = sum_k g[k] d[i + k] (i = 0, 1; d of 4 inputs):
 ///
@@ -142,6 +142,157 @@ extension Conv3d {
                         }
                     }
                   }
+                }
+            }
+        }
+
+        /// Whether `weightGradient` serves shape `s` with `parts` parts: `applies(s)`, Cout a multiple of
+        /// 16, and every part's private sums (64 x Cin x Cout floats) within `Direct.privateSumsLimit`.
+        static func appliesToWeightGradient(_ s: Shape, parts: Int) -> Bool {
+            applies(s) && s.cout % 16 == 0 && max(1, parts) * 64 * s.cin * s.cout <= Direct.privateSumsLimit
+        }
+
+        /// gradWeight (PyTorch layout) += dL/dW by Winograd: per tile, the input's transform V = B^T d B
+        /// (as the forward) and grad_y's dM = A gy A^T (2x2x2 -> 4x4x4); per xi, dU[xi] (Cin x Cout) +=
+        /// V[xi]^T . dM[xi] over the tiles (`Direct.wgradTaps`, the direct path's register tiles), summed
+        /// per part and then in part order; finally dW = G^T dU G per (input, output channel). With an
+        /// input transform, the planes hold x' as in the forward. Deterministic for a given thread count.
+        static func weightGradient(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, gradY: UnsafePointer<Float>,
+                                   gradWeight: UnsafeMutablePointer<Float>, s: Shape, workspace: Workspace,
+                                   transform: InputTransform?, parts maxParts: Int) throws {
+            let g = Direct.Geometry(s)
+            let cin = s.cin, cout = s.cout
+            let tilesW = s.w / 2, tiles = (s.h / 2) * tilesW
+            let pairsPerSample = (s.d + 1) / 2
+            let pairs = s.n * pairsPerSample
+            let parts = max(1, min(maxParts, pairs))
+            let tc = 2 * chunkTiles(cin: max(cin, cout))
+            let vFloats = 64 * tc * cin, mFloats = 64 * tc * cout
+            let perPart = 4 * g.planeFloats + vFloats + mFloats
+            let scratch = try workspace.buffer("conv3d.winograd", count: parts * perPart)
+            let sumFloats = 64 * cin * cout
+            let sums = try workspace.buffer("conv3d.winogradWeightSums", count: parts * sumFloats)
+            sums.initialize(repeating: 0, count: parts * sumFloats)
+            parallelFor(parts) { part in
+                let ring = scratch + part * perPart
+                let v = ring + 4 * g.planeFloats
+                let dm = v + vFloats
+                let mySums = sums + part * sumFloats
+                withUnsafeTemporaryAllocation(of: Int.self, capacity: 4) { loadedBuf in
+                    guard let loaded = loadedBuf.baseAddress else { return }
+                    loaded.initialize(repeating: -1, count: 4)
+                    for pair in Threads.range(part, of: parts, total: pairs) {
+                        if workspace.stopRequested() { return }
+                        let n = pair / pairsPerSample, d0 = (pair % pairsPerSample) * 2
+                        let p = ensurePlanes(ring: ring, loaded: loaded, n: n, d0: d0, x1: x1, x2: x2, s: s, g: g,
+                                             transform: transform)
+                        var t0 = 0
+                        while t0 < tiles {
+                            let count = min(tc, tiles - t0)
+                            inputTransform(planes: p, t0: t0, count: count, tilesW: tilesW, g: g, v: v, tc: tc)
+                            gradientTransform(gradY: gradY, n: n, d0: d0, t0: t0, count: count, tilesW: tilesW, s: s,
+                                              dm: dm, tc: tc)
+                            for xi in 0..<64 {
+                                Direct.wgradTaps(gy: UnsafePointer(dm + xi * tc * cout), x: UnsafePointer(v + xi * tc * cin),
+                                                 rows: 1, width: count, xRowStride: 0, cout: cout, cin: cin,
+                                                 sums: mySums + xi * cin * cout)
+                            }
+                            t0 += count
+                        }
+                    }
+                }
+            }
+            // Parts in order, then dW[co][ci][tap] += (G^T dU G)[tap] for each (ci, 16 output channels).
+            for part in 1..<max(parts, 1) {
+                let src = sums + part * sumFloats
+                for i in 0..<sumFloats { sums[i] += src[i] }
+            }
+            typealias V = SIMD16<Float>
+            let half = V(repeating: 0.5)
+            withUnsafeTemporaryAllocation(of: V.self, capacity: 64 + 48 + 36 + 27) { buf in
+                guard let u = buf.baseAddress else { return }
+                let t1 = u + 64, t2 = t1 + 48, t3 = t2 + 36
+                for ci in 0..<cin {
+                    var co = 0
+                    while co < cout {
+                        for xi in 0..<64 { u[xi] = cload(sums + (xi * cin + ci) * cout + co) }
+                        // G^T along w: [a][b][c 4] -> [a][b][kw 3].
+                        for ab in 0..<16 {
+                            let q0 = u[ab * 4], q1 = u[ab * 4 + 1], q2 = u[ab * 4 + 2], q3 = u[ab * 4 + 3]
+                            t1[ab * 3] = q0 + (q1 + q2) * half
+                            t1[ab * 3 + 1] = (q1 - q2) * half
+                            t1[ab * 3 + 2] = (q1 + q2) * half + q3
+                        }
+                        // Along h: [a][b 4][kw] -> [a][kh 3][kw].
+                        for a in 0..<4 {
+                            for kw in 0..<3 {
+                                let q0 = t1[(a * 4) * 3 + kw], q1 = t1[(a * 4 + 1) * 3 + kw]
+                                let q2 = t1[(a * 4 + 2) * 3 + kw], q3 = t1[(a * 4 + 3) * 3 + kw]
+                                t2[(a * 3) * 3 + kw] = q0 + (q1 + q2) * half
+                                t2[(a * 3 + 1) * 3 + kw] = (q1 - q2) * half
+                                t2[(a * 3 + 2) * 3 + kw] = (q1 + q2) * half + q3
+                            }
+                        }
+                        // Along d: [a 4][kh][kw] -> [kd 3][kh][kw] (the PyTorch tap order).
+                        for hw in 0..<9 {
+                            let q0 = t2[hw], q1 = t2[9 + hw], q2 = t2[18 + hw], q3 = t2[27 + hw]
+                            t3[hw] = q0 + (q1 + q2) * half
+                            t3[9 + hw] = (q1 - q2) * half
+                            t3[18 + hw] = (q1 + q2) * half + q3
+                        }
+                        for l in 0..<16 {
+                            let dst = gradWeight + ((co + l) * cin + ci) * 27
+                            for tap in 0..<27 { dst[tap] += t3[tap][l] }
+                        }
+                        co += 16
+                    }
+                }
+            }
+        }
+
+        /// dM[xi][j][cout] = (A gy A^T) of tiles t0 ..< t0 + count of the pair (d0, d0 + 1) of sample n,
+        /// 16 channels at a time (a second plane past D counts as zeros): per axis, a pair (y0, y1) becomes
+        /// (y0, y0 + y1, y0 - y1, -y1).
+        @inline(__always)
+        static func gradientTransform(gradY: UnsafePointer<Float>, n: Int, d0: Int, t0: Int, count: Int, tilesW: Int,
+                                      s: Shape, dm: UnsafeMutablePointer<Float>, tc: Int) {
+            typealias V = SIMD16<Float>
+            let cout = s.cout, xiStride = tc * cout
+            let second = d0 + 1 < s.d
+            withUnsafeTemporaryAllocation(of: V.self, capacity: 32) { buf in
+                guard let t = buf.baseAddress else { return }
+                for j in 0..<count {
+                    let tile = t0 + j
+                    let h0 = 2 * (tile / tilesW), w0 = 2 * (tile % tilesW)
+                    let dst = dm + j * cout
+                    var c = 0
+                    while c < cout {
+                        // Along w then h, per plane z: t[z][b 4][c 4] from the 2x2 gy of the plane.
+                        for z in 0..<2 {
+                            let tz = t + z * 16
+                            if z == 1 && !second {
+                                for i in 0..<16 { tz[i] = V() }
+                                continue
+                            }
+                            let row0 = gradY + (((n * s.d + d0 + z) * s.h + h0) * s.w + w0) * cout + c
+                            let row1 = row0 + s.w * cout
+                            let a0 = cload(row0), a1 = cload(row0 + cout), b0 = cload(row1), b1 = cload(row1 + cout)
+                            let ra = (a0, a0 + a1, a0 - a1, -a1), rb = (b0, b0 + b1, b0 - b1, -b1)
+                            tz[0] = ra.0; tz[1] = ra.1; tz[2] = ra.2; tz[3] = ra.3
+                            tz[4] = ra.0 + rb.0; tz[5] = ra.1 + rb.1; tz[6] = ra.2 + rb.2; tz[7] = ra.3 + rb.3
+                            tz[8] = ra.0 - rb.0; tz[9] = ra.1 - rb.1; tz[10] = ra.2 - rb.2; tz[11] = ra.3 - rb.3
+                            tz[12] = -rb.0; tz[13] = -rb.1; tz[14] = -rb.2; tz[15] = -rb.3
+                        }
+                        // Along d, storing dM.
+                        for bc in 0..<16 {
+                            let y0 = t[bc], y1 = t[16 + bc]
+                            cstore(y0, dst + bc * xiStride + c)
+                            cstore(y0 + y1, dst + (16 + bc) * xiStride + c)
+                            cstore(y0 - y1, dst + (32 + bc) * xiStride + c)
+                            cstore(-y1, dst + (48 + bc) * xiStride + c)
+                        }
+                        c += 16
+                    }
                 }
             }
         }
