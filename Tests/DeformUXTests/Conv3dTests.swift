@@ -49,6 +49,9 @@ final class Conv3dTests: XCTestCase {
         ConvCase(name: "winograd two sources 32+16 cout50 4x8x8", n: 1, cin: 48, cin2: 16, cout: 50, d: 4, h: 8, w: 8, k: 3, stride: 1, pad: 1, bias: false),
         ConvCase(name: "winograd cin80 cout96 3x10x8", n: 1, cin: 80, cin2: 0, cout: 96, d: 3, h: 10, w: 8, k: 3, stride: 1, pad: 1, bias: true),
         ConvCase(name: "winograd N2 two sources 96+96 cout20 2x8x12", n: 2, cin: 192, cin2: 96, cout: 20, d: 2, h: 8, w: 12, k: 3, stride: 1, pad: 1, bias: true),
+        // 16-wide blocks (at most 16 outputs): chunks of 24 tiles, one short (20 tiles) or two (30).
+        ConvCase(name: "winograd narrow N2 two sources 16+16 cout16 3x8x10", n: 2, cin: 32, cin2: 16, cout: 16, d: 3, h: 8, w: 10, k: 3, stride: 1, pad: 1, bias: true),
+        ConvCase(name: "winograd narrow cin48 cout9 4x12x10", n: 1, cin: 48, cin2: 0, cout: 9, d: 4, h: 12, w: 10, k: 3, stride: 1, pad: 1, bias: false),
     ]
 
     func testWinogradMatchesReference() throws {
@@ -59,7 +62,7 @@ final class Conv3dTests: XCTestCase {
             try checkConv(c, seed: UInt64(150 + i), expectPath: .direct3x3x3)
         }
         // And the shapes it leaves to the direct kernel.
-        for (cin, cout, h, w) in [(16, 48, 8, 9), (16, 48, 6, 8), (17, 48, 8, 8), (16, 16, 8, 8), (208, 48, 8, 8)] {
+        for (cin, cout, h, w) in [(16, 48, 8, 9), (16, 48, 6, 8), (17, 48, 8, 8), (208, 48, 8, 8)] {
             let shape = try Conv3d.Shape(n: 1, cin: cin, cout: cout, d: 4, h: h, w: w, kernel: 3, stride: 1, padding: 1)
             XCTAssertFalse(Conv3d.Winograd.applies(shape), "\(shape)")
         }

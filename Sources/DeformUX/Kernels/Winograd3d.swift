@@ -11,12 +11,13 @@
 ///
 /// applied along d, h and w. A tile of 2x2x2 outputs reads a 4x4x4 patch of the padded input; in the
 /// transformed domain the conv becomes 64 independent products M[xi] (tiles x Cout) = V[xi] (tiles x
-/// Cin) . U[xi] (Cin x Cout), which the direct kernel's register tile (`tile8x48`, one "tap") computes.
+/// Cin) . U[xi] (Cin x Cout), which the direct kernel's register tiles (`tile8x48`, or `tile24x16` for
+/// convs with at most 16 outputs; one "tap") compute.
 ///
 /// Work: threads own runs of output plane pairs; a pair needs 4 padded input planes (a ring, filled
 /// by `Direct.fillPlane`, so two sources and the fused input transform work as in the direct path).
-/// A pair's tiles go in chunks whose transformed inputs stay in L2; per chunk and 48-wide block of
-/// output channels, the 64 products, then the output transform writes y through `Direct.write`
+/// A pair's tiles go in chunks whose transformed inputs stay in L2; per chunk and block of output
+/// channels (the direct kernel's: 48 wide, or 16 for convs with at most 16 outputs), the 64 products, then the output transform writes y through `Direct.write`
 /// (bias, accumulate, the two-output split). Every output element is computed by one part in a
 /// fixed order, so results do not depend on the thread count. Rounding differs from the direct sum
 /// (the transforms add and halve): errors stay at a few float32 ulps of the sums (tested against the
@@ -24,26 +25,31 @@
 extension Conv3d {
     enum Winograd {
         /// Whether the Winograd path serves a direct 3x3x3 conv of shape `s`: even H and W (tiles
-        /// cover the plane exactly), planes of at least 8x8, 48-wide output blocks, input channels a
-        /// multiple of 16 and at most 192 (a block's transformed weight, 64 x Cin x 48 floats, stays
-        /// within L2/L3 reach; the wide low-resolution convs keep the direct kernel).
+        /// cover the plane exactly), planes of at least 8x8, input channels a multiple of 16 and at most
+        /// 192 (a block's transformed weight, 64 x Cin x 48 floats, stays within L2/L3 reach; the wide
+        /// low-resolution convs keep the direct kernel).
         static func applies(_ s: Shape) -> Bool {
-            s.path == .direct3x3x3 && s.packing.blockWidth == Conv3d.coutBlock
-                && s.h % 2 == 0 && s.w % 2 == 0 && s.h >= 8 && s.w >= 8 && s.d >= 2
+            s.path == .direct3x3x3 && s.h % 2 == 0 && s.w % 2 == 0 && s.h >= 8 && s.w >= 8 && s.d >= 2
                 && s.cin % 16 == 0 && s.cin <= 192
         }
 
-        /// Tiles per chunk: the chunk's transformed input (64 x tiles x Cin floats) stays in L2.
-        static func chunkTiles(cin: Int) -> Int { cin <= 64 ? 16 : 8 }
+        /// Tiles per chunk: the chunk's transformed input (64 x tiles x Cin floats) stays in L2; a
+        /// multiple of the register tile's (8 tiles, or 24 for 16-wide blocks).
+        static func chunkTiles(cin: Int, width: Int = Conv3d.coutBlock) -> Int {
+            width == 16 ? 24 : (cin <= 64 ? 16 : 8)
+        }
 
-        /// Floats of the transformed weight: [block][xi 64][cin][48].
-        static func weightCount(_ s: Shape) -> Int { Conv3d.coutBlocks(s.cout) * 64 * s.cin * Conv3d.coutBlock }
+        /// Output-channel blocks of the packed weight (`width` wide).
+        static func blocks(_ s: Shape) -> Int { (s.cout + s.packing.blockWidth - 1) / s.packing.blockWidth }
+
+        /// Floats of the transformed weight: [block][xi 64][cin][width].
+        static func weightCount(_ s: Shape) -> Int { blocks(s) * 64 * s.cin * s.packing.blockWidth }
 
         /// U = G g G^T for every (block, input channel) from the direct kernel's packed weight
-        /// ([block][tap 27][cin][48]) into [block][xi][cin][48], xi = (a * 4 + b) * 4 + c for the
+        /// ([block][tap 27][cin][width]) into [block][xi][cin][width], xi = (a * 4 + b) * 4 + c for the
         /// transformed (d, h, w) index.
         static func transformWeights(packed: UnsafePointer<Float>, into u: UnsafeMutablePointer<Float>, cin: Int,
-                                     blocks: Int) {
+                                     blocks: Int, width bw: Int) {
             typealias V = SIMD16<Float>
             let half = V(repeating: 0.5)
             withUnsafeTemporaryAllocation(of: V.self, capacity: 27 + 36 + 48 + 64) { buf in
@@ -51,8 +57,8 @@ extension Conv3d {
                 let t1 = g + 27, t2 = t1 + 36, t3 = t2 + 48
                 for cb in 0..<blocks {
                     for ci in 0..<cin {
-                        for k in 0..<3 {
-                            for tap in 0..<27 { g[tap] = cload(packed + ((cb * 27 + tap) * cin + ci) * 48 + k * 16) }
+                        for k in 0..<(bw / 16) {
+                            for tap in 0..<27 { g[tap] = cload(packed + ((cb * 27 + tap) * cin + ci) * bw + k * 16) }
                             // Along w: [kd][kh][kw 3] -> [kd][kh][c 4].
                             for r in 0..<9 {
                                 let a = g[r * 3], b = g[r * 3 + 1], c = g[r * 3 + 2]
@@ -73,7 +79,7 @@ extension Conv3d {
                                 t3[bc] = a; t3[16 + bc] = (a + b + e) * half
                                 t3[32 + bc] = (a - b + e) * half; t3[48 + bc] = e
                             }
-                            for xi in 0..<64 { cstore(t3[xi], u + ((cb * 64 + xi) * cin + ci) * 48 + k * 16) }
+                            for xi in 0..<64 { cstore(t3[xi], u + ((cb * 64 + xi) * cin + ci) * bw + k * 16) }
                         }
                     }
                 }
@@ -86,16 +92,16 @@ extension Conv3d {
                             workspace: Workspace, transform: InputTransform?, stats: Statistics?,
                             parts maxParts: Int) throws {
             let g = Direct.Geometry(s)
-            let cin = s.cin, blocks = Conv3d.coutBlocks(s.cout)
+            let cin = s.cin, blocks = blocks(s), bw = s.packing.blockWidth
             let tilesW = s.w / 2, tiles = (s.h / 2) * tilesW
             let pairsPerSample = (s.d + 1) / 2
             let pairs = s.n * pairsPerSample
             let parts = max(1, min(maxParts, pairs))
-            let tc = chunkTiles(cin: cin)
-            let vFloats = 64 * tc * cin, mFloats = 64 * tc * Conv3d.coutBlock
+            let tc = chunkTiles(cin: cin, width: bw)
+            let vFloats = 64 * tc * cin, mFloats = 64 * tc * bw
             let perPart = 4 * g.planeFloats + vFloats + mFloats
             let u = try workspace.buffer("conv3d.winogradWeights", count: weightCount(s))
-            transformWeights(packed: packed, into: u, cin: cin, blocks: blocks)
+            transformWeights(packed: packed, into: u, cin: cin, blocks: blocks, width: bw)
             let scratch = try workspace.buffer("conv3d.winograd", count: parts * perPart)
             let voxelsPerSample = s.d * s.h * s.w
             parallelFor(parts) { part in
@@ -118,15 +124,20 @@ extension Conv3d {
                             let count = min(tc, tiles - t0)
                             inputTransform(planes: p, t0: t0, count: count, tilesW: tilesW, g: g, v: v, tc: tc)
                             for cb in 0..<blocks {
-                                let ub = u + cb * 64 * cin * Conv3d.coutBlock
+                                let ub = u + cb * 64 * cin * bw
                                 for xi in 0..<64 {
                                     base[0] = UnsafePointer(v + xi * tc * cin)
+                                    let w = ub + xi * cin * bw, acc = m + xi * tc * bw
                                     var j = 0
                                     while j < count {
-                                        Direct.tile8x48(UnsafePointer(base), 1, j * cin, cin,
-                                                        ub + xi * cin * Conv3d.coutBlock,
-                                                        m + (xi * tc + j) * Conv3d.coutBlock, false)
-                                        j += Conv3d.tileVoxels
+                                        if bw == 16 {
+                                            Direct.tile24x16(UnsafePointer(base), 1, j * cin, (j + 8) * cin, (j + 16) * cin,
+                                                             cin, w, acc + j * 16, false)
+                                            j += 24
+                                        } else {
+                                            Direct.tile8x48(UnsafePointer(base), 1, j * cin, cin, w, acc + j * 48, false)
+                                            j += 8
+                                        }
                                     }
                                 }
                                 outputTransform(m: UnsafePointer(m), tc: tc, t0: t0, count: count, tilesW: tilesW,
@@ -377,13 +388,13 @@ extension Conv3d {
         }
 
         /// y for tiles t0 ..< t0 + count, output channels of block cb: A^T M A of each tile's 64
-        /// products (M[xi][j][48]), written voxel by voxel through `Direct.write` (a second plane past
+        /// products (M[xi][j][width]), written voxel by voxel through `Direct.write` (a second plane past
         /// D is dropped).
         @inline(__always)
         static func outputTransform(m: UnsafePointer<Float>, tc: Int, t0: Int, count: Int, tilesW: Int, cb: Int,
                                     n: Int, d0: Int, s: Shape, out: Direct.Output, bias: UnsafePointer<Float>?) {
             typealias V = SIMD16<Float>
-            let bw = Conv3d.coutBlock
+            let bw = s.packing.blockWidth
             let lo = cb * bw, valid = min(bw, s.cout - lo)
             let xiStride = tc * bw
             let planes = min(2, s.d - d0)
@@ -392,7 +403,7 @@ extension Conv3d {
                 let t = UnsafeMutableRawPointer(ob + 8 * 48).bindMemory(to: V.self, capacity: 32)
                 for j in 0..<count {
                     let src = m + j * bw
-                    for k in 0..<3 {
+                    for k in 0..<(bw / 16) {
                         // Along w: [a][b][c 4] -> t[a][b][2] (32), then along h and d into 8 outputs.
                         for ab in 0..<16 {
                             let q = src + ab * 4 * xiStride + k * 16
