@@ -86,35 +86,35 @@ extension Conv3d {
             }
         }
 
-        /// `Direct.forward` by Winograd (same arguments; `applies(s)` must hold).
-        static func forward(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, packed: UnsafePointer<Float>,
-                            bias: UnsafePointer<Float>?, out: Direct.Output, s: Shape,
-                            workspace: Workspace, transform: InputTransform?, stats: Statistics?,
-                            parts maxParts: Int) throws {
+        /// Parts for shape `s`: runs of output plane pairs.
+        static func partCount(_ s: Shape, _ maxParts: Int) -> Int { max(1, min(maxParts, s.n * ((s.d + 1) / 2))) }
+
+        /// The sweep both passes share: parts (`partCount`) own runs of output plane pairs; each part keeps
+        /// its 4-plane ring, the chunk's transformed input V ([xi][tc][cin]) and `extraFloats` of its own
+        /// in the workspace, and for every chunk of at most `tc` tiles of a pair fills V and calls
+        /// `chunk(part, n, d0, t0, count, V, extra)`, then `pairDone(part, n, d0)`. Stops early when the
+        /// workspace is asked to.
+        static func sweep(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, s: Shape, workspace: Workspace,
+                          transform: InputTransform?, parts maxParts: Int, tc: Int, extraFloats: Int,
+                          chunk: (_ part: Int, _ n: Int, _ d0: Int, _ t0: Int, _ count: Int,
+                                  _ v: UnsafeMutablePointer<Float>, _ extra: UnsafeMutablePointer<Float>) -> Void,
+                          pairDone: (_ part: Int, _ n: Int, _ d0: Int) -> Void = { _, _, _ in }) throws {
             let g = Direct.Geometry(s)
-            let cin = s.cin, blocks = blocks(s), bw = s.packing.blockWidth
             let tilesW = s.w / 2, tiles = (s.h / 2) * tilesW
             let pairsPerSample = (s.d + 1) / 2
-            let pairs = s.n * pairsPerSample
-            let parts = max(1, min(maxParts, pairs))
-            let tc = chunkTiles(cin: cin, width: bw)
-            let vFloats = 64 * tc * cin, mFloats = 64 * tc * bw
-            let perPart = 4 * g.planeFloats + vFloats + mFloats
-            let u = try workspace.buffer("conv3d.winogradWeights", count: weightCount(s))
-            transformWeights(packed: packed, into: u, cin: cin, blocks: blocks, width: bw)
+            let parts = partCount(s, maxParts)
+            let vFloats = 64 * tc * s.cin
+            let perPart = 4 * g.planeFloats + vFloats + extraFloats
             let scratch = try workspace.buffer("conv3d.winograd", count: parts * perPart)
-            let voxelsPerSample = s.d * s.h * s.w
             parallelFor(parts) { part in
                 let ring = scratch + part * perPart
                 let v = ring + 4 * g.planeFloats
-                let m = v + vFloats
-                // Rows of a short last chunk are computed and never read: keep them finite.
+                // Rows of a short last chunk past its tiles may be read (whole register tiles): keep them finite.
                 v.initialize(repeating: 0, count: vFloats)
-                withUnsafeTemporaryAllocation(of: UnsafePointer<Float>.self, capacity: 1) { baseBuf in
-                  withUnsafeTemporaryAllocation(of: Int.self, capacity: 4) { loadedBuf in
-                    guard let base = baseBuf.baseAddress, let loaded = loadedBuf.baseAddress else { return }
+                withUnsafeTemporaryAllocation(of: Int.self, capacity: 4) { loadedBuf in
+                    guard let loaded = loadedBuf.baseAddress else { return }
                     loaded.initialize(repeating: -1, count: 4)
-                    for pair in Threads.range(part, of: parts, total: pairs) {
+                    for pair in Threads.range(part, of: parts, total: s.n * pairsPerSample) {
                         if workspace.stopRequested() { return }
                         let n = pair / pairsPerSample, d0 = (pair % pairsPerSample) * 2
                         let p = ensurePlanes(ring: ring, loaded: loaded, n: n, d0: d0, x1: x1, x2: x2, s: s, g: g,
@@ -123,38 +123,58 @@ extension Conv3d {
                         while t0 < tiles {
                             let count = min(tc, tiles - t0)
                             inputTransform(planes: p, t0: t0, count: count, tilesW: tilesW, g: g, v: v, tc: tc)
-                            for cb in 0..<blocks {
-                                let ub = u + cb * 64 * cin * bw
-                                for xi in 0..<64 {
-                                    base[0] = UnsafePointer(v + xi * tc * cin)
-                                    let w = ub + xi * cin * bw, acc = m + xi * tc * bw
-                                    var j = 0
-                                    while j < count {
-                                        if bw == 16 {
-                                            Direct.tile24x16(UnsafePointer(base), 1, j * cin, (j + 8) * cin, (j + 16) * cin,
-                                                             cin, w, acc + j * 16, false)
-                                            j += 24
-                                        } else {
-                                            Direct.tile8x48(UnsafePointer(base), 1, j * cin, cin, w, acc + j * 48, false)
-                                            j += 8
-                                        }
-                                    }
-                                }
-                                outputTransform(m: UnsafePointer(m), tc: tc, t0: t0, count: count, tilesW: tilesW,
-                                                cb: cb, n: n, d0: d0, s: s, out: out, bias: bias)
-                            }
+                            chunk(part, n, d0, t0, count, v, v + vFloats)
                             t0 += count
                         }
-                        if let stats {
-                            // The pair's planes, now written (and still in L3).
-                            let planes = min(2, s.d - d0)
-                            stats.add(part: part, y: out.y1, v0: n * voxelsPerSample + d0 * s.h * s.w,
-                                      count: planes * s.h * s.w, voxelsPerSample: voxelsPerSample)
-                        }
+                        pairDone(part, n, d0)
                     }
-                  }
                 }
             }
+        }
+
+        /// `Direct.forward` by Winograd (same arguments; `applies(s)` must hold).
+        static func forward(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, packed: UnsafePointer<Float>,
+                            bias: UnsafePointer<Float>?, out: Direct.Output, s: Shape,
+                            workspace: Workspace, transform: InputTransform?, stats: Statistics?,
+                            parts maxParts: Int) throws {
+            let cin = s.cin, blocks = blocks(s), bw = s.packing.blockWidth
+            let tilesW = s.w / 2
+            let tc = chunkTiles(cin: cin, width: bw)
+            let u = try workspace.buffer("conv3d.winogradWeights", count: weightCount(s))
+            transformWeights(packed: packed, into: u, cin: cin, blocks: blocks, width: bw)
+            let voxelsPerSample = s.d * s.h * s.w
+            try sweep(x1: x1, x2: x2, s: s, workspace: workspace, transform: transform, parts: maxParts, tc: tc,
+                      extraFloats: 64 * tc * bw, chunk: { _, n, d0, t0, count, v, m in
+                withUnsafeTemporaryAllocation(of: UnsafePointer<Float>.self, capacity: 1) { baseBuf in
+                    guard let base = baseBuf.baseAddress else { return }
+                    for cb in 0..<blocks {
+                        let ub = u + cb * 64 * cin * bw
+                        for xi in 0..<64 {
+                            base[0] = UnsafePointer(v + xi * tc * cin)
+                            let w = ub + xi * cin * bw, acc = m + xi * tc * bw
+                            var j = 0
+                            while j < count {
+                                if bw == 16 {
+                                    Direct.tile24x16(UnsafePointer(base), 1, j * cin, (j + 8) * cin, (j + 16) * cin,
+                                                     cin, w, acc + j * 16, false)
+                                    j += 24
+                                } else {
+                                    Direct.tile8x48(UnsafePointer(base), 1, j * cin, cin, w, acc + j * 48, false)
+                                    j += 8
+                                }
+                            }
+                        }
+                        outputTransform(m: UnsafePointer(m), tc: tc, t0: t0, count: count, tilesW: tilesW,
+                                        cb: cb, n: n, d0: d0, s: s, out: out, bias: bias)
+                    }
+                }
+            }, pairDone: { part, n, d0 in
+                // The pair's planes, now written (and still in L3).
+                if let stats {
+                    stats.add(part: part, y: out.y1, v0: n * voxelsPerSample + d0 * s.h * s.w,
+                              count: min(2, s.d - d0) * s.h * s.w, voxelsPerSample: voxelsPerSample)
+                }
+            })
         }
 
         /// Whether `weightGradient` serves shape `s` with `parts` parts: `applies(s)`, Cout a multiple of
@@ -171,50 +191,25 @@ extension Conv3d {
         static func weightGradient(x1: UnsafePointer<Float>, x2: UnsafePointer<Float>?, gradY: UnsafePointer<Float>,
                                    gradWeight: UnsafeMutablePointer<Float>, s: Shape, workspace: Workspace,
                                    transform: InputTransform?, parts maxParts: Int) throws {
-            let g = Direct.Geometry(s)
             let cin = s.cin, cout = s.cout
-            let tilesW = s.w / 2, tiles = (s.h / 2) * tilesW
-            let pairsPerSample = (s.d + 1) / 2
-            let pairs = s.n * pairsPerSample
-            let parts = max(1, min(maxParts, pairs))
+            let tilesW = s.w / 2
+            let parts = partCount(s, maxParts)
             let tc = 2 * chunkTiles(cin: max(cin, cout))
-            let vFloats = 64 * tc * cin, mFloats = 64 * tc * cout
-            let perPart = 4 * g.planeFloats + vFloats + mFloats
-            let scratch = try workspace.buffer("conv3d.winograd", count: parts * perPart)
             let sumFloats = 64 * cin * cout
             let sums = try workspace.buffer("conv3d.winogradWeightSums", count: parts * sumFloats)
             sums.initialize(repeating: 0, count: parts * sumFloats)
-            parallelFor(parts) { part in
-                let ring = scratch + part * perPart
-                let v = ring + 4 * g.planeFloats
-                let dm = v + vFloats
+            try sweep(x1: x1, x2: x2, s: s, workspace: workspace, transform: transform, parts: maxParts, tc: tc,
+                      extraFloats: 64 * tc * cout, chunk: { part, n, d0, t0, count, v, dm in
+                gradientTransform(gradY: gradY, n: n, d0: d0, t0: t0, count: count, tilesW: tilesW, s: s, dm: dm, tc: tc)
                 let mySums = sums + part * sumFloats
-                withUnsafeTemporaryAllocation(of: Int.self, capacity: 4) { loadedBuf in
-                    guard let loaded = loadedBuf.baseAddress else { return }
-                    loaded.initialize(repeating: -1, count: 4)
-                    for pair in Threads.range(part, of: parts, total: pairs) {
-                        if workspace.stopRequested() { return }
-                        let n = pair / pairsPerSample, d0 = (pair % pairsPerSample) * 2
-                        let p = ensurePlanes(ring: ring, loaded: loaded, n: n, d0: d0, x1: x1, x2: x2, s: s, g: g,
-                                             transform: transform)
-                        var t0 = 0
-                        while t0 < tiles {
-                            let count = min(tc, tiles - t0)
-                            inputTransform(planes: p, t0: t0, count: count, tilesW: tilesW, g: g, v: v, tc: tc)
-                            gradientTransform(gradY: gradY, n: n, d0: d0, t0: t0, count: count, tilesW: tilesW, s: s,
-                                              dm: dm, tc: tc)
-                            for xi in 0..<64 {
-                                Direct.wgradTaps(gy: UnsafePointer(dm + xi * tc * cout), x: UnsafePointer(v + xi * tc * cin),
-                                                 rows: 1, width: count, xRowStride: 0, cout: cout, cin: cin,
-                                                 sums: mySums + xi * cin * cout)
-                            }
-                            t0 += count
-                        }
-                    }
+                for xi in 0..<64 {
+                    Direct.wgradTaps(gy: UnsafePointer(dm + xi * tc * cout), x: UnsafePointer(v + xi * tc * cin),
+                                     rows: 1, width: count, xRowStride: 0, cout: cout, cin: cin,
+                                     sums: mySums + xi * cin * cout)
                 }
-            }
+            })
             // Parts in order, then dW[co][ci][tap] += (G^T dU G)[tap] for each (ci, 16 output channels).
-            for part in 1..<max(parts, 1) {
+            for part in 1..<parts {
                 let src = sums + part * sumFloats
                 for i in 0..<sumFloats { sums[i] += src[i] }
             }
