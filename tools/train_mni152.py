@@ -3,11 +3,11 @@
 brain tissue (CSF, grey matter, white matter) on the MNI152 template (data/mni152, the task of the data
 notes: deformux.data), with this engine on the CPU.
 
-    python3 tools/train_mni152.py all [--out runs/brain-tissue]      # the three stages of STAGES (~2.4 h)
-    python3 tools/train_mni152.py train --out RUN [--init W] [--patch X,Y,Z] [--mosaics N] ... [--resume]
+    python3 tools/train_mni152.py all [--out runs/brain-tissue]      # the six stages of STAGES (~4.3 h)
+    python3 tools/train_mni152.py train --out RUN [--init W] [--patch X,Y,Z] [--mosaics N] [--heads N] ... [--resume]
     python3 tools/train_mni152.py evaluate [--model python/deformux/models/brain-tissue.json] [--json]
                                            [--window X,Y,Z] [--overlap 0.5]
-    python3 tools/train_mni152.py package --run runs/brain-tissue/stage3 [--checkpoint best|last] [--window X,Y,Z]
+    python3 tools/train_mni152.py package --run runs/brain-tissue/stage6 [--checkpoint best|last] [--window X,Y,Z] [--tta]
 
 The recipe (every number is recorded in the model card):
 - network: DeformUX-Net, feature_size (16, 32, 64, 128), hidden_size 256 (6.2 M parameters; the paper's
@@ -16,7 +16,7 @@ The recipe (every number is recorded in the model card):
   (deformux.data.noisy_t1 with seeds 1000 + i: other fields and noise than the evaluation's seeds 0..2),
   each normalised as segment() normalises a whole volume (the MR preset: (x - P1) / (P99 - P1) over
   non-zero voxels) and then cut, so that training sees the intensities inference will;
-- three stages (STAGES), each a `train` run from the previous one's last weights, all with Dice + CE,
+- six stages (STAGES), each a `train` run from the previous one's last weights, all with Dice + CE,
   AdamW (weight decay 0.08 on every parameter), nnU-Net's poly decay of the rate, crops centred on
   foreground / background 2:1, and augmentation: rotation up to 15 degrees and scaling 0.1 (each with
   probability 0.3), intensity shift 0.15 and a Legendre bias field up to 40% (0.6 each), Gaussian noise
@@ -25,8 +25,15 @@ The recipe (every number is recorded in the model card):
   2. whole cross-sections, 192 x 224 x 48, batch 1, lr 3e-4, a 600-step schedule stopped at step 200;
   3. patches 128 x 128 x 48, batch 1, lr 3e-4, a 1400-step schedule stopped at step 800, half of the
      cases mosaics (mosaics()): blocks of the training slabs tiled at random, rich in grey and white matter;
-- packaging: the last weights, inference on the whole padded head as one window (208 x 240 x 192), and
-  the output biases calibrated on the training slices (calibrate());
+  4. whole synthetic heads (heads(): the training slices in place, the slices between them filled from
+     training voxels only) in the inference's window, 208 x 240 x 192, batch 1, lr 1.5e-4, a 160-step
+     schedule stopped at step 80;
+  5. the same with heads whose middle is larger and richer in white matter, lr 1e-4, a 120-step schedule
+     stopped at step 80;
+  6. the same, milder noise and bias field (up to 6% and 25%), lr 7e-5, 80 steps;
+- packaging: the last weights, inference on the whole padded head as one window (208 x 240 x 192) with
+  flip test-time augmentation (the logits averaged over the 8 flips), and the output biases calibrated
+  on the training slices (calibrate());
 - validation by sliding windows (the stage's patch as window, overlap 0.5, gaussian blending) over the
   whole T1, Dice on the validation slices (68 <= z < 124).
 
@@ -34,7 +41,8 @@ Why these choices (measured while building it, README "The bundled model"): the 
 take their statistics over the window, and the validation slices (the middle of the brain: ventricles,
 deep grey matter, white matter about 19% of a window) look unlike anything in the training slabs (white
 matter 2-4%), so a network trained on the slabs alone shifts every class one step darker there (white
-matter called grey, grey called CSF). Larger patches and mosaics rich in white matter narrow that gap.
+matter called grey, grey called CSF). Larger patches and mosaics rich in white matter narrow that gap;
+training on whole synthetic heads in the inference's own window closes most of the rest.
 
 `evaluate` reports, for a model card, the per-class Dice on the validation slices of the clean T1 and of
 the noisy variant (seeds 0, 1, 2 and their mean) through deformux.segment on the whole volume, beside the
@@ -150,6 +158,67 @@ def mosaics(pairs, count, shape, block=(24, 28, 24), seed=0, pools=(0.3, 0.3)):
     return out
 
 
+def heads(volume, labels, count, seed=0, block=(24, 28, 24), fill=(60, 132), pools=(0.75, 0.2), scale=(1.3, 1.2),
+          white=0.4):
+    """`count` synthetic whole heads built from the training slices of one (normalised) volume (image
+    (C, X, Y, Z), labels (X, Y, Z)): the training slices stay where they are; the slices in between
+    (`fill`: the validation slices and the guard bands, never read) are the training slices mirrored
+    about the fill's edges (lower part from below, upper part from above, split in the fill's middle third),
+    with the blocks inside an ellipse the size of the brain's footprint (from the first training slice
+    above the fill, enlarged by `scale`) replaced by blocks of the training slices: a fraction pools[0]
+    more than `white` white matter, pools[1] more than 40% grey or white matter, the rest more than 10%; each
+    block flipped at random along each axis.
+
+    Why: inference takes the whole padded head as one window, so the decoder's InstanceNorms normalise
+    over a whole head. Trained on patches, the network met other statistics there and needed output
+    offsets of up to 7 in log-probability (calibrate()). Whole-head training cases with a brain-sized,
+    white-matter-rich middle give windows of the inference's size and make-up from training voxels only."""
+    rng = np.random.default_rng(seed)
+    X, Y, Z = labels.shape
+    f0, f1 = fill
+    bx, by, bz = block
+    wm, rich, brain = [], [], []
+    for x in range(0, X - bx + 1, 4):
+        for y in range(0, Y - by + 1, 4):
+            for z in list(range(0, f0 - bz + 1, 4)) + list(range(f1, Z - bz + 1, 4)):
+                frac = np.bincount(labels[x:x + bx, y:y + by, z:z + bz].ravel(), minlength=4) / (bx * by * bz)
+                if frac[3] > white:
+                    wm.append((x, y, z))
+                if frac[2] + frac[3] > 0.4:
+                    rich.append((x, y, z))
+                if frac[2] + frac[3] > 0.1:
+                    brain.append((x, y, z))
+    xs, ys = np.nonzero(labels[:, :, f1] >= 2)
+    cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+    rx, ry = (xs.max() - xs.min()) / 2 * scale[0], (ys.max() - ys.min()) / 2 * scale[1]
+    out = []
+    for _ in range(count):
+        image, label = volume.copy(), labels.copy()
+        split = int(rng.integers(f0 + (f1 - f0) // 3, f1 - (f1 - f0) // 3 + 1))  # 84..108 for the template
+        z = np.arange(f0, f1)
+        source = np.where(z < split, 2 * f0 - 1 - z, 2 * f1 - 1 - z)
+        image[..., f0:f1] = volume[..., source]
+        label[..., f0:f1] = labels[..., source]
+        for i in range(0, X, bx):
+            for j in range(0, Y, by):
+                for m in range(f0, f1, bz):
+                    if ((i + bx / 2 - cx) / rx) ** 2 + ((j + by / 2 - cy) / ry) ** 2 > 1:
+                        continue
+                    u = rng.random()
+                    pool = wm if u < pools[0] else rich if u < pools[0] + pools[1] else brain
+                    x, y, k = pool[rng.integers(len(pool))]
+                    im = volume[:, x:x + bx, y:y + by, k:k + bz]
+                    lb = labels[x:x + bx, y:y + by, k:k + bz]
+                    for ax in range(3):
+                        if rng.random() < 0.5:
+                            im, lb = np.flip(im, ax + 1), np.flip(lb, ax)
+                    w = [min(b, n - o) for b, n, o in zip(block, (X, Y, f1), (i, j, m))]
+                    image[:, i:i + w[0], j:j + w[1], m:m + w[2]] = im[:, :w[0], :w[1], :w[2]]
+                    label[i:i + w[0], j:j + w[1], m:m + w[2]] = lb[:w[0], :w[1], :w[2]]
+        out.append((image, label))
+    return out
+
+
 #: The project's accuracy targets on the validation slices (issue 9), recorded in the card beside the result.
 TARGETS = {"clean": {"CSF": 0.92, "grey matter": 0.97, "white matter": 0.98}, "noisy_mean": 0.90}
 
@@ -168,6 +237,10 @@ def validation_mask(shape):
     return mask
 
 
+def floats(text):
+    return tuple(float(v) for v in text.split(","))
+
+
 def cmd_train(args):
     mni = mni152()
     if args.threads:
@@ -182,6 +255,13 @@ def cmd_train(args):
     command = "python3 tools/train_mni152.py " + " ".join(args.argv)
     t0 = time.time()
     data = cases(mni, NOISY_COPIES)
+    if args.heads:  # whole synthetic heads (heads()) instead of the slabs
+        sources = [normalize_intensity(v[None].astype(np.float32), PRESET) for v in training_volumes(mni, NOISY_COPIES)]
+        data = [{"image": np.ascontiguousarray(im), "label": np.ascontiguousarray(lb), "affine": mni.affine,
+                 "normalized": True, "name": f"head{k}_{i}"}
+                for k, v in enumerate(sources)
+                for i, (im, lb) in enumerate(heads(v, mni.labels, args.heads, seed=args.seed + k, white=args.heads_white,
+                                                   pools=floats(args.heads_pools), scale=floats(args.heads_scale)))]
     if args.mosaics:
         tiles = mosaics([(c["image"], c["label"]) for c in data], args.mosaics, patch, seed=args.seed)
         data = data * args.real_repeat + [{"image": im, "label": lb, "affine": mni.affine, "normalized": True,
@@ -189,14 +269,14 @@ def cmd_train(args):
     run = deformux.train(
         data, model, out=args.out, patch_size=patch, steps=args.steps, lr=args.lr, pos_neg=POS_NEG,
         samples_per_volume=args.samples_per_volume,
-        weight_decay=0.08, scheduler="poly", augmentation=AUGMENTATION, intensity=PRESET, classes=list(mni.classes),
+        weight_decay=0.08, scheduler="poly", augmentation=dict(AUGMENTATION, noiseMaxFraction=args.noise, biasFieldMaxAmplitude=args.bias_field), intensity=PRESET, classes=list(mni.classes),
         validation=val, validate_every=args.validate_every, window=window, overlap=0.5, seed=args.seed,
         resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress, name=NAME, license=LICENSE, command=command)
     print(f"trained {run['steps']} steps in {time.time() - t0:.0f} s; best: {run['best']}")
 
 
-#: The bundled model's recipe: three runs of `train`, each starting from the previous one's last weights
-#: (`all` runs them into OUT/stage1, OUT/stage2, OUT/stage3).
+#: The bundled model's recipe: six runs of `train`, each starting from the previous one's last weights
+#: (`all` runs them into OUT/stage1 ... OUT/stage6).
 STAGES = (
     # 1: small patches, high rate, 2500 steps (about 75 min here)
     [],
@@ -208,6 +288,20 @@ STAGES = (
     #    at step 800 (the calibrated whole-head Dice of steps 800 and 1000 had begun to fall; about 40 min)
     ["--patch", "128,128,48", "--samples-per-volume", "1", "--lr", "3e-4", "--steps", "1400", "--stop-after", "800",
      "--validate-every", "200", "--mosaics", "16", "--real-repeat", "4"],
+    # 4: whole synthetic heads (heads(): 6 per volume, 12 in all) in the inference's window (208 x 240 x 192),
+    #    batch 1, a 160-step schedule at lr 1.5e-4 stopped at step 80 (about 35 min)
+    ["--patch", "208,240,192", "--samples-per-volume", "1", "--lr", "1.5e-4", "--steps", "160", "--stop-after", "80",
+     "--validate-every", "40", "--heads", "6"],
+    # 5: the same with heads whose middle is larger and richer in white matter (about the real head's make-up:
+    #    white matter 8% of the window, 18% of the middle), a 120-step schedule at lr 1e-4 stopped at step 80
+    #    (about 35 min)
+    ["--patch", "208,240,192", "--samples-per-volume", "1", "--lr", "1e-4", "--steps", "120", "--stop-after", "80",
+     "--validate-every", "40", "--heads", "6", "--heads-white", "0.5", "--heads-pools", "0.85,0.15", "--heads-scale", "1.4,1.3"],
+    # 6: the same heads (drawn with seed 1), milder augmentation (noise up to 6%, bias field up to 25%: about the
+    #    noisy variant's 5% and 20%), 80 steps at lr 7e-5 (about 35 min)
+    ["--patch", "208,240,192", "--samples-per-volume", "1", "--lr", "7e-5", "--steps", "80", "--validate-every", "40",
+     "--heads", "6", "--heads-white", "0.5", "--heads-pools", "0.85,0.15", "--heads-scale", "1.4,1.3",
+     "--noise", "0.06", "--bias-field", "0.25", "--seed", "1"],
 )
 
 
@@ -289,7 +383,8 @@ def calibrate(card_path, mni):
     Why: with whole-head windows the network sees window statistics unlike its training patches' (the
     middle of the brain is in them) and calls too little white matter, in the training slices too; a
     per-class offset of the logits undoes that shift without looking at the validation slices. Exact for
-    one window per volume (the whole head): the blended probabilities are then one softmax of the logits.
+    one window per volume (the whole head): the blended probabilities are then one softmax of the logits
+    (with TTA, of the logits averaged over the 8 flips).
     Returns (offsets, Dice on the training slices before, after)."""
     from deformux.segment import Segmenter
     seg = Segmenter(card_path)
@@ -360,6 +455,9 @@ def cmd_package(args):
                            "DeformUX-Net trained by deformux on the CPU on the MNI152 template "
                            "(tools/train_mni152.py). A demonstration model: one template, so it has not seen "
                            "the anatomy or contrast of other scanners.")
+    if args.tta:  # segment() averages the 8 flips of each window; calibration and evaluation then do too
+        card["tta"] = True
+        card["training"]["command"] += " --tta"
     card_path = MODELS / f"{NAME}.json"
     write_json(card_path, card)
     if not args.no_calibration:
@@ -411,11 +509,17 @@ def main(argv=None):
     p.add_argument("--samples-per-volume", type=int, default=2)
     p.add_argument("--init", default=None, help="start from these weights (.safetensors)")
     p.add_argument("--mosaics", type=int, default=0, help="add this many mosaic cases (see mosaics())")
+    p.add_argument("--heads", type=int, default=0, help="train on this many synthetic whole heads per volume (see heads())")
+    p.add_argument("--heads-white", type=float, default=0.4, help="heads(): white-matter share of the white-matter pool's blocks")
+    p.add_argument("--heads-pools", default="0.75,0.2", help="heads(): shares of the white-matter and grey-or-white pools")
+    p.add_argument("--heads-scale", default="1.3,1.2", help="heads(): the middle's ellipse, times the footprint above the fill")
+    p.add_argument("--noise", type=float, default=AUGMENTATION["noiseMaxFraction"], help="augmentation: largest noise, of the range")
+    p.add_argument("--bias-field", type=float, default=AUGMENTATION["biasFieldMaxAmplitude"], help="augmentation: largest bias field amplitude")
     p.add_argument("--real-repeat", type=int, default=1, help="list the real cases this many times")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help="end after this step (the schedule spans --steps)")
     p.add_argument("--no-progress", action="store_true")
-    p = sub.add_parser("all", help="the bundled model's three stages (STAGES), each from the last one's weights")
+    p = sub.add_parser("all", help="the bundled model's six stages (STAGES), each from the last one's weights")
     p.add_argument("--out", default="runs/brain-tissue")
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("evaluate")
@@ -429,6 +533,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
     p.add_argument("--window", default=None, help="the card's inference window, X,Y,Z (default: the run's)")
     p.add_argument("--no-calibration", action="store_true", help="keep the output biases as trained (see calibrate())")
+    p.add_argument("--tta", action="store_true", help="the card turns on flip test-time augmentation (8x the work)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     {"train": cmd_train, "all": cmd_all, "evaluate": cmd_evaluate, "package": cmd_package}[args.command](args)

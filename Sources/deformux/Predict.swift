@@ -20,7 +20,7 @@ struct Predict: ParsableCommand {
     @Option(help: "A model card (.json) or weights (.safetensors).") var model: String
     @Option(help: "Window overlap in [0, 1) (default: the card's).") var overlap: Double?
     @Option(help: "Window size: N, X,Y,Z (multiples of 16) or auto (default: the card's).") var window: String?
-    @Flag(help: "Flip test-time augmentation (8x the work).") var tta = false
+    @Flag(inversion: .prefixedNo, help: "Flip test-time augmentation, 8x the work (default: the card's).") var tta: Bool?
     @Option(help: "Windows per forward (default: the card's).") var batch: Int?
     @Option(help: "Also write the class probabilities (float32, x, y, z, class) here.") var probabilities: String?
     @Flag(help: "Keep the largest connected component of each label.") var largestComponent = false
@@ -36,7 +36,7 @@ struct Predict: ParsableCommand {
                                                adjust: { card in
             if let overlap { card.overlap = overlap }
             if let window { card.window = window }
-            if tta { card.tta = true }
+            if let tta { card.tta = tta }
             if let batch { card.batch = batch }
             if largestComponent { card.largestComponent = true }
         }, monitor: SegmentMonitor(progress: bar.update))

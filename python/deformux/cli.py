@@ -99,7 +99,8 @@ def _parser():
     p.add_argument("--overlap", type=_fraction, default=None, help="window overlap in [0, 1) (default: the card's, 0.5)")
     p.add_argument("--window", type=_window, default=None,
                    help="window size: N, X,Y,Z (multiples of 16) or auto (default: the card's)")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (8x the work)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation, 8x the work (default: the card's; the bundled model's is on)")
     p.add_argument("--batch", type=_positive, default=None, help="windows per forward (default: the card's, 1)")
     p.add_argument("--probabilities", default=None, metavar="P",
                    help="also write the class probabilities (float32, x, y, z, class) to P (.nii/.nii.gz)")
@@ -181,6 +182,8 @@ def _parser():
     p.add_argument("--segment", action="store_true", help="run the segmentation demo (the default when a model is bundled)")
     p.add_argument("--model", default=None, help="segmentation demo: a model card or weights")
     p.add_argument("--png", default=None, help="segmentation demo: the overlay picture (default: beside the output)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="segmentation demo: flip test-time augmentation, 8x the work (default: the card's)")
     p.add_argument("--threads", type=int, default=None, help="engine worker threads (default: all CPUs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -293,7 +296,7 @@ def _demo(args):
     _set_threads(args.threads)
     if not args.ddc and (args.segment or args.model is not None or demo_job.default_model_available()):
         demo_job.run_segmentation(args.input, args.output or "out/demo_labels.nii.gz", model=args.model, png=args.png,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, tta=args.tta)
     else:
         demo_job.run(args.input, args.output or "out/demo_ddc.nii.gz", angle=args.angle, slab=args.slab)
     return 0

@@ -134,11 +134,12 @@ def default_model_available():
 
 
 def run_segmentation(input_path=None, output_path="out/demo_labels.nii.gz", model=None, png=None, progress=True,
-                     log=print):
+                     log=print, tta=None):
     """Segments the bundled MNI152 T1 (or `input_path`) with `model` (default: the bundled model), writes
     the labels (NIfTI) and a PNG of three orthogonal slices with the labels overlaid, and prints the
     per-class Dice against the bundled reference labels (whole volume and the validation slab) when the
-    input is the bundled T1. Returns a dict summary."""
+    input is the bundled T1. tta: True / False override the card's flip test-time augmentation. Returns a
+    dict summary."""
     from . import data, evaluate, figures
     from .segment import Segmenter
 
@@ -148,7 +149,7 @@ def run_segmentation(input_path=None, output_path="out/demo_labels.nii.gz", mode
     os.makedirs(os.path.dirname(os.path.abspath(output_path)) or ".", exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(png)) or ".", exist_ok=True)
     start = time.perf_counter()
-    segmenter = Segmenter(model)
+    segmenter = Segmenter(model, tta=tta)
     result = segmenter.segment(input_path, output=output_path, progress=progress)
     labels = result.array
     image = nifti.load(input_path)

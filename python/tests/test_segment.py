@@ -185,6 +185,20 @@ def test_overrides_and_model_forms(card, model_dir):
     assert net_seg.classes == ["b", "x", "y"]
 
 
+def test_tta_false_overrides_a_card_that_turns_it_on(card):
+    """tta: None keeps the card's setting, True and False override it (a card may ship with TTA on, as
+    the bundled model's does, and a caller must be able to turn it off)."""
+    on = deformux.Segmenter(card, tta=True).card
+    assert on.tta is True
+    assert deformux.Segmenter(card=on, model=card).card.tta is True                  # None: the card's
+    assert deformux.Segmenter(card=on, model=card, tta=False).card.tta is False
+    image = blob((20, 18, 14), seed=8)
+    np.testing.assert_array_equal(deformux.Segmenter(card=on, model=card, tta=False).segment(image, spacing=1, progress=False),
+                                  deformux.segment(image, card, spacing=1, progress=False))
+    with pytest.raises(TypeError, match="tta must be True, False or None"):
+        deformux.Segmenter(card, tta="yes")
+
+
 def test_errors(card, tmp_path):
     image = blob((16, 16, 16))
     with pytest.raises(TypeError, match="affine= .* or spacing="):

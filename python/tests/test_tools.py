@@ -89,3 +89,33 @@ def test_train_step_fixture_generator_reproduces_the_committed_file(tmp_path):
     committed = REPO / "Tests" / "Fixtures" / "training" / name
     assert (tmp_path / name).read_bytes() == committed.read_bytes(), (
         f"tools/make_train_step_fixture.py writes other bytes than the committed Tests/Fixtures/training/{name}")
+
+
+def test_synthetic_heads_of_the_bundled_recipe_read_only_training_slices():
+    """tools/train_mni152.py heads() (stages 4 and 5 of the bundled model): the training slices stay where
+    they are, and nothing of the slices in between (the validation slices and guard bands) reaches a head.
+    Those slices hold a sentinel here; every head is checked for it. No torch needed."""
+    code = f"""
+import sys
+import numpy as np
+sys.path.insert(0, {str(TOOLS)!r})
+import train_mni152 as T
+rng = np.random.default_rng(0)
+X, Y, Z, f0, f1 = 40, 44, 70, 25, 45
+labels = rng.integers(0, 4, (X, Y, Z)).astype(np.int32)
+labels[10:30, 12:32, :] = rng.integers(2, 4, (20, 20, Z))          # a brain where the footprint is read
+image = rng.random((1, X, Y, Z)).astype(np.float32)
+image[..., f0:f1], labels[..., f0:f1] = -999.0, 7
+for kwargs in ({{}}, dict(white=0.5, pools=(0.85, 0.15), scale=(1.4, 1.3))):
+    heads = T.heads(image, labels, 3, seed=1, block=(8, 8, 8), fill=(f0, f1), **kwargs)
+    assert len(heads) == 3
+    for im, lb in heads:
+        assert im.shape == image.shape and lb.shape == labels.shape
+        assert not (im == -999.0).any() and not (lb == 7).any(), "a head holds voxels of the fill"
+        for part in (slice(0, f0), slice(f1, Z)):
+            assert np.array_equal(im[..., part], image[..., part]) and np.array_equal(lb[..., part], labels[..., part])
+        assert not np.array_equal(heads[0][1], heads[1][1])
+print("ok")
+"""
+    out = _run(["-c", code], timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout
