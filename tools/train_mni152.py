@@ -254,7 +254,6 @@ def cmd_train(args):
             "mask": validation_mask(mni.t1.shape)}]
     command = "python3 tools/train_mni152.py " + " ".join(args.argv)
     t0 = time.time()
-    data = cases(mni, NOISY_COPIES)
     if args.heads:  # whole synthetic heads (heads()) instead of the slabs
         sources = [normalize_intensity(v[None].astype(np.float32), PRESET) for v in training_volumes(mni, NOISY_COPIES)]
         data = [{"image": np.ascontiguousarray(im), "label": np.ascontiguousarray(lb), "affine": mni.affine,
@@ -262,6 +261,8 @@ def cmd_train(args):
                 for k, v in enumerate(sources)
                 for i, (im, lb) in enumerate(heads(v, mni.labels, args.heads, seed=args.seed + k, white=args.heads_white,
                                                    pools=floats(args.heads_pools), scale=floats(args.heads_scale)))]
+    else:
+        data = cases(mni, NOISY_COPIES)
     if args.mosaics:
         tiles = mosaics([(c["image"], c["label"]) for c in data], args.mosaics, patch, seed=args.seed)
         data = data * args.real_repeat + [{"image": im, "label": lb, "affine": mni.affine, "normalized": True,
@@ -269,7 +270,8 @@ def cmd_train(args):
     run = deformux.train(
         data, model, out=args.out, patch_size=patch, steps=args.steps, lr=args.lr, pos_neg=POS_NEG,
         samples_per_volume=args.samples_per_volume,
-        weight_decay=0.08, scheduler="poly", augmentation=dict(AUGMENTATION, noiseMaxFraction=args.noise, biasFieldMaxAmplitude=args.bias_field), intensity=PRESET, classes=list(mni.classes),
+        weight_decay=0.08, scheduler="poly", intensity=PRESET, classes=list(mni.classes),
+        augmentation=dict(AUGMENTATION, noiseMaxFraction=args.noise, biasFieldMaxAmplitude=args.bias_field),
         validation=val, validate_every=args.validate_every, window=window, overlap=0.5, seed=args.seed,
         resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress, name=NAME, license=LICENSE, command=command)
     print(f"trained {run['steps']} steps in {time.time() - t0:.0f} s; best: {run['best']}")
