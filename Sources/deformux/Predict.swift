@@ -23,7 +23,8 @@ struct Predict: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Flip test-time augmentation, 8x the work (default: the card's).") var tta: Bool?
     @Option(help: "Windows per forward (default: the card's).") var batch: Int?
     @Option(help: "Also write the class probabilities (float32, x, y, z, class) here.") var probabilities: String?
-    @Flag(help: "Keep the largest connected component of each label.") var largestComponent = false
+    @Flag(inversion: .prefixedNo, help: "Keep the largest connected component of each label (default: the card's).")
+    var largestComponent: Bool?
     @Option(help: "Worker threads (default: all CPUs).") var threads: Int?
     @Flag(help: "No progress bar.") var noProgress = false
 
@@ -38,7 +39,7 @@ struct Predict: ParsableCommand {
             if let window { card.window = window }
             if let tta { card.tta = tta }
             if let batch { card.batch = batch }
-            if largestComponent { card.largestComponent = true }
+            if let largestComponent { card.largestComponent = largestComponent }
         }, monitor: SegmentMonitor(progress: bar.update))
         bar.finish()
         let s = result.statistics

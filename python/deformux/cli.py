@@ -104,7 +104,8 @@ def _parser():
     p.add_argument("--batch", type=_positive, default=None, help="windows per forward (default: the card's, 1)")
     p.add_argument("--probabilities", default=None, metavar="P",
                    help="also write the class probabilities (float32, x, y, z, class) to P (.nii/.nii.gz)")
-    p.add_argument("--largest-component", action="store_true", help="keep the largest connected component of each label")
+    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the largest connected component of each label (default: the card's)")
     p.add_argument("--threads", type=int, default=None, help="engine worker threads (default: all CPUs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")

@@ -55,9 +55,9 @@ def _resolve_model(model, what):
                     f"(.safetensors), or a deformux.DeformUXNet; got {type(model).__name__}")
 
 
-def _overridden(card, what, overlap=None, window=None, tta=None, batch=None, largest_component=False):
-    """The card with the keyword arguments applied (None, and False for largest_component: the card's own
-    setting; tta True or False overrides the card either way)."""
+def _overridden(card, what, overlap=None, window=None, tta=None, batch=None, largest_component=None):
+    """The card with the keyword arguments applied (None: the card's own setting; the switches tta and
+    largest_component override it with True or False either way)."""
     changes = {}
     if overlap is not None:
         if isinstance(overlap, bool) or not isinstance(overlap, numbers.Real) or not 0 <= overlap < 1:
@@ -76,16 +76,15 @@ def _overridden(card, what, overlap=None, window=None, tta=None, batch=None, lar
                 raise ValueError(f"{what}: window sizes must be multiples of 16 (the network halves the grid four "
                                  f"times), got {tuple(int(s) for s in sizes)}")
             changes["window"] = [int(s) for s in sizes]
-    if tta is not None:
-        if not isinstance(tta, (bool, np.bool_)):
-            raise TypeError(f"{what}: tta must be True, False or None (the card's), got {tta!r}")
-        changes["tta"] = bool(tta)
+    for name, value in (("tta", tta), ("largest_component", largest_component)):
+        if value is not None:
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{what}: {name} must be True, False or None (the card's), got {value!r}")
+            changes[name] = bool(value)
     if batch is not None:
         if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
             raise ValueError(f"{what}: batch must be an int >= 1, got {batch!r}")
         changes["batch"] = int(batch)
-    if largest_component:
-        changes["largest_component"] = True
     return card.replace(**changes) if changes else card
 
 
@@ -174,12 +173,12 @@ class Segmenter:
     model: None (the bundled default), a model card (.json), weights (.safetensors) or a DeformUXNet.
     card: a ModelCard, a dict or a card file to use instead of the model's (for a DeformUXNet: default
     is a card-less model's settings: the input's grid, MR percentile preset, automatic windows).
-    overlap, window (an int, three ints or "auto"), tta (True / False; None: the card's), batch,
-    largest_component override the card.
+    overlap, window (an int, three ints or "auto"), tta, batch, largest_component override the card
+    (None: the card's; the switches tta and largest_component True or False either way).
     """
 
     def __init__(self, model=None, *, card=None, overlap=None, window=None, tta=None, batch=None,
-                 largest_component=False):
+                 largest_component=None):
         what = "Segmenter"
         self.model, base = _resolve_model(model, what)
         if card is not None:
@@ -292,7 +291,7 @@ def _result(source, labels, probabilities, output, card):
 
 
 def segment(image, model=None, *, overlap=None, window=None, tta=None, return_probabilities=False, progress=True,
-            output=None, affine=None, spacing=None, batch=None, largest_component=False):
+            output=None, affine=None, spacing=None, batch=None, largest_component=None):
     """Segments a volume and returns the labels on its grid, in the form it came in.
 
     image: a NIfTI path (.nii/.nii.gz; with ``output=`` the labels are also written there, uint8, the
@@ -307,8 +306,9 @@ def segment(image, model=None, *, overlap=None, window=None, tta=None, return_pr
     card <stem>.json if there is one) or a :class:`deformux.DeformUXNet`. For a single volume this builds
     the model and its session each call; use :class:`Segmenter` for many.
     overlap (0 <= overlap < 1), window (an int, three ints, multiples of 16, or "auto"), tta (flip test-time
-    augmentation, 8x the work: True or False; None keeps the card's), batch (windows per forward), largest_component (keep the largest connected
-    component of each label): override the model card.
+    augmentation, 8x the work), batch (windows per forward), largest_component (keep the largest connected
+    component of each label): override the model card (None keeps the card's; tta and largest_component
+    True or False override it either way).
     progress: True (a bar on stderr when it is a terminal), False, or a callable(done, total) returning
     False to cancel (done and total count the network's steps: 12 per window). Ctrl-C cancels cleanly
     (KeyboardInterrupt; nothing is written).

@@ -61,12 +61,14 @@ def test_predict_then_evaluate(card, tmp_path):
     p = nifti.load(tmp_path / "out" / "p.nii.gz")
     assert p.shape == image.shape + (3,)
     np.testing.assert_allclose(p.array.sum(axis=0), 1, atol=1e-5)
-    # --tta / --no-tta override the card's setting either way (None: the card's).
-    for flag, tta in (("--tta", True), ("--no-tta", False)):
-        out = run("predict", "-i", tmp_path / "t1.nii.gz", "-o", tmp_path / "tta.nii.gz", "--model", card, flag)
-        assert out.returncode == 0, out.stderr
-        np.testing.assert_array_equal(nifti.load(tmp_path / "tta.nii.gz", dtype="raw").array,
-                                      deformux.segment(tmp_path / "t1.nii.gz", card, tta=tta, progress=False).array)
+    # The switches (--tta, --largest-component and their --no- forms) override the card either way.
+    for flag, options in (("--tta", dict(tta=True)), ("--no-tta", dict(tta=False)),
+                          ("--largest-component", dict(largest_component=True)),
+                          ("--no-largest-component", dict(largest_component=False))):
+        out = run("predict", "-i", tmp_path / "t1.nii.gz", "-o", tmp_path / "switch.nii.gz", "--model", card, flag)
+        assert out.returncode == 0, (flag, out.stderr)
+        np.testing.assert_array_equal(nifti.load(tmp_path / "switch.nii.gz", dtype="raw").array,
+                                      deformux.segment(tmp_path / "t1.nii.gz", card, progress=False, **options).array)
 
     # Evaluate the prediction against itself (Dice 1, HD95 0) and against a shifted copy (JSON).
     out = run("evaluate", tmp_path / "out" / "labels.nii.gz", tmp_path / "out" / "labels.nii.gz")

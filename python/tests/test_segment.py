@@ -185,8 +185,8 @@ def test_overrides_and_model_forms(card, model_dir):
     assert net_seg.classes == ["b", "x", "y"]
 
 
-def test_tta_false_overrides_a_card_that_turns_it_on(card):
-    """tta: None keeps the card's setting, True and False override it (a card may ship with TTA on, as
+def test_switches_false_override_a_card_that_turns_them_on(card):
+    """tta and largest_component: None keeps the card's setting, True and False override it (a card may ship with TTA on, as
     the bundled model's does, and a caller must be able to turn it off)."""
     on = deformux.Segmenter(card, tta=True).card
     assert on.tta is True
@@ -197,6 +197,13 @@ def test_tta_false_overrides_a_card_that_turns_it_on(card):
                                   deformux.segment(image, card, spacing=1, progress=False))
     with pytest.raises(TypeError, match="tta must be True, False or None"):
         deformux.Segmenter(card, tta="yes")
+    # largest_component is the same kind of switch.
+    kept = deformux.Segmenter(card, largest_component=True).card
+    assert kept.largest_component is True
+    assert deformux.Segmenter(card=kept, model=card).card.largest_component is True
+    assert deformux.Segmenter(card=kept, model=card, largest_component=False).card.largest_component is False
+    with pytest.raises(TypeError, match="largest_component must be True, False or None"):
+        deformux.Segmenter(card, largest_component=1)
 
 
 def test_errors(card, tmp_path):
