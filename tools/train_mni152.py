@@ -3,11 +3,11 @@
 brain tissue (CSF, grey matter, white matter) on the MNI152 template (data/mni152, the task of the data
 notes: deformux.data), with this engine on the CPU.
 
-    python3 tools/train_mni152.py all [--out runs/brain-tissue]      # the six stages of STAGES (~4.3 h)
+    python3 tools/train_mni152.py all [--out runs/brain-tissue]      # the nine stages of STAGES (~6 h)
     python3 tools/train_mni152.py train --out RUN [--init W] [--patch X,Y,Z] [--mosaics N] [--heads N] ... [--resume]
     python3 tools/train_mni152.py evaluate [--model python/deformux/models/brain-tissue.json] [--json]
                                            [--window X,Y,Z] [--overlap 0.5]
-    python3 tools/train_mni152.py package --run runs/brain-tissue/stage6 [--checkpoint best|last] [--window X,Y,Z] [--tta]
+    python3 tools/train_mni152.py package --run runs/brain-tissue/stage9 [--checkpoint best|last] [--window X,Y,Z] [--tta]
 
 The recipe (every number is recorded in the model card):
 - network: DeformUX-Net, feature_size (16, 32, 64, 128), hidden_size 256 (6.2 M parameters; the paper's
@@ -16,7 +16,7 @@ The recipe (every number is recorded in the model card):
   (deformux.data.noisy_t1 with seeds 1000 + i: other fields and noise than the evaluation's seeds 0..2),
   each normalised as segment() normalises a whole volume (the MR preset: (x - P1) / (P99 - P1) over
   non-zero voxels) and then cut, so that training sees the intensities inference will;
-- six stages (STAGES), each a `train` run from the previous one's last weights, all with Dice + CE,
+- nine stages (STAGES), each a `train` run from the previous one's last weights, all with Dice + CE,
   AdamW (weight decay 0.08 on every parameter), nnU-Net's poly decay of the rate, crops centred on
   foreground / background 2:1, and augmentation: rotation up to 15 degrees and scaling 0.1 (each with
   probability 0.3), intensity shift 0.15 and a Legendre bias field up to 40% (0.6 each), Gaussian noise
@@ -31,6 +31,11 @@ The recipe (every number is recorded in the model card):
   5. the same with heads whose middle is larger and richer in white matter, lr 1e-4, a 120-step schedule
      stopped at step 80;
   6. the same, milder noise and bias field (up to 6% and 25%), lr 7e-5, 80 steps;
+  7. the same, milder augmentation still (shift up to 0.05, rotation and scaling with probability 0.1), and
+     24 blobs (add_blobs(): ellipsoids of tissue-like intensity labelled by the training slices' intensity
+     rule) in each head of the clean T1, lr 6e-5, a 100-step schedule stopped at step 50;
+  8. 48 blobs, most of them about the grey/white boundary, lr 6e-5, 100 steps;
+  9. 96 blobs, lr 5e-5, 80 steps;
 - packaging: the last weights, inference on the whole padded head as one window (208 x 240 x 192) with
   flip test-time augmentation (the logits averaged over the 8 flips), and the output biases calibrated
   on the training slices (calibrate());
@@ -42,7 +47,11 @@ take their statistics over the window, and the validation slices (the middle of 
 deep grey matter, white matter about 19% of a window) look unlike anything in the training slabs (white
 matter 2-4%), so a network trained on the slabs alone shifts every class one step darker there (white
 matter called grey, grey called CSF). Larger patches and mosaics rich in white matter narrow that gap;
-training on whole synthetic heads in the inference's own window closes most of the rest.
+training on whole synthetic heads in the inference's own window closes most of the rest. What the
+heads cannot show is the deep grey matter (putamen, pallidum, thalamus: large, smooth regions of
+intermediate brightness inside white matter, all in the validation slices); blobs labelled by the
+intensity rule of the training voxels teach the network to fall back on intensity in such unfamiliar
+places.
 
 `evaluate` reports, for a model card, the per-class Dice on the validation slices of the clean T1 and of
 the noisy variant (seeds 0, 1, 2 and their mean) through deformux.segment on the whole volume, beside the
@@ -52,6 +61,7 @@ two-threshold baseline fitted on the training slices. Deterministic given the se
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -158,8 +168,88 @@ def mosaics(pairs, count, shape, block=(24, 28, 24), seed=0, pools=(0.3, 0.3)):
     return out
 
 
+def intensity_rule(volume, labels, fill, bins=100):
+    """The label a tissue voxel outside the slices `fill` (the training slices) most often has, by intensity:
+    (edges, label per bin) from a histogram over the brain voxels (labels > 0) of a (normalised) volume (C, X,
+    Y, Z); a bin without voxels takes its nearest filled bin's label. Thresholds by another name (for the
+    template: CSF below about 0.31, white matter above about 0.785), learned from training voxels only."""
+    mask = labels > 0
+    mask[..., fill[0]:fill[1]] = False
+    x, l = volume[0][mask], labels[mask]
+    edges = np.linspace(x.min(), x.max(), bins + 1)
+    counts = np.zeros((bins, 4))
+    np.add.at(counts, (np.clip(np.digitize(x, edges) - 1, 0, bins - 1), l), 1)
+    filled = np.nonzero(counts.sum(1))[0]
+    nearest = filled[np.abs(np.arange(bins)[:, None] - filled[None]).argmin(1)]
+    return edges, counts[nearest].argmax(1)
+
+
+def smooth_field(shape, rng, passes=3, width=5):
+    """Zero-mean, unit-std smooth noise: white noise through `passes` box filters of `width` on each axis."""
+    f = rng.standard_normal(shape)
+    for ax in range(3):
+        for _ in range(passes):
+            c = np.cumsum(np.pad(f, [(width // 2 + 1, width // 2) if a == ax else (0, 0) for a in range(3)], mode="edge"),
+                          axis=ax)
+            f = (np.take(c, range(width, c.shape[ax]), axis=ax) - np.take(c, range(0, c.shape[ax] - width), axis=ax)) / width
+    return (f - f.mean()) / (f.std() + 1e-12)
+
+
+def floats(text):
+    return tuple(float(v) for v in text.split(","))
+
+
+BLOB_MEANS = "0.75,0.65,0.88;0.25,0.2,0.45"
+
+
+def blob_means(text):
+    """'share,low,high;...' -> ((share, low, high), ...): the blobs' mean intensities (see add_blobs())."""
+    return tuple(floats(part) for part in text.split(";"))
+
+
+def add_blobs(image, label, rule, count, rng, region, radii=(4, 12), amplitude=0.03, means=blob_means(BLOB_MEANS)):
+    """Pastes `count` soft-edged ellipsoids of smooth tissue-like intensity into a synthetic head (image (C, X,
+    Y, Z), label (X, Y, Z); in place), centred on grey or white matter inside `region` (a boolean mask, which
+    also clips them):
+    each a mean intensity (with probability means[i][0] drawn from U(means[i][1], means[i][2])) plus
+    `amplitude` times a smooth field, blended into the head over the ellipsoid's outer 40%,
+    and labelled inside the ellipsoid by `rule` (intensity_rule()) of the blended intensity.
+
+    Why: the validation slices hold the deep grey nuclei (putamen, pallidum, thalamus): large, smooth regions
+    of intermediate brightness inside white matter, a context the training slices never show. Trained on
+    heads alone the network called their brighter part white matter where the training slices' own
+    intensity rule (and the label) says grey. Blobs show such regions in every context, labelled by the
+    rule the training voxels give, so that where the anatomy is unfamiliar the network falls back on
+    intensity."""
+    edges, labels_by_bin = rule
+    centres = np.argwhere(region & (label >= 2))
+    if len(centres) == 0:
+        return
+    for _ in range(count):
+        c = centres[rng.integers(len(centres))]
+        r = rng.uniform(radii[0], radii[1], 3)
+        lo = [max(0, int(c[a] - r[a]) - 1) for a in range(3)]
+        hi = [min(label.shape[a], int(c[a] + r[a]) + 2) for a in range(3)]
+        g = np.meshgrid(*[(np.arange(lo[a], hi[a]) - c[a]) / r[a] for a in range(3)], indexing="ij")
+        rho = np.sqrt(g[0] ** 2 + g[1] ** 2 + g[2] ** 2)
+        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        inside = (rho < 1) & region[box]
+        w = np.clip((1 - rho) / 0.4, 0, 1) * region[box]
+        u = rng.random() * sum(m[0] for m in means)
+        for share, low, high in means:
+            if u < share:
+                break
+            u -= share
+        mean = rng.uniform(low, high)
+        field = mean + amplitude * smooth_field(inside.shape, rng)
+        for ch in range(image.shape[0]):
+            image[ch][box] = (1 - w) * image[ch][box] + w * field
+        bins = np.clip(np.digitize(image[0][box], edges) - 1, 0, len(labels_by_bin) - 1)
+        label[box] = np.where(inside, labels_by_bin[bins], label[box])
+
+
 def heads(volume, labels, count, seed=0, block=(24, 28, 24), fill=(60, 132), pools=(0.75, 0.2), scale=(1.3, 1.2),
-          white=0.4):
+          white=0.4, blobs=0, means=blob_means(BLOB_MEANS)):
     """`count` synthetic whole heads built from the training slices of one (normalised) volume (image
     (C, X, Y, Z), labels (X, Y, Z)): the training slices stay where they are; the slices in between
     (`fill`: the validation slices and the guard bands, never read) are the training slices mirrored
@@ -167,7 +257,8 @@ def heads(volume, labels, count, seed=0, block=(24, 28, 24), fill=(60, 132), poo
     with the blocks inside an ellipse the size of the brain's footprint (from the first training slice
     above the fill, enlarged by `scale`) replaced by blocks of the training slices: a fraction pools[0]
     more than `white` white matter, pools[1] more than 40% grey or white matter, the rest more than 10%; each
-    block flipped at random along each axis.
+    block flipped at random along each axis. With `blobs`, that many ellipsoids of tissue-like intensity are
+    then pasted into the middle of each head (add_blobs(), labelled by the volume's intensity_rule()).
 
     Why: inference takes the whole padded head as one window, so the decoder's InstanceNorms normalise
     over a whole head. Trained on patches, the network met other statistics there and needed output
@@ -191,6 +282,11 @@ def heads(volume, labels, count, seed=0, block=(24, 28, 24), fill=(60, 132), poo
     xs, ys = np.nonzero(labels[:, :, f1] >= 2)
     cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
     rx, ry = (xs.max() - xs.min()) / 2 * scale[0], (ys.max() - ys.min()) / 2 * scale[1]
+    if blobs:
+        rule = intensity_rule(volume, labels, fill)
+        gx, gy = np.meshgrid((np.arange(X) + 0.5 - cx) / rx, (np.arange(Y) + 0.5 - cy) / ry, indexing="ij")
+        middle = np.zeros((X, Y, Z), bool)
+        middle[..., f0:f1] = (gx ** 2 + gy ** 2 <= 1)[..., None]
     out = []
     for _ in range(count):
         image, label = volume.copy(), labels.copy()
@@ -215,6 +311,8 @@ def heads(volume, labels, count, seed=0, block=(24, 28, 24), fill=(60, 132), poo
                     w = [min(b, n - o) for b, n, o in zip(block, (X, Y, f1), (i, j, m))]
                     image[:, i:i + w[0], j:j + w[1], m:m + w[2]] = im[:, :w[0], :w[1], :w[2]]
                     label[i:i + w[0], j:j + w[1], m:m + w[2]] = lb[:w[0], :w[1], :w[2]]
+        if blobs:
+            add_blobs(image, label, rule, blobs, rng, middle, means=means)
         out.append((image, label))
     return out
 
@@ -237,10 +335,6 @@ def validation_mask(shape):
     return mask
 
 
-def floats(text):
-    return tuple(float(v) for v in text.split(","))
-
-
 def cmd_train(args):
     mni = mni152()
     if args.threads:
@@ -252,7 +346,7 @@ def cmd_train(args):
     window = tuple(int(v) for v in args.window.split(",")) if args.window else patch
     val = [{"name": "mni152", "image": mni.t1[None], "label": mni.labels, "affine": mni.affine,
             "mask": validation_mask(mni.t1.shape)}]
-    command = "python3 tools/train_mni152.py " + " ".join(args.argv)
+    command = "python3 tools/train_mni152.py " + shlex.join(args.argv)
     t0 = time.time()
     if args.heads:  # whole synthetic heads (heads()) instead of the slabs
         sources = [normalize_intensity(v[None].astype(np.float32), PRESET) for v in training_volumes(mni, NOISY_COPIES)]
@@ -260,7 +354,11 @@ def cmd_train(args):
                  "normalized": True, "name": f"head{k}_{i}"}
                 for k, v in enumerate(sources)
                 for i, (im, lb) in enumerate(heads(v, mni.labels, args.heads, seed=args.seed + k, white=args.heads_white,
-                                                   pools=floats(args.heads_pools), scale=floats(args.heads_scale)))]
+                                                   pools=floats(args.heads_pools), scale=floats(args.heads_scale),
+                                                   # blobs in the clean T1's heads only: a smooth blob would stand
+                                                   # out of a noisy copy (augmentation adds noise to both alike)
+                                                   blobs=args.heads_blobs if k == 0 else 0,
+                                                   means=blob_means(args.heads_blob_means)))]
     else:
         data = cases(mni, NOISY_COPIES)
     if args.mosaics:
@@ -271,14 +369,24 @@ def cmd_train(args):
         data, model, out=args.out, patch_size=patch, steps=args.steps, lr=args.lr, pos_neg=POS_NEG,
         samples_per_volume=args.samples_per_volume,
         weight_decay=0.08, scheduler="poly", intensity=PRESET, classes=list(mni.classes),
-        augmentation=dict(AUGMENTATION, noiseMaxFraction=args.noise, biasFieldMaxAmplitude=args.bias_field),
+        augmentation=dict(AUGMENTATION, noiseMaxFraction=args.noise, biasFieldMaxAmplitude=args.bias_field,
+                          shiftRange=args.shift, rotationProbability=args.spatial, scaleProbability=args.spatial),
         validation=val, validate_every=args.validate_every, window=window, overlap=0.5, seed=args.seed,
         resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress, name=NAME, license=LICENSE, command=command)
     print(f"trained {run['steps']} steps in {time.time() - t0:.0f} s; best: {run['best']}")
 
 
-#: The bundled model's recipe: six runs of `train`, each starting from the previous one's last weights
-#: (`all` runs them into OUT/stage1 ... OUT/stage6).
+#: Stages 5 to 9 train on these heads: a middle larger and richer in white matter than heads()'s defaults
+WHITER_HEADS = ["--patch", "208,240,192", "--samples-per-volume", "1", "--heads", "6", "--heads-white", "0.5",
+                "--heads-pools", "0.85,0.15", "--heads-scale", "1.4,1.3"]
+#: Stages 7 to 9 augment mildly: noise up to 6% and a bias field up to 25% (about the noisy variant's 5% and
+#: 20%), intensity shifts up to 0.05, rotations and scalings with probability 0.1 each
+MILD = ["--noise", "0.06", "--bias-field", "0.25", "--shift", "0.05", "--spatial", "0.1"]
+#: Stages 8 and 9: most blobs about the grey/white boundary (see add_blobs())
+NEAR_BOUNDARY = "0.6,0.70,0.82;0.2,0.6,0.9;0.2,0.15,0.45"
+
+#: The bundled model's recipe: nine runs of `train`, each starting from the previous one's last weights
+#: (`all` runs them into OUT/stage1 ... OUT/stage9).
 STAGES = (
     # 1: small patches, high rate, 2500 steps (about 75 min here)
     [],
@@ -297,13 +405,20 @@ STAGES = (
     # 5: the same with heads whose middle is larger and richer in white matter (about the real head's make-up:
     #    white matter 8% of the window, 18% of the middle), a 120-step schedule at lr 1e-4 stopped at step 80
     #    (about 35 min)
-    ["--patch", "208,240,192", "--samples-per-volume", "1", "--lr", "1e-4", "--steps", "120", "--stop-after", "80",
-     "--validate-every", "40", "--heads", "6", "--heads-white", "0.5", "--heads-pools", "0.85,0.15", "--heads-scale", "1.4,1.3"],
-    # 6: the same heads (drawn with seed 1), milder augmentation (noise up to 6%, bias field up to 25%: about the
-    #    noisy variant's 5% and 20%), 80 steps at lr 7e-5 (about 35 min)
-    ["--patch", "208,240,192", "--samples-per-volume", "1", "--lr", "7e-5", "--steps", "80", "--validate-every", "40",
-     "--heads", "6", "--heads-white", "0.5", "--heads-pools", "0.85,0.15", "--heads-scale", "1.4,1.3",
-     "--noise", "0.06", "--bias-field", "0.25", "--seed", "1"],
+    WHITER_HEADS + ["--lr", "1e-4", "--steps", "120", "--stop-after", "80", "--validate-every", "40"],
+    # 6: the same heads (drawn with seed 1), milder noise and bias field, 80 steps at lr 7e-5 (about 35 min)
+    WHITER_HEADS + ["--lr", "7e-5", "--steps", "80", "--validate-every", "40", "--noise", "0.06", "--bias-field", "0.25",
+                    "--seed", "1"],
+    # 7: heads drawn with seed 2, 24 blobs in each head of the clean T1 (add_blobs()), milder augmentation
+    #    still; a 100-step schedule at lr 6e-5 stopped at step 50 (about 22 min)
+    WHITER_HEADS + MILD + ["--lr", "6e-5", "--steps", "100", "--stop-after", "50", "--validate-every", "50",
+                           "--heads-blobs", "24", "--seed", "2"],
+    # 8: 48 blobs, most of them about the grey/white boundary, seed 3, 100 steps at lr 6e-5 (about 45 min)
+    WHITER_HEADS + MILD + ["--lr", "6e-5", "--steps", "100", "--validate-every", "50", "--heads-blobs", "48",
+                           "--heads-blob-means", NEAR_BOUNDARY, "--seed", "3"],
+    # 9: 96 blobs, seed 4, 80 steps at lr 5e-5 (about 35 min)
+    WHITER_HEADS + MILD + ["--lr", "5e-5", "--steps", "80", "--validate-every", "40", "--heads-blobs", "96",
+                           "--heads-blob-means", NEAR_BOUNDARY, "--seed", "4"],
 )
 
 
@@ -314,7 +429,7 @@ def cmd_all(args):
         argv = ["train", "--out", out, *stage] + (["--init", os.path.join(previous, "last.safetensors")] if previous else [])
         if args.no_progress:
             argv.append("--no-progress")
-        print("python3 tools/train_mni152.py " + " ".join(argv), flush=True)
+        print("python3 tools/train_mni152.py " + shlex.join(argv), flush=True)
         main(argv)
         previous = out
 
@@ -441,8 +556,9 @@ def cmd_package(args):
     package = f"python3 tools/train_mni152.py package --run runs/brain-tissue/stage{len(STAGES)} --checkpoint {args.checkpoint}"
     package += f" --window {args.window}" if args.window else ""
     card["training"]["command"] = f"python3 tools/train_mni152.py all --out runs/brain-tissue && {package}"
-    card["training"]["stages"] = [" ".join(["python3 tools/train_mni152.py train --out", f"runs/brain-tissue/stage{i}", *stage]
-                                           + ([f"--init runs/brain-tissue/stage{i - 1}/last.safetensors"] if i > 1 else []))
+    card["training"]["stages"] = ["python3 tools/train_mni152.py train " + shlex.join(
+                                      ["--out", f"runs/brain-tissue/stage{i}", *stage]
+                                      + (["--init", f"runs/brain-tissue/stage{i - 1}/last.safetensors"] if i > 1 else []))
                                   for i, stage in enumerate(STAGES, 1)]
     t = card["training"]
     t["checkpoint"] = f"{args.checkpoint}: step {t.get('step')} of the last stage's {t.get('steps')}-step schedule"
@@ -515,13 +631,20 @@ def main(argv=None):
     p.add_argument("--heads-white", type=float, default=0.4, help="heads(): white-matter share of the white-matter pool's blocks")
     p.add_argument("--heads-pools", default="0.75,0.2", help="heads(): shares of the white-matter and grey-or-white pools")
     p.add_argument("--heads-scale", default="1.3,1.2", help="heads(): the middle's ellipse, times the footprint above the fill")
+    p.add_argument("--heads-blobs", type=int, default=0,
+                   help="heads(): ellipsoids of tissue-like intensity pasted into the middle of each head of the clean T1")
+    p.add_argument("--heads-blob-means", default=BLOB_MEANS,
+                   help="heads(): the blobs' mean intensities, 'share,low,high;...' (normalised intensity)")
     p.add_argument("--noise", type=float, default=AUGMENTATION["noiseMaxFraction"], help="augmentation: largest noise, of the range")
     p.add_argument("--bias-field", type=float, default=AUGMENTATION["biasFieldMaxAmplitude"], help="augmentation: largest bias field amplitude")
+    p.add_argument("--shift", type=float, default=AUGMENTATION["shiftRange"], help="augmentation: largest intensity shift")
+    p.add_argument("--spatial", type=float, default=AUGMENTATION["rotationProbability"],
+                   help="augmentation: probability of a rotation and of a scaling")
     p.add_argument("--real-repeat", type=int, default=1, help="list the real cases this many times")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help="end after this step (the schedule spans --steps)")
     p.add_argument("--no-progress", action="store_true")
-    p = sub.add_parser("all", help="the bundled model's six stages (STAGES), each from the last one's weights")
+    p = sub.add_parser("all", help="the bundled model's nine stages (STAGES), each from the last one's weights")
     p.add_argument("--out", default="runs/brain-tissue")
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("evaluate")

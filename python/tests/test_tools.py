@@ -92,9 +92,10 @@ def test_train_step_fixture_generator_reproduces_the_committed_file(tmp_path):
 
 
 def test_synthetic_heads_of_the_bundled_recipe_read_only_training_slices():
-    """tools/train_mni152.py heads() (stages 4 and 5 of the bundled model): the training slices stay where
+    """tools/train_mni152.py heads() (stages 4 to 7 of the bundled model): the training slices stay where
     they are, and nothing of the slices in between (the validation slices and guard bands) reaches a head.
-    Those slices hold a sentinel here; every head is checked for it. No torch needed."""
+    Those slices hold a sentinel here; every head is checked for it. Blobs land in the middle of the fill
+    only, labelled by the rule intensity_rule() learns outside it. No torch needed."""
     code = f"""
 import sys
 import numpy as np
@@ -106,7 +107,7 @@ labels = rng.integers(0, 4, (X, Y, Z)).astype(np.int32)
 labels[10:30, 12:32, :] = rng.integers(2, 4, (20, 20, Z))          # a brain where the footprint is read
 image = rng.random((1, X, Y, Z)).astype(np.float32)
 image[..., f0:f1], labels[..., f0:f1] = -999.0, 7
-for kwargs in ({{}}, dict(white=0.5, pools=(0.85, 0.15), scale=(1.4, 1.3))):
+for kwargs in ({{}}, dict(white=0.5, pools=(0.85, 0.15), scale=(1.4, 1.3)), dict(blobs=4)):
     heads = T.heads(image, labels, 3, seed=1, block=(8, 8, 8), fill=(f0, f1), **kwargs)
     assert len(heads) == 3
     for im, lb in heads:
@@ -115,6 +116,14 @@ for kwargs in ({{}}, dict(white=0.5, pools=(0.85, 0.15), scale=(1.4, 1.3))):
         for part in (slice(0, f0), slice(f1, Z)):
             assert np.array_equal(im[..., part], image[..., part]) and np.array_equal(lb[..., part], labels[..., part])
         assert not np.array_equal(heads[0][1], heads[1][1])
+# blobs (stage 7): pasted into the middle of the fill only, labelled by the training slices' intensity rule
+(plain, _), (blobbed, blabels) = (T.heads(image, labels, 1, seed=1, block=(8, 8, 8), fill=(f0, f1), blobs=b)[0] for b in (0, 6))
+changed = np.nonzero((blobbed != plain)[0])
+assert len(changed[0]) > 50 and changed[2].min() >= f0 and changed[2].max() < f1, "blobs outside the fill"
+edges, by_bin = T.intensity_rule(image, labels, (f0, f1))
+assert set(np.unique(by_bin)) <= {{1, 2, 3}}
+expected = by_bin[np.clip(np.digitize(blobbed[0][changed], edges) - 1, 0, len(by_bin) - 1)]
+assert np.array_equal(blabels[changed], expected), "blob voxels not labelled by the intensity rule"
 print("ok")
 """
     out = _run(["-c", code], timeout=120)
