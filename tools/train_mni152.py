@@ -178,10 +178,21 @@ def intensity_rule(volume, labels, fill, bins=100):
     x, l = volume[0][mask], labels[mask]
     edges = np.linspace(x.min(), x.max(), bins + 1)
     counts = np.zeros((bins, 4))
-    np.add.at(counts, (np.clip(np.digitize(x, edges) - 1, 0, bins - 1), l), 1)
+    np.add.at(counts, (intensity_bins(edges, x), l), 1)
     filled = np.nonzero(counts.sum(1))[0]
     nearest = filled[np.abs(np.arange(bins)[:, None] - filled[None]).argmin(1)]
     return edges, counts[nearest].argmax(1)
+
+
+def intensity_bins(edges, values):
+    """The bin of each value among len(edges) - 1 bins, values beyond the edges in the first or last."""
+    return np.clip(np.digitize(values, edges) - 1, 0, len(edges) - 2)
+
+
+def apply_rule(rule, values):
+    """The labels intensity_rule()'s `rule` gives these intensities."""
+    edges, labels_by_bin = rule
+    return labels_by_bin[intensity_bins(edges, values)]
 
 
 def smooth_field(shape, rng, passes=3, width=5):
@@ -210,10 +221,9 @@ def blob_means(text):
 def add_blobs(image, label, rule, count, rng, region, radii=(4, 12), amplitude=0.03, means=blob_means(BLOB_MEANS)):
     """Pastes `count` soft-edged ellipsoids of smooth tissue-like intensity into a synthetic head (image (C, X,
     Y, Z), label (X, Y, Z); in place), centred on grey or white matter inside `region` (a boolean mask, which
-    also clips them):
-    each a mean intensity (with probability means[i][0] drawn from U(means[i][1], means[i][2])) plus
-    `amplitude` times a smooth field, blended into the head over the ellipsoid's outer 40%,
-    and labelled inside the ellipsoid by `rule` (intensity_rule()) of the blended intensity.
+    also clips them): each a mean intensity (with probability means[i][0] drawn from U(means[i][1],
+    means[i][2])) plus `amplitude` times a smooth field, blended into the head over the ellipsoid's outer
+    40%, and labelled inside the ellipsoid by `rule` (intensity_rule()) of the blended intensity.
 
     Why: the validation slices hold the deep grey nuclei (putamen, pallidum, thalamus): large, smooth regions
     of intermediate brightness inside white matter, a context the training slices never show. Trained on
@@ -221,7 +231,6 @@ def add_blobs(image, label, rule, count, rng, region, radii=(4, 12), amplitude=0
     intensity rule (and the label) says grey. Blobs show such regions in every context, labelled by the
     rule the training voxels give, so that where the anatomy is unfamiliar the network falls back on
     intensity."""
-    edges, labels_by_bin = rule
     centres = np.argwhere(region & (label >= 2))
     if len(centres) == 0:
         return
@@ -244,8 +253,7 @@ def add_blobs(image, label, rule, count, rng, region, radii=(4, 12), amplitude=0
         field = mean + amplitude * smooth_field(inside.shape, rng)
         for ch in range(image.shape[0]):
             image[ch][box] = (1 - w) * image[ch][box] + w * field
-        bins = np.clip(np.digitize(image[0][box], edges) - 1, 0, len(labels_by_bin) - 1)
-        label[box] = np.where(inside, labels_by_bin[bins], label[box])
+        label[box] = np.where(inside, apply_rule(rule, image[0][box]), label[box])
 
 
 def heads(volume, labels, count, seed=0, block=(24, 28, 24), fill=(60, 132), pools=(0.75, 0.2), scale=(1.3, 1.2),
