@@ -3,11 +3,11 @@
 brain tissue (CSF, grey matter, white matter) on the MNI152 template (data/mni152, the task of the data
 notes: deformux.data), with this engine on the CPU.
 
-    python3 tools/train_mni152.py all [--out runs/brain-tissue]      # the eleven stages of STAGES (~7 h)
+    python3 tools/train_mni152.py all [--out runs/brain-tissue]      # the thirteen stages of STAGES (~8.5 h)
     python3 tools/train_mni152.py train --out RUN [--init W] [--patch X,Y,Z] [--mosaics N] [--heads N] ... [--resume]
     python3 tools/train_mni152.py evaluate [--model python/deformux/models/brain-tissue.json] [--json]
                                            [--window X,Y,Z] [--overlap 0.5]
-    python3 tools/train_mni152.py package --run runs/brain-tissue/stage11 [--checkpoint best|last] [--window X,Y,Z] [--tta]
+    python3 tools/train_mni152.py package --run runs/brain-tissue/stage13 [--checkpoint best|last] [--window X,Y,Z] [--tta]
 
 The recipe (every number is recorded in the model card):
 - network: DeformUX-Net, feature_size (16, 32, 64, 128), hidden_size 256 (6.2 M parameters; the paper's
@@ -16,7 +16,7 @@ The recipe (every number is recorded in the model card):
   (deformux.data.noisy_t1 with seeds 1000 + i: other fields and noise than the evaluation's seeds 0..2),
   each normalised as segment() normalises a whole volume (the MR preset: (x - P1) / (P99 - P1) over
   non-zero voxels) and then cut, so that training sees the intensities inference will;
-- eleven stages (STAGES), each a `train` run from the previous one's last weights, all with Dice + CE,
+- thirteen stages (STAGES), each a `train` run from the previous one's last weights, all with Dice + CE,
   AdamW (weight decay 0.08 on every parameter), nnU-Net's poly decay of the rate, crops centred on
   foreground / background 2:1, and augmentation: rotation up to 15 degrees and scaling 0.1 (each with
   probability 0.3), intensity shift 0.15 and a Legendre bias field up to 40% (0.6 each), Gaussian noise
@@ -38,6 +38,8 @@ The recipe (every number is recorded in the model card):
   9. 96 blobs, lr 5e-5, 80 steps;
   10. 144 blobs, lr 5e-5, 80 steps;
   11. 192 blobs, lr 5e-5, 80 steps;
+  12. 240 blobs, lr 5e-5, 80 steps;
+  13. 288 blobs, lr 5e-5, 80 steps;
 - packaging: the last weights, inference on the whole padded head as one window (208 x 240 x 192) with
   flip test-time augmentation (the logits averaged over the 8 flips), and the output biases calibrated
   on the training slices (calibrate());
@@ -386,17 +388,17 @@ def cmd_train(args):
     print(f"trained {run['steps']} steps in {time.time() - t0:.0f} s; best: {run['best']}")
 
 
-#: Stages 5 to 11 train on these heads: a middle larger and richer in white matter than heads()'s defaults
+#: Stages 5 to 13 train on these heads: a middle larger and richer in white matter than heads()'s defaults
 WHITER_HEADS = ["--patch", "208,240,192", "--samples-per-volume", "1", "--heads", "6", "--heads-white", "0.5",
                 "--heads-pools", "0.85,0.15", "--heads-scale", "1.4,1.3"]
-#: Stages 7 to 11 augment mildly: noise up to 6% and a bias field up to 25% (about the noisy variant's 5% and
+#: Stages 7 to 13 augment mildly: noise up to 6% and a bias field up to 25% (about the noisy variant's 5% and
 #: 20%), intensity shifts up to 0.05, rotations and scalings with probability 0.1 each
 MILD = ["--noise", "0.06", "--bias-field", "0.25", "--shift", "0.05", "--spatial", "0.1"]
-#: Stages 8 to 11: most blobs about the grey/white boundary (see add_blobs())
+#: Stages 8 to 13: most blobs about the grey/white boundary (see add_blobs())
 NEAR_BOUNDARY = "0.6,0.70,0.82;0.2,0.6,0.9;0.2,0.15,0.45"
 
-#: The bundled model's recipe: eleven runs of `train`, each starting from the previous one's last weights
-#: (`all` runs them into OUT/stage1 ... OUT/stage11).
+#: The bundled model's recipe: thirteen runs of `train`, each starting from the previous one's last weights
+#: (`all` runs them into OUT/stage1 ... OUT/stage13).
 STAGES = (
     # 1: small patches, high rate, 2500 steps (about 75 min here)
     [],
@@ -435,6 +437,12 @@ STAGES = (
     # 11: 192 blobs, seed 6, 80 steps at lr 5e-5 (about 35 min)
     WHITER_HEADS + MILD + ["--lr", "5e-5", "--steps", "80", "--validate-every", "40", "--heads-blobs", "192",
                            "--heads-blob-means", NEAR_BOUNDARY, "--seed", "6"],
+    # 12: 240 blobs, seed 7, 80 steps at lr 5e-5 (about 40 min)
+    WHITER_HEADS + MILD + ["--lr", "5e-5", "--steps", "80", "--validate-every", "40", "--heads-blobs", "240",
+                           "--heads-blob-means", NEAR_BOUNDARY, "--seed", "7"],
+    # 13: 288 blobs, seed 8, 80 steps at lr 5e-5 (about 40 min)
+    WHITER_HEADS + MILD + ["--lr", "5e-5", "--steps", "80", "--validate-every", "40", "--heads-blobs", "288",
+                           "--heads-blob-means", NEAR_BOUNDARY, "--seed", "8"],
 )
 
 
@@ -660,7 +668,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help="end after this step (the schedule spans --steps)")
     p.add_argument("--no-progress", action="store_true")
-    p = sub.add_parser("all", help="the bundled model's eleven stages (STAGES), each from the last one's weights")
+    p = sub.add_parser("all", help="the bundled model's thirteen stages (STAGES), each from the last one's weights")
     p.add_argument("--out", default="runs/brain-tissue")
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("evaluate")
