@@ -397,6 +397,14 @@ MILD = ["--noise", "0.06", "--bias-field", "0.25", "--shift", "0.05", "--spatial
 #: Stages 8 to 13: most blobs about the grey/white boundary (see add_blobs())
 NEAR_BOUNDARY = "0.6,0.70,0.82;0.2,0.6,0.9;0.2,0.15,0.45"
 
+
+def blob_stage(blobs, seed, lr="5e-5", steps=80):
+    """Stages 8 to 13: the whiter heads, mild augmentation, `blobs` blobs mostly about the grey/white boundary,
+    a whole `steps`-step schedule validated at its middle and end."""
+    return WHITER_HEADS + MILD + ["--lr", lr, "--steps", str(steps), "--validate-every", str(steps // 2),
+                                  "--heads-blobs", str(blobs), "--heads-blob-means", NEAR_BOUNDARY, "--seed", str(seed)]
+
+
 #: The bundled model's recipe: thirteen runs of `train`, each starting from the previous one's last weights
 #: (`all` runs them into OUT/stage1 ... OUT/stage13).
 STAGES = (
@@ -426,23 +434,13 @@ STAGES = (
     WHITER_HEADS + MILD + ["--lr", "6e-5", "--steps", "100", "--stop-after", "50", "--validate-every", "50",
                            "--heads-blobs", "24", "--seed", "2"],
     # 8: 48 blobs, most of them about the grey/white boundary, seed 3, 100 steps at lr 6e-5 (about 45 min)
-    WHITER_HEADS + MILD + ["--lr", "6e-5", "--steps", "100", "--validate-every", "50", "--heads-blobs", "48",
-                           "--heads-blob-means", NEAR_BOUNDARY, "--seed", "3"],
-    # 9: 96 blobs, seed 4, 80 steps at lr 5e-5 (about 35 min)
-    WHITER_HEADS + MILD + ["--lr", "5e-5", "--steps", "80", "--validate-every", "40", "--heads-blobs", "96",
-                           "--heads-blob-means", NEAR_BOUNDARY, "--seed", "4"],
-    # 10: 144 blobs, seed 5, 80 steps at lr 5e-5 (about 35 min)
-    WHITER_HEADS + MILD + ["--lr", "5e-5", "--steps", "80", "--validate-every", "40", "--heads-blobs", "144",
-                           "--heads-blob-means", NEAR_BOUNDARY, "--seed", "5"],
-    # 11: 192 blobs, seed 6, 80 steps at lr 5e-5 (about 35 min)
-    WHITER_HEADS + MILD + ["--lr", "5e-5", "--steps", "80", "--validate-every", "40", "--heads-blobs", "192",
-                           "--heads-blob-means", NEAR_BOUNDARY, "--seed", "6"],
-    # 12: 240 blobs, seed 7, 80 steps at lr 5e-5 (about 40 min)
-    WHITER_HEADS + MILD + ["--lr", "5e-5", "--steps", "80", "--validate-every", "40", "--heads-blobs", "240",
-                           "--heads-blob-means", NEAR_BOUNDARY, "--seed", "7"],
-    # 13: 288 blobs, seed 8, 80 steps at lr 5e-5 (about 40 min)
-    WHITER_HEADS + MILD + ["--lr", "5e-5", "--steps", "80", "--validate-every", "40", "--heads-blobs", "288",
-                           "--heads-blob-means", NEAR_BOUNDARY, "--seed", "8"],
+    blob_stage(48, seed=3, lr="6e-5", steps=100),
+    # 9 to 13: 48 more blobs each stage, seeds 4 to 8, 80 steps at lr 5e-5 (about 35-40 min each)
+    blob_stage(96, seed=4),
+    blob_stage(144, seed=5),
+    blob_stage(192, seed=6),
+    blob_stage(240, seed=7),
+    blob_stage(288, seed=8),
 )
 
 

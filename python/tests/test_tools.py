@@ -92,7 +92,7 @@ def test_train_step_fixture_generator_reproduces_the_committed_file(tmp_path):
 
 
 def test_synthetic_heads_of_the_bundled_recipe_read_only_training_slices():
-    """tools/train_mni152.py heads() (stages 4 to 11 of the bundled model): the training slices stay where
+    """tools/train_mni152.py heads() (stages 4 to 13 of the bundled model): the training slices stay where
     they are, and nothing of the slices in between (the validation slices and guard bands) reaches a head.
     Those slices hold a sentinel here; every head is checked for it. Blobs land in the middle of the fill
     only, labelled by the rule intensity_rule() learns outside it. No torch needed."""
@@ -116,7 +116,7 @@ for kwargs in ({{}}, dict(white=0.5, pools=(0.85, 0.15), scale=(1.4, 1.3)), dict
         for part in (slice(0, f0), slice(f1, Z)):
             assert np.array_equal(im[..., part], image[..., part]) and np.array_equal(lb[..., part], labels[..., part])
         assert not np.array_equal(heads[0][1], heads[1][1])
-# blobs (stages 7 to 11): pasted into the middle of the fill only, labelled by the training slices' intensity rule
+# blobs (stages 7 to 13): pasted into the middle of the fill only, labelled by the training slices' intensity rule
 (plain, _), (blobbed, blabels) = (T.heads(image, labels, 1, seed=1, block=(8, 8, 8), fill=(f0, f1), blobs=b)[0] for b in (0, 6))
 changed = np.nonzero((blobbed != plain)[0])
 assert len(changed[0]) > 50 and changed[2].min() >= f0 and changed[2].max() < f1, "blobs outside the fill"
