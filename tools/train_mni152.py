@@ -8,6 +8,7 @@ notes: deformux.data), with this engine on the CPU.
     python3 tools/train_mni152.py evaluate [--model python/deformux/models/brain-tissue.json] [--json]
                                            [--window X,Y,Z] [--overlap 0.5]
     python3 tools/train_mni152.py package --run runs/brain-tissue/stage13 [--checkpoint best|last] [--window X,Y,Z] [--tta]
+    python3 tools/train_mni152.py ceiling [--model CARD] [--no-model]  # Dice of intensity rules (ceiling())
 
 The recipe (every number is recorded in the model card):
 - network: DeformUX-Net, feature_size (16, 32, 64, 128), hidden_size 256 (6.2 M parameters; the paper's
@@ -347,6 +348,66 @@ def validation_mask(shape):
     return mask
 
 
+def gaussian_smooth(volume, sigma):
+    """A Gaussian filter of a 3-D volume (separable, truncated at 4 sigma, edges mirrored with the edge voxel
+    repeated, as scipy.ndimage.gaussian_filter does by default), in numpy: the tools need no scipy."""
+    r = int(4 * sigma + 0.5)
+    kernel = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = np.asarray(volume, np.float32)
+    for ax in range(3):
+        padded = np.pad(out, [(r, r) if a == ax else (0, 0) for a in range(3)], mode="symmetric")
+        acc = np.zeros_like(out)
+        for i, w in enumerate(kernel):
+            acc += np.float32(w) * padded[tuple(slice(i, i + out.shape[a]) if a == ax else slice(None) for a in range(3))]
+        out = acc
+    return out
+
+
+def local_rule(features, labels, fit, bins):
+    """A label per voxel of the brain (labels > 0) from a lookup table: the joint bins of `features` (volumes;
+    `bins` quantile bins of each over the brain) each take the label most voxels of `fit` (a mask) in that
+    bin have (a bin without such voxels: background). With one feature, thresholds by another name; with the
+    intensity and smoothed copies of it, a classifier of the local neighbourhood's brightness."""
+    brain = labels > 0
+    flat = np.zeros(labels.shape, np.int64)
+    for f in features:
+        edges = np.quantile(f[brain], np.linspace(0, 1, bins + 1))
+        flat = flat * bins + np.clip(np.searchsorted(edges, f, side="right") - 1, 0, bins - 1)
+    counts = np.zeros((bins ** len(features), 4))
+    m = brain & fit
+    np.add.at(counts, (flat[m], labels[m]), 1)
+    return np.where(brain, counts.argmax(1)[flat], 0)
+
+
+def ceiling(mni):
+    """How far the labels of the validation slices follow from the T1's local brightness: Dice of local_rule()
+    with the intensity alone and with Gaussian-smoothed copies of it (sigma 1 and 2.5 voxels), each fitted
+    once on the training slices (a fair classifier) and once on the validation slices' own labels (an
+    oracle: it looks at the answers it is scored on). Returns [(name, fitted on, Dice per tissue)]."""
+    image = mni.t1.astype(np.float32) / 255
+    train, val = training_mask(image.shape), validation_mask(image.shape)
+    s1, s25 = gaussian_smooth(image, 1.0), gaussian_smooth(image, 2.5)
+    rows = []
+    for name, features, bins in (("intensity", [image], 256), ("intensity, smoothed (sigma 1)", [image, s1], 48),
+                                 ("intensity, smoothed (sigma 1, 2.5)", [image, s1, s25], 24)):
+        for fitted, fit in (("training slices", train), ("validation slices (oracle)", val)):
+            rows.append((name, fitted, dice_per_class(local_rule(features, mni.labels, fit, bins), mni.labels, 4, val)))
+    return rows
+
+
+def cmd_ceiling(args):
+    mni = mni152()
+    print(f"{'labels by (local_rule())':<38}{'fitted on':<30}{'CSF':>8}{'GM':>8}{'WM':>8}")
+    for name, fitted, dice in ceiling(mni):
+        print(f"{name:<38}{fitted:<30}" + "".join(f"{v:8.4f}" for v in dice))
+    if not args.no_model:
+        seg = deformux.Segmenter(args.model)
+        dice = dice_per_class(seg.segment(mni.t1, affine=mni.affine, progress=False), mni.labels, 4,
+                              validation_mask(mni.t1.shape))
+        print(f"{'the model: ' + Path(args.model).stem:<38}{'training slices':<30}" + "".join(f"{v:8.4f}" for v in dice))
+
+
 def cmd_train(args):
     mni = mni152()
     if args.threads:
@@ -675,6 +736,9 @@ def main(argv=None):
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--window", default=None, help="override the card's window, X,Y,Z")
     p.add_argument("--overlap", type=float, default=None, help="override the card's overlap")
+    p = sub.add_parser("ceiling", help="Dice of intensity rules fitted on the training or the validation slices")
+    p.add_argument("--model", default=str(MODELS / f"{NAME}.json"))
+    p.add_argument("--no-model", action="store_true", help="only the rules, not the model's own Dice")
     p = sub.add_parser("package")
     p.add_argument("--run", default="runs/brain-tissue")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
@@ -683,7 +747,8 @@ def main(argv=None):
     p.add_argument("--tta", action="store_true", help="the card turns on flip test-time augmentation (8x the work)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    {"train": cmd_train, "all": cmd_all, "evaluate": cmd_evaluate, "package": cmd_package}[args.command](args)
+    {"train": cmd_train, "all": cmd_all, "evaluate": cmd_evaluate, "package": cmd_package,
+     "ceiling": cmd_ceiling}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -128,3 +128,31 @@ print("ok")
 """
     out = _run(["-c", code], timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout
+
+
+def test_ceiling_rules_of_the_bundled_recipe():
+    """tools/train_mni152.py ceiling: gaussian_smooth() keeps constants and mass and spreads a point as a
+    Gaussian of its sigma; local_rule() fitted on one part of a volume labels the rest by the majority label
+    of each bin (here: a threshold it must find). No torch needed."""
+    code = f"""
+import sys
+import numpy as np
+sys.path.insert(0, {str(TOOLS)!r})
+import train_mni152 as T
+v = np.zeros((21, 23, 25), np.float32); v[10, 11, 12] = 1
+g = T.gaussian_smooth(v, 1.5)
+assert abs(g.sum() - 1) < 1e-5 and g.argmax() == v.argmax()
+line = g[10, 11, :] / g[10, 11, 12]
+assert np.allclose(line[12 + 2], np.exp(-0.5 * (2 / 1.5) ** 2), rtol=1e-3), line
+assert np.allclose(T.gaussian_smooth(np.full((9, 9, 9), 3.0), 2.0), 3.0, atol=1e-5)
+rng = np.random.default_rng(0)
+x = (rng.integers(0, 10, (20, 20, 30)) / 10).astype(np.float32)  # ten levels, each an edge of the 40 bins
+labels = np.where(x < 0.4, 2, 3).astype(np.int32); labels[:2] = 0
+fit = np.zeros(x.shape, bool); fit[..., :15] = True
+pred = T.local_rule([x], labels, fit, 40)
+assert np.array_equal(pred[..., 15:], labels[..., 15:]), "the rule did not learn the threshold"
+assert (pred[:2] == 0).all()
+print("ok")
+"""
+    out = _run(["-c", code], timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout
