@@ -373,7 +373,7 @@ def local_rule(features, labels, fit, bins):
     flat = np.zeros(labels.shape, np.int64)
     for f in features:
         edges = np.quantile(f[brain], np.linspace(0, 1, bins + 1))
-        flat = flat * bins + np.clip(np.searchsorted(edges, f, side="right") - 1, 0, bins - 1)
+        flat = flat * bins + intensity_bins(edges, f)
     counts = np.zeros((bins ** len(features), 4))
     m = brain & fit
     np.add.at(counts, (flat[m], labels[m]), 1)
